@@ -1,0 +1,73 @@
+"""Checkpoints that carry their own model and diffusion config.
+
+Everything is saved as plain tensors and Python primitives so that loading works with
+``torch.load(weights_only=True)``: a checkpoint file cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DiffusionConfig, ModelConfig, parse_section, to_dict
+from .diffusion import GaussianDiffusion
+from .errors import ConfigError, UserError
+from .fileio import atomic_path
+from .unet import UNet
+
+FORMAT = "ddpm_cifar.checkpoint/1"
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (with the format tag added) atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **payload}, tmp)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable checkpoint: {first}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a {FORMAT} checkpoint")
+    return ckpt
+
+
+def model_payload(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> dict[str, Any]:
+    return {"model_config": to_dict(model_cfg), "diffusion_config": to_dict(diffusion_cfg)}
+
+
+def configs(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> tuple[ModelConfig, DiffusionConfig]:
+    try:
+        return (
+            parse_section("model", ckpt["model_config"], ModelConfig),
+            parse_section("diffusion", ckpt["diffusion_config"], DiffusionConfig),
+        )
+    except (KeyError, ConfigError) as exc:
+        raise UserError(f"{path} holds a model config this version cannot build: {exc}") from exc
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"
+) -> tuple[UNet, GaussianDiffusion, dict[str, Any]]:
+    """Rebuild the U-Net from the config stored in the checkpoint (never from params.yaml)."""
+    ckpt = load(path)
+    model_cfg, diffusion_cfg = configs(ckpt, path)
+    if weights not in ckpt:
+        raise UserError(f"{path} has no {weights!r} weights (it has: {', '.join(sorted(ckpt))})")
+    model = UNet(model_cfg)
+    try:
+        model.load_state_dict(ckpt[weights])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit the stored model config: {str(exc)[:200]}") from exc
+    model.to(device).eval().requires_grad_(False)
+    return model, GaussianDiffusion(diffusion_cfg), ckpt

@@ -1,0 +1,296 @@
+"""Typed, strict configuration loaded from params.yaml sections.
+
+Each params.yaml section maps onto one frozen dataclass. Loading is strict: a missing key, an
+unknown key or a value of the wrong type is a :class:`ConfigError` whose one-line message names
+the key. Stages declare which sections (or single keys) they read; :class:`Params` refuses to hand
+out anything undeclared, so the ``params:`` lists in dvc.yaml cannot silently drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str  # "official", a local cifar-10-python.tar.gz, or an image folder (dir or tar.gz)
+    md5: str | None  # expected MD5 of an official-format archive; null accepts any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int
+    channels: int
+    dim: int
+    dim_mults: tuple[int, ...]
+    num_res_blocks: int
+    full_attn: tuple[bool, ...]  # per level: full softmax attention (True) or linear attention
+    attn_heads: int
+    attn_dim_head: int
+    dropout: float
+
+    def __post_init__(self) -> None:
+        if len(self.full_attn) != len(self.dim_mults):
+            raise ConfigError(
+                f"model.full_attn has {len(self.full_attn)} entries but model.dim_mults has "
+                f"{len(self.dim_mults)}: give one per level"
+            )
+        if self.image_size % 2 ** (len(self.dim_mults) - 1):
+            raise ConfigError(
+                f"model.image_size {self.image_size} is not divisible by "
+                f"2^{len(self.dim_mults) - 1}, the U-Net's downsampling factor"
+            )
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int
+    beta_schedule: str  # linear | cosine | sigmoid
+    objective: str  # pred_noise | pred_x0 | pred_v
+    min_snr_gamma: float | None  # null: weight every objective like the plain noise MSE
+
+    def __post_init__(self) -> None:
+        _check_choice("diffusion.beta_schedule", self.beta_schedule, ("linear", "cosine", "sigmoid"))
+        _check_choice("diffusion.objective", self.objective, ("pred_noise", "pred_x0", "pred_v"))
+        if self.timesteps < 2:
+            raise ConfigError(f"diffusion.timesteps must be at least 2, got {self.timesteps}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int  # optimizer steps
+    batch_size: int  # images per micro-step
+    grad_accum: int  # micro-steps per optimizer step
+    lr: float
+    adam_betas: tuple[float, float]
+    max_grad_norm: float | None
+    ema_decay: float
+    ema_update_every: int  # optimizer steps between EMA updates
+    ema_start_step: int  # EMA copies the weights until this step, then averages
+    amp: bool  # bf16 autocast where supported, fp16 + loss scaling on older GPUs, off on CPU
+    seed: int
+    checkpoint_every: int
+    num_workers: int
+    fid_every: int  # optimizer steps between FID evaluations with EMA weights; 0 disables
+    fid_samples: int
+    fid_sample_steps: int
+    fid_batch_size: int
+    sample_grid_every: int  # steps between sample grids logged to W&B; 0 disables
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "ema_update_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.fid_every and self.fid_samples < 2:
+            raise ConfigError(f"train.fid_samples must be at least 2, got {self.fid_samples}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    n: int
+    sampler: str  # ddpm
+    steps: int  # sampling steps; fewer than diffusion.timesteps respaces the chain
+    batch_size: int
+    seed: int  # image i uses seed + i, whatever the batch size
+    clip_x0: bool
+    grid_images: int
+    strip_seeds: tuple[int, ...]
+    strip_frames: int
+
+    def __post_init__(self) -> None:
+        _check_choice("sample.sampler", self.sampler, ("ddpm",))
+        for name in ("n", "steps", "batch_size", "grid_images", "strip_frames"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sample.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class FidConfig:
+    inception_weights: str
+    reference: str  # train | test | path to a .npz with mu and sigma
+    reference_count: int  # use the first N reference images; 0 = all
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool
+    project: str
+    run_name: str | None
+    entity: str | None
+    mode: str  # online | offline
+
+    def __post_init__(self) -> None:
+        _check_choice("wandb.mode", self.mode, ("online", "offline"))
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+    "fid": FidConfig,
+    "wandb": WandbConfig,
+}
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML resolves ``1e-4`` as a string (YAML 1.1 wants a dot); read it as a float like DVC does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?(?:\d+\.\d*|\.\d+)$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return data
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    else:  # pragma: no cover - only the annotations above are used
+        raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is tuple:
+        return "a list"
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[tp]
+
+
+def parse_section(name: str, raw: Any, cls: type[T]) -> T:
+    """Build the dataclass ``cls`` from the mapping ``raw``, naming any bad key as ``name.key``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"params section {name!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
+    missing = [k for k in fields if k not in raw]
+    if missing:
+        raise ConfigError(f"missing key {name}.{missing[0]}")
+    values = {k: _coerce(f"{name}.{k}", raw[k], hints[k]) for k in fields}
+    return cls(**values)
+
+
+class Params:
+    """The params a stage declared, and nothing else.
+
+    ``declared`` holds section names ("train") or single keys ("fid.inception_weights"), exactly
+    as the stage's ``params:`` list in dvc.yaml.
+    """
+
+    def __init__(self, raw: Mapping[str, Any], declared: Sequence[str], source: str = "params"):
+        self._raw = raw
+        self.declared = tuple(declared)
+        self._source = source
+
+    def section(self, name: str) -> Any:
+        if name not in self.declared:
+            raise RuntimeError(f"this stage reads params section {name!r} without declaring it")
+        if name not in self._raw:
+            raise ConfigError(f"missing section {name!r} in {self._source}")
+        return parse_section(name, self._raw[name], SECTIONS[name])
+
+    def key(self, dotted: str) -> Any:
+        """One key of a section, type-checked against that section's dataclass."""
+        if dotted not in self.declared:
+            raise RuntimeError(f"this stage reads param {dotted!r} without declaring it")
+        section, key = dotted.split(".", 1)
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            raise RuntimeError(f"{dotted} is not a field of {cls.__name__}")
+        raw = self._raw.get(section)
+        if not isinstance(raw, Mapping) or key not in raw:
+            raise ConfigError(f"missing key {dotted}")
+        return _coerce(dotted, raw[key], hints[key])
+
+
+def load_params(path: str | Path, declared: Sequence[str]) -> Params:
+    raw = read_yaml(path)
+    unknown = [s for s in raw if s not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown params section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
+    return Params(raw, declared, source=str(path))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass as plain YAML/JSON-able data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}

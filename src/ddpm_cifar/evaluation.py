@@ -1,0 +1,92 @@
+"""FID of generated images against cached reference statistics, and what makes it comparable."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import SampleConfig
+from .diffusion import GaussianDiffusion
+from .errors import UserError
+from .fid import FidStats, InceptionInfo, compute_statistics, frechet_distance
+from .sampling import generate_images
+
+
+def reference_meta(name: str, n: int, data_meta: dict[str, Any], info: InceptionInfo) -> dict[str, Any]:
+    """What a set of reference statistics was computed from."""
+    return {
+        "reference": name,
+        "reference_n": n,
+        "reference_official": bool(data_meta.get("official", False)) and name == "cifar10-train" and n == 50000,
+        "data_source": data_meta.get("source"),
+        "inception_sha256": info.sha256,
+        "inception_official": info.official,
+    }
+
+
+def comparability(ref_meta: dict[str, Any], info: InceptionInfo, n_samples: int) -> list[str]:
+    """Reasons an FID cannot be compared with published CIFAR-10 numbers (empty if it can)."""
+    reasons = []
+    if not info.official:
+        reasons.append("Inception weights are not the official pt_inception-2015-12-05 file")
+    if not ref_meta.get("reference_official", False):
+        reasons.append(f"reference {ref_meta.get('reference')} ({ref_meta.get('reference_n')} images) "
+                       "is not the official CIFAR-10 train set")
+    if n_samples < 10000:
+        reasons.append(f"only {n_samples} samples (published FIDs use 10k-50k)")
+    return reasons
+
+
+def check_same_inception(ref_meta: dict[str, Any], info: InceptionInfo) -> None:
+    want = ref_meta.get("inception_sha256")
+    if want and want != info.sha256:
+        raise UserError(
+            f"the reference statistics were computed with Inception weights {want[:12]}, but "
+            f"{info.path} is {info.sha256[:12]}: rerun the ref_stats stage (dvc repro ref_stats)"
+        )
+
+
+def fid_of_images(images: np.ndarray, inception: torch.nn.Module, ref: FidStats, *, batch_size: int,
+                  device: torch.device, progress: bool = True) -> float:
+    stats = compute_statistics(images, inception, batch_size=batch_size, device=device, progress=progress)
+    return frechet_distance(stats, ref)
+
+
+def training_fid_fn(inception: torch.nn.Module, ref: FidStats, *, n: int, steps: int, batch_size: int,
+                    shape: tuple[int, int, int], device: torch.device):  # noqa: ANN201
+    """FID of the EMA model during training: the same seeds 0..n-1 every time, for a smooth curve."""
+    seeds = list(range(n))
+
+    def fid(model: torch.nn.Module, diffusion: GaussianDiffusion) -> float:
+        images = generate_images(model, diffusion, seeds, sampler="ddpm", steps=steps,
+                                 batch_size=batch_size, shape=shape, device=device, amp=True,
+                                 progress=False)
+        return fid_of_images(images, inception, ref, batch_size=batch_size, device=device, progress=False)
+
+    return fid
+
+
+def fid_report(value: float, *, n_samples: int, sample_cfg: dict[str, Any], ref_meta: dict[str, Any],
+               info: InceptionInfo, baselines: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    reasons = comparability(ref_meta, info, n_samples)
+    return {
+        "fid": round(float(value), 4),
+        "n_samples": n_samples,
+        "reference": ref_meta.get("reference"),
+        "reference_n": ref_meta.get("reference_n"),
+        "reference_official": bool(ref_meta.get("reference_official")),
+        "inception_sha256": info.sha256,
+        "inception_official": info.official,
+        "comparable": not reasons,
+        "not_comparable_because": reasons,
+        "sampler": sample_cfg.get("sampler"),
+        "sampling_steps": sample_cfg.get("steps"),
+        "baselines": {b["name"]: b["fid"] for b in baselines},
+    }
+
+
+def sample_cache_key(ckpt_sha256: str, cfg: SampleConfig) -> str:
+    return f"{ckpt_sha256}:{cfg.sampler}:{cfg.steps}:{cfg.seed}:{cfg.clip_x0}"

@@ -1,0 +1,374 @@
+"""Fréchet Inception Distance, split into statistics (mean, covariance) and distance.
+
+The network is pytorch-fid's FID Inception (the TensorFlow 2015-12-05 graph ported to PyTorch,
+2048-d pool3 features, inputs bilinearly resized to 299x299 and scaled to [-1, 1]). pytorch-fid
+builds it with a download inside the constructor; here the same architecture is built without
+weights and the state dict comes from a local file, so nothing is fetched at model-build time
+and a stage can run offline. With the official weights file the numbers are comparable to
+pytorch-fid's; with a random-weight file (:func:`save_random_inception`) they are only good for
+smoke tests.
+
+Images enter as uint8 NHWC, i.e. quantised exactly as saved PNGs would be, and statistics and the
+matrix square root are computed in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from pytorch_fid.inception import (
+    FID_WEIGHTS_URL,
+    FIDInceptionA,
+    FIDInceptionC,
+    FIDInceptionE_1,
+    FIDInceptionE_2,
+)
+from torch import nn
+from torchvision.models.inception import Inception3
+from tqdm import tqdm
+
+from .errors import UserError
+from .fileio import atomic_path, download, file_digest, verify_checksum
+
+OFFICIAL_INCEPTION_URL = FID_WEIGHTS_URL
+OFFICIAL_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+# torch hub convention: the file name carries the first hex digits of the file's SHA-256.
+OFFICIAL_INCEPTION_SHA256_PREFIX = "6726825d"
+
+FEATURE_DIM = 2048
+_INPUT_SIZE = 299
+
+
+@dataclass(frozen=True)
+class InceptionInfo:
+    """Where the weights came from; ``official`` says whether FIDs are comparable to others'."""
+
+    path: str
+    sha256: str
+    official: bool
+
+
+class FidInceptionV3(Inception3):
+    """pytorch-fid's FID Inception, returning pool3 features of shape (N, 2048).
+
+    It subclasses torchvision's Inception3 and swaps in the FID blocks exactly as
+    ``pytorch_fid.inception.fid_inception_v3()`` does, so its ``state_dict()`` keys are those of
+    the official weights file and that file loads with ``strict=True`` unchanged. The forward
+    pass is ``pytorch_fid.inception.InceptionV3(output_blocks=[3], resize_input=True,
+    normalize_input=True)``: the same layers in the same order, stopping at the average pool
+    (the 1008-way ``fc`` is kept only so the state dict matches the official file).
+    """
+
+    def __init__(self) -> None:
+        # init_weights=False skips torchvision's truncated-normal init, which is slow and pointless
+        # when weights are loaded afterwards (pytorch-fid does the same, see its issue #28).
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7b = FIDInceptionE_1(1280)
+        self.Mixed_7c = FIDInceptionE_2(2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """(N, 3, H, W) float in [0, 1] -> (N, 2048) pool3 features."""
+        x = F.interpolate(x, size=(_INPUT_SIZE, _INPUT_SIZE), mode="bilinear", align_corners=False)
+        x = 2 * x - 1  # the TF graph expects [-1, 1]
+        # Block 0, (N, 3, 299, 299) -> (N, 64, 73, 73)
+        x = self.Conv2d_1a_3x3(x)
+        x = self.Conv2d_2a_3x3(x)
+        x = self.Conv2d_2b_3x3(x)
+        x = self.maxpool1(x)
+        # Block 1, -> (N, 192, 35, 35)
+        x = self.Conv2d_3b_1x1(x)
+        x = self.Conv2d_4a_3x3(x)
+        x = self.maxpool2(x)
+        # Block 2, -> (N, 768, 17, 17)
+        x = self.Mixed_5b(x)
+        x = self.Mixed_5c(x)
+        x = self.Mixed_5d(x)
+        x = self.Mixed_6a(x)
+        x = self.Mixed_6b(x)
+        x = self.Mixed_6c(x)
+        x = self.Mixed_6d(x)
+        x = self.Mixed_6e(x)
+        # Block 3, -> (N, 2048, 8, 8) -> average pool (N, 2048, 1, 1)
+        x = self.Mixed_7a(x)
+        x = self.Mixed_7b(x)
+        x = self.Mixed_7c(x)
+        x = self.avgpool(x)
+        return torch.flatten(x, 1)  # (N, 2048, 1, 1) -> (N, 2048)
+
+
+def _random_init(model: nn.Module) -> None:
+    """Variance-preserving init, so random features neither vanish nor blow up over ~50 layers.
+
+    PyTorch's default conv init (kaiming-uniform with a=sqrt(5)) shrinks activations at every
+    layer; through this depth the pool3 features would be tiny and nearly constant, which makes
+    a smoke-test FID meaningless. BatchNorm keeps its identity running statistics.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.01)
+            nn.init.zeros_(m.bias)
+
+
+def build_inception(seed: int | None = None) -> FidInceptionV3:
+    """The FID Inception architecture with random weights; never downloads anything.
+
+    With ``seed`` the weights are deterministic (the global RNG is left untouched); without it
+    they come from the global RNG. Returned in eval mode with gradients off.
+    """
+    if seed is None:
+        model = FidInceptionV3()
+        _random_init(model)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = FidInceptionV3()
+            _random_init(model)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _missing_message(path: Path) -> str:
+    return (
+        f"Inception weights {path} not found: run `python scripts/get_inception.py {path}` "
+        f"(downloads {OFFICIAL_INCEPTION_URL}) or copy {OFFICIAL_INCEPTION_FILENAME} to {path}; "
+        f"for a non-comparable smoke test, `python scripts/make_random_inception.py {path}`"
+    )
+
+
+def _mismatch_summary(model: nn.Module, state: dict[str, Any], exc: Exception) -> str:
+    """One line out of load_state_dict's multi-line error: counts and first examples."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        k for k in expected
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
+    ]
+    parts = [
+        f"{len(keys)} {what} (e.g. {keys[0]})"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                           ("keys with the wrong shape", wrong_shape))
+        if keys
+    ]
+    if parts:
+        return ", ".join(parts)
+    return " ".join(str(exc).split())[:300]
+
+
+def load_inception(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[FidInceptionV3, InceptionInfo]:
+    """Load FID Inception weights from a local state-dict file; eval mode, on ``device``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(_missing_message(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors all mean "not a weights file"
+        raise UserError(f"{path} is not a readable PyTorch state dict: {exc}") from exc
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not an Inception state dict")
+    model = FidInceptionV3()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(
+            f"{path} is not a state dict for pytorch-fid's FID Inception: "
+            f"{_mismatch_summary(model, state, exc)}"
+        ) from exc
+    sha256 = file_digest(path, "sha256")
+    info = InceptionInfo(
+        path=str(path), sha256=sha256, official=sha256.startswith(OFFICIAL_INCEPTION_SHA256_PREFIX)
+    )
+    model.requires_grad_(False)
+    return model.eval().to(device), info
+
+
+def save_random_inception(path: str | Path, seed: int = 0) -> None:
+    """Write a random-weight FID Inception file in the official file's state-dict format.
+
+    For offline smoke tests only: FIDs computed with it are not comparable to anything else.
+    """
+    state = build_inception(seed=seed).state_dict()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def download_official_inception(path: str | Path) -> Path:
+    """Download the official weights to ``path`` (kept if already there and verified)."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            verify_checksum(path, sha256_prefix=OFFICIAL_INCEPTION_SHA256_PREFIX)
+            return path
+        except UserError:
+            pass  # a wrong or truncated file: fetch it again, replacing it atomically
+    try:
+        return download(OFFICIAL_INCEPTION_URL, path,
+                        sha256_prefix=OFFICIAL_INCEPTION_SHA256_PREFIX)
+    except UserError as exc:
+        raise UserError(
+            f"{exc}; offline, copy {OFFICIAL_INCEPTION_FILENAME} (from {OFFICIAL_INCEPTION_URL}) "
+            f"to {path}"
+        ) from exc
+
+
+def inception_features(
+    images: np.ndarray,
+    model: nn.Module,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool = True,
+) -> np.ndarray:
+    """Pool3 features of uint8 NHWC images (N, H, W, 3) -> float64 (N, 2048).
+
+    ``model`` must already be on ``device`` (as :func:`load_inception` returns it) and in eval
+    mode: in train mode BatchNorm would use batch statistics and the features would be wrong.
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+        # Refuse floats: FID is defined on quantised images, and [0,1] vs [0,255] vs [-1,1]
+        # mix-ups silently give plausible-looking but wrong numbers.
+        raise TypeError(f"inception_features takes uint8 images (N, H, W, 3), got {got}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"inception_features takes images of shape (N, H, W, 3), got "
+                        f"{images.shape}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    if model.training:
+        raise UserError("the Inception model is in train mode; call .eval() first")
+    n = images.shape[0]
+    out = np.empty((n, FEATURE_DIM), dtype=np.float64)
+    with torch.inference_mode(), tqdm(total=n, unit="img", desc="inception",
+                                      disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            # Copy (the array may be read-only or a strided view) and move as uint8, a quarter
+            # of the bytes of float32; convert on the device.
+            batch = torch.from_numpy(np.array(images[start:start + batch_size], copy=True))
+            x = batch.to(device).permute(0, 3, 1, 2).float().div_(255.0)  # (B,H,W,3)->(B,3,H,W)
+            feats = model(x)  # (B, 2048)
+            out[start:start + feats.shape[0]] = feats.double().cpu().numpy()
+            bar.update(feats.shape[0])
+    return out
+
+
+@dataclass(frozen=True)
+class FidStats:
+    """Mean (d,) and covariance (d, d) of Inception features, float64; ``n`` images (-1 unknown)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+
+def statistics(features: np.ndarray) -> FidStats:
+    """Mean and unbiased covariance of (N, d) features, in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2:
+        raise UserError(f"features must have shape (N, d), got {features.shape}")
+    n = features.shape[0]
+    if n < 2:
+        # np.cov of one row is all NaN, and sqrtm of a NaN matrix can hang (pytorch-fid does).
+        raise UserError(f"FID statistics need at least 2 images, got {n}")
+    return FidStats(mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False), n=n)
+
+
+def compute_statistics(
+    images: np.ndarray,
+    model: nn.Module,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool = True,
+) -> FidStats:
+    """uint8 NHWC images -> FID statistics."""
+    if len(images) < 2:  # fail before spending time on Inception
+        raise UserError(f"FID statistics need at least 2 images, got {len(images)}")
+    feats = inception_features(images, model, batch_size=batch_size, device=device,
+                               progress=progress)
+    return statistics(feats)
+
+
+def frechet_distance(a: FidStats, b: FidStats, eps: float = 1e-6) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), in float64.
+
+    The numerical safeguards are pytorch-fid's ``calculate_frechet_distance``: an ``eps`` on the
+    diagonals when the product's square root is not finite, a small imaginary part dropped, a
+    large one an error. (pytorch-fid passes sqrtm's ``disp=False``, deprecated since SciPy 1.16.)
+    """
+    mu1 = np.atleast_1d(np.asarray(a.mu, dtype=np.float64))
+    mu2 = np.atleast_1d(np.asarray(b.mu, dtype=np.float64))
+    sigma1 = np.atleast_2d(np.asarray(a.sigma, dtype=np.float64))
+    sigma2 = np.atleast_2d(np.asarray(b.sigma, dtype=np.float64))
+    if mu1.ndim != 1 or mu1.shape != mu2.shape:
+        raise UserError(f"FID: mean vectors differ in shape: {mu1.shape} vs {mu2.shape}")
+    d = mu1.shape[0]
+    if sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise UserError(f"FID: covariances {sigma1.shape} and {sigma2.shape} do not match "
+                        f"means of length {d}")
+
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals",
+                      RuntimeWarning, stacklevel=2)
+        offset = np.eye(d) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            m = np.max(np.abs(covmean.imag))
+            raise UserError(f"FID: matrix square root has an imaginary component of {m:.3g}; "
+                            "the statistics are degenerate (too few images?)")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def save_stats(path: str | Path, stats: FidStats, meta: dict[str, Any]) -> None:
+    """Write ``mu``, ``sigma``, ``n`` and ``meta`` (a JSON string) to an .npz, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # Through a file object: given a name, np.savez would append ".npz" to the temp name.
+        np.savez(
+            f,
+            mu=np.asarray(stats.mu, dtype=np.float64),
+            sigma=np.asarray(stats.sigma, dtype=np.float64),
+            n=np.int64(stats.n),
+            meta=np.str_(json.dumps(meta, sort_keys=True)),
+        )
+
+
+def load_stats(path: str | Path) -> tuple[FidStats, dict[str, Any]]:
+    """Read :func:`save_stats` output, or a pytorch-fid .npz with only ``mu`` and ``sigma``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"FID statistics file {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" not in data or "sigma" not in data:
+                raise UserError(f"{path} lacks 'mu' and 'sigma': not an FID statistics file")
+            mu = np.asarray(data["mu"], dtype=np.float64)
+            sigma = np.asarray(data["sigma"], dtype=np.float64)
+            n = int(data["n"]) if "n" in data else -1
+            meta = json.loads(str(data["meta"])) if "meta" in data else {}
+    except UserError:
+        raise
+    except Exception as exc:  # zip, pickle and JSON errors all mean a bad file
+        raise UserError(f"{path} is not a readable FID statistics .npz: {exc}") from exc
+    return FidStats(mu=mu, sigma=sigma, n=n), meta

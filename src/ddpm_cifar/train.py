@@ -1,0 +1,283 @@
+"""The training loop, top to bottom: data, model, EMA, resume, steps, checkpoints, logs.
+
+Resume is exact: the checkpoint holds the model, EMA, optimizer, loss-scaler and RNG states, and
+the data order is a pure function of (seed, position), so a run interrupted at step k and resumed
+follows the same trajectory as an uninterrupted one (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
+from .diffusion import GaussianDiffusion
+from .ema import EMA
+from .tracking import Tracker
+from .unet import UNet, count_parameters
+
+# Train keys that do not change the trajectory: a checkpoint still resumes when only these differ
+# (raising ``steps`` continues a finished run).
+NON_TRAJECTORY_KEYS = (
+    "steps", "checkpoint_every", "num_workers", "fid_every", "fid_samples", "fid_sample_steps",
+    "fid_batch_size", "sample_grid_every",
+)
+
+FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]
+
+
+@dataclass
+class TrainOutputs:
+    checkpoint: Path  # full state, for resume
+    ema: Path  # EMA weights and configs, for sampling
+    loss_log: Path  # TSV: step, loss, lr
+    fid_log: Path  # TSV: step, fid
+
+
+@dataclass
+class TrainResult:
+    step: int
+    resumed_from: int
+    final_loss: float
+    images_per_second: float
+    precision: str
+    parameters: int
+    fids: list[tuple[int, float]] = field(default_factory=list)
+
+
+def fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig,
+                data_id: str) -> str:
+    """Hash of everything that shapes the training trajectory."""
+    train = {k: v for k, v in to_dict(cfg).items() if k not in NON_TRAJECTORY_KEYS}
+    blob = json.dumps([to_dict(model_cfg), to_dict(diffusion_cfg), train, data_id], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def precision_for(device: torch.device, amp: bool) -> str:
+    if not amp or device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+class BatchSource:
+    """Deterministic, augmenting batches from a uint8 (N, H, W, C) array.
+
+    Image position p (counting from the start of training) maps to epoch p // N and to the
+    (p % N)-th entry of that epoch's permutation, seeded by (seed, epoch): the batch at any step
+    can be rebuilt after a restart without replaying the ones before it.
+    """
+
+    def __init__(self, images: np.ndarray, seed: int, device: torch.device):
+        # (N, H, W, C) uint8 -> (N, C, H, W) uint8 on the device: CIFAR-10 is 150 MB, so the whole
+        # set lives on the device and batching is an index, with no loader processes.
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)
+        self.n, self.seed = len(images), seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def batch(self, start: int, size: int) -> torch.Tensor:
+        """Images at positions [start, start + size), randomly h-flipped, float in [-1, 1]."""
+        pos = torch.arange(start, start + size)
+        epochs = pos // self.n
+        idx = torch.empty(size, dtype=torch.long)
+        for epoch in epochs.unique().tolist():  # one or two epochs per batch
+            mask = epochs == epoch
+            idx[mask] = self._permutation(epoch)[pos[mask] % self.n]
+        x = self.images[idx.to(self.images.device)].float() / 127.5 - 1  # (B, C, H, W)
+        # The flip decision is seeded by position too, for the same reason.
+        g = torch.Generator().manual_seed(self.seed * 7_919 + start)
+        flip = (torch.rand(size, generator=g) < 0.5).to(x.device)
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def _read_log(path: Path, max_step: int) -> list[list[str]]:
+    """Rows of a TSV log up to ``max_step``; torn last lines from a crash are dropped."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    header, body = rows[:1], rows[1:]
+    keep = [r for r in body if len(r) == len(header[0]) and r[0].isdigit() and int(r[0]) <= max_step]
+    return keep
+
+
+class TsvLog:
+    def __init__(self, path: Path, header: list[str], keep_until: int | None):
+        """Open ``path``; keep its rows up to step ``keep_until`` (None: start empty)."""
+        rows = _read_log(path, keep_until) if keep_until is not None else []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self.writer = csv.writer(self.file, delimiter="\t", lineterminator="\n")
+        self.writer.writerow(header)
+        self.writer.writerows(rows)
+
+    def write(self, *values: object) -> None:
+        self.writer.writerow(values)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def train(
+    model_cfg: ModelConfig,
+    diffusion_cfg: DiffusionConfig,
+    cfg: TrainConfig,
+    *,
+    images: np.ndarray,
+    data_id: str,
+    outputs: TrainOutputs,
+    device: torch.device,
+    tracker: Tracker | None = None,
+    fid_fn: FidFn | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    tracker = tracker or Tracker()
+    diffusion = GaussianDiffusion(diffusion_cfg)
+    fp = fingerprint(model_cfg, diffusion_cfg, cfg, data_id)
+
+    torch.manual_seed(cfg.seed)
+    model = UNet(model_cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    ema = EMA(model, decay=cfg.ema_decay, update_every=cfg.ema_update_every,
+              start_step=cfg.ema_start_step)
+    precision = precision_for(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    data = BatchSource(images, cfg.seed, device)
+
+    step = 0
+    if outputs.checkpoint.exists():
+        ckpt = checkpoint.load(outputs.checkpoint)
+        if ckpt.get("fingerprint") == fp:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            noise_gen.set_state(ckpt["rng"]["noise"].cpu() if device.type == "cpu" else ckpt["rng"]["noise"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+            step = int(ckpt["step"])
+            log(f"resuming from {outputs.checkpoint} at step {step}")
+        else:
+            log(f"{outputs.checkpoint} was made with other params or data: starting fresh")
+    resumed_from = step
+    if step >= cfg.steps and step > 0:
+        log(f"checkpoint is already at step {step} >= train.steps {cfg.steps}: nothing to train")
+
+    fids = [(int(r[0]), float(r[1])) for r in _read_log(outputs.fid_log, step)] if step else []
+    # The running loss shown and reported spans a resume.
+    recent = [float(r[1]) for r in _read_log(outputs.loss_log, step)][-100:] if step else []
+    loss_log = TsvLog(outputs.loss_log, ["step", "loss", "lr"], step if step else None)
+    fid_log = TsvLog(outputs.fid_log, ["step", "fid"], step if step else None)
+
+    def save_checkpoint() -> None:
+        rng = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        loss_log.flush()
+        fid_log.flush()
+        payload = checkpoint.model_payload(model_cfg, diffusion_cfg)
+        checkpoint.save(outputs.checkpoint, {
+            **payload, "fingerprint": fp, "step": step, "model": model.state_dict(),
+            "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng, "train_config": to_dict(cfg),
+        })
+        checkpoint.save(outputs.ema, {**payload, "step": step, "ema": ema.state_dict()})
+
+    def run_fid() -> None:
+        assert fid_fn is not None
+        value = fid_fn(ema.model, diffusion)
+        fids.append((step, value))
+        fid_log.write(step, f"{value:.4f}")
+        fid_log.flush()
+        tracker.log({"fid": value}, step)
+        log(f"step {step}: FID {value:.2f} ({cfg.fid_samples} samples, EMA weights)")
+
+    model.train()
+    t0, images_seen = time.perf_counter(), 0
+    micro_batch = cfg.batch_size
+    bar = tqdm(total=cfg.steps, initial=min(step, cfg.steps), desc="train", unit="step")
+    try:
+        while step < cfg.steps:
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                position = (step * cfg.grad_accum + micro) * micro_batch
+                x0 = data.batch(position, micro_batch)
+                if device.type == "cuda":
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                t = torch.randint(0, diffusion.num_timesteps, (micro_batch,), device=device,
+                                  generator=noise_gen)
+                noise = torch.randn(x0.shape, device=device, generator=noise_gen)
+                ctx = (torch.autocast(device.type, autocast_dtype) if precision != "fp32"
+                       else contextlib.nullcontext())
+                with ctx:
+                    loss = diffusion.loss(model, x0, t, noise) / cfg.grad_accum
+                scaler.scale(loss).backward()
+                total += loss.item()
+            if cfg.max_grad_norm is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            ema.update(model, step)
+            images_seen += micro_batch * cfg.grad_accum
+
+            loss_log.write(step, f"{total:.6f}", f"{cfg.lr:.3g}")
+            recent = (recent + [total])[-100:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            tracker.log({"loss": total, "lr": cfg.lr}, step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint()
+            if fid_fn is not None and cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps):
+                run_fid()
+                model.train()
+            if cfg.sample_grid_every and step % cfg.sample_grid_every == 0 and tracker.mode != "disabled":
+                from .sampling import generate_images
+
+                grid = generate_images(ema.model, diffusion, list(range(16)), sampler="ddpm",
+                                       steps=cfg.fid_sample_steps, batch_size=16,
+                                       shape=(model_cfg.channels, model_cfg.image_size,
+                                              model_cfg.image_size), device=device, progress=False)
+                tracker.log_images("samples", grid, step)
+    finally:
+        bar.close()
+        loss_log.close()
+        fid_log.close()
+    if not outputs.ema.exists() or resumed_from == step:
+        save_checkpoint()  # also when there was nothing to train, so outputs always exist
+    elapsed = time.perf_counter() - t0
+    return TrainResult(
+        step=step,
+        resumed_from=resumed_from,
+        final_loss=sum(recent) / len(recent) if recent else float("nan"),
+        images_per_second=images_seen / elapsed if images_seen else 0.0,
+        precision=precision,
+        parameters=count_parameters(model),
+        fids=fids,
+    )

@@ -1,0 +1,43 @@
+"""Stage evaluate: FID of the samples against the reference statistics -> metrics/fid.json."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ddpm_cifar.cli import default_device, run
+from ddpm_cifar.config import load_params
+from ddpm_cifar.evaluation import check_same_inception, fid_of_images, fid_report
+from ddpm_cifar.fid import load_inception, load_stats
+from ddpm_cifar.fileio import write_json
+
+PARAMS = ("fid.inception_weights", "fid.batch_size")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--samples", type=Path, default=Path("samples/samples.npz"))
+    ap.add_argument("--ref", type=Path, default=Path("data/fid_ref.npz"))
+    ap.add_argument("--baselines", type=Path, default=Path("baselines.yaml"))
+    ap.add_argument("--out", type=Path, default=Path("metrics/fid.json"))
+    args = ap.parse_args()
+    params = load_params(args.params, PARAMS)
+    device = default_device()
+    inception, info = load_inception(params.key("fid.inception_weights"), device)
+    ref, ref_meta = load_stats(args.ref)
+    check_same_inception(ref_meta, info)
+    with np.load(args.samples) as f:
+        images, sample_cfg = f["images"], yaml.safe_load(str(f["config"]))
+    fid = fid_of_images(images, inception, ref, batch_size=params.key("fid.batch_size"), device=device)
+    baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
+    report = fid_report(fid, n_samples=len(images), sample_cfg=sample_cfg, ref_meta=ref_meta, info=info,
+                        baselines=baselines)
+    write_json(args.out, report)
+    flag = "" if report["comparable"] else "  (NOT comparable: " + "; ".join(report["not_comparable_because"]) + ")"
+    print(f"FID {fid:.2f} on {len(images)} samples vs {ref_meta.get('reference')}{flag}")
+
+
+if __name__ == "__main__":
+    run(main)

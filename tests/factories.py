@@ -1,0 +1,24 @@
+"""Tiny configurations shared by the tests (T = 20, a U-Net of a few hundred thousand weights)."""
+
+from __future__ import annotations
+
+from ddpm_cifar.config import DiffusionConfig, ModelConfig, TrainConfig
+
+
+def tiny_model(**kw: object) -> ModelConfig:
+    base = dict(image_size=8, channels=3, dim=16, dim_mults=(1, 2), num_res_blocks=1,
+                full_attn=(False, True), attn_heads=2, attn_dim_head=8, dropout=0.0)
+    return ModelConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def tiny_diffusion(**kw: object) -> DiffusionConfig:
+    base = dict(timesteps=20, beta_schedule="linear", objective="pred_noise", min_snr_gamma=None)
+    return DiffusionConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def tiny_train(**kw: object) -> TrainConfig:
+    base = dict(steps=6, batch_size=4, grad_accum=2, lr=1e-3, adam_betas=(0.9, 0.99),
+                max_grad_norm=1.0, ema_decay=0.9, ema_update_every=1, ema_start_step=2,
+                amp=True, seed=0, checkpoint_every=3, num_workers=0, fid_every=0,
+                fid_samples=8, fid_sample_steps=5, fid_batch_size=8, sample_grid_every=0)
+    return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]

@@ -1,0 +1,213 @@
+"""FID: distance against closed forms, statistics, and the offline Inception (random weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_cifar import fid
+from ddpm_cifar.errors import UserError
+from ddpm_cifar.fileio import file_digest
+
+DIM = 16
+
+
+def _random_cov(rng: np.random.Generator, dim: int = DIM) -> np.ndarray:
+    """A full-rank, non-diagonal covariance (dim, dim)."""
+    a = rng.normal(size=(dim, dim))
+    return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+def _sqrt_psd(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+@pytest.fixture(scope="session")
+def random_inception_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Written once: the file is ~96 MB and building it costs seconds.
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    fid.save_random_inception(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_inception(random_inception_path: Path) -> tuple[torch.nn.Module, fid.InceptionInfo]:
+    return fid.load_inception(random_inception_path)
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    # Few and small: Inception resizes to 299x299 anyway, at ~0.1 s per image on CPU.
+    return np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+
+
+# --- distance ---------------------------------------------------------------------------------
+
+
+def test_frechet_distance_of_identical_stats_is_zero() -> None:
+    rng = np.random.default_rng(1)
+    s = fid.FidStats(mu=rng.normal(size=DIM), sigma=_random_cov(rng), n=100)
+    assert abs(fid.frechet_distance(s, s)) < 1e-6
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians() -> None:
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.normal(size=DIM), rng.normal(size=DIM)
+    s1, s2 = rng.uniform(0.1, 3.0, size=DIM), rng.uniform(0.1, 3.0, size=DIM)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    a, b = fid.FidStats(mu1, np.diag(s1), 10), fid.FidStats(mu2, np.diag(s2), 10)
+    got = fid.frechet_distance(a, b)
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_frechet_distance_matches_eigendecomposition_for_full_covariances() -> None:
+    rng = np.random.default_rng(3)
+    mu1, mu2 = rng.normal(size=DIM), rng.normal(size=DIM)
+    s1, s2 = _random_cov(rng), _random_cov(rng)
+    # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2): the inner matrix is symmetric PSD, so its
+    # square root comes from eigh alone, independently of scipy.linalg.sqrtm.
+    r1 = _sqrt_psd(s1)
+    tr_covmean = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+    got = fid.frechet_distance(fid.FidStats(mu1, s1, 10), fid.FidStats(mu2, s2, 10))
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert got > 0
+
+
+def test_frechet_distance_rejects_mismatched_dimensions() -> None:
+    rng = np.random.default_rng(4)
+    a = fid.FidStats(rng.normal(size=DIM), _random_cov(rng), 10)
+    b = fid.FidStats(rng.normal(size=DIM + 1), _random_cov(rng, DIM + 1), 10)
+    with pytest.raises(UserError, match="shape"):
+        fid.frechet_distance(a, b)
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def test_statistics_are_float64_mean_and_covariance() -> None:
+    feats = np.random.default_rng(5).normal(size=(50, DIM)).astype(np.float32)
+    s = fid.statistics(feats)
+    assert s.mu.dtype == np.float64 and s.sigma.dtype == np.float64
+    assert s.n == 50
+    f64 = feats.astype(np.float64)
+    np.testing.assert_array_equal(s.mu, np.mean(f64, axis=0))
+    np.testing.assert_array_equal(s.sigma, np.cov(f64, rowvar=False))
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_statistics_need_two_images(n: int) -> None:
+    with pytest.raises(UserError, match="at least 2"):
+        fid.statistics(np.zeros((n, DIM)))
+
+
+def test_compute_statistics_needs_two_images(random_inception, images: np.ndarray) -> None:
+    model, _ = random_inception
+    with pytest.raises(UserError, match="at least 2"):
+        fid.compute_statistics(images[:1], model, batch_size=4, device="cpu", progress=False)
+
+
+def test_stats_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    s = fid.FidStats(rng.normal(size=DIM), _random_cov(rng), 123)
+    fid.save_stats(tmp_path / "s.npz", s, {"split": "train", "inception_sha256": "abc"})
+    got, meta = fid.load_stats(tmp_path / "s.npz")
+    np.testing.assert_array_equal(got.mu, s.mu)
+    np.testing.assert_array_equal(got.sigma, s.sigma)
+    assert got.n == 123
+    assert meta == {"split": "train", "inception_sha256": "abc"}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temp file left behind
+
+
+def test_load_stats_accepts_pytorch_fid_npz(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    mu, sigma = rng.normal(size=DIM).astype(np.float32), _random_cov(rng).astype(np.float32)
+    np.savez_compressed(tmp_path / "ref.npz", mu=mu, sigma=sigma)  # pytorch-fid's --save-stats
+    got, meta = fid.load_stats(tmp_path / "ref.npz")
+    assert got.n == -1 and meta == {}
+    assert got.mu.dtype == np.float64 and got.sigma.dtype == np.float64
+    np.testing.assert_array_equal(got.sigma, sigma.astype(np.float64))
+
+
+def test_load_stats_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        fid.load_stats(tmp_path / "nope.npz")
+
+
+# --- Inception --------------------------------------------------------------------------------
+
+
+def test_random_inception_round_trips(random_inception_path: Path, random_inception) -> None:
+    model, info = random_inception
+    assert info.official is False
+    assert info.path == str(random_inception_path)
+    assert info.sha256 == file_digest(random_inception_path, "sha256")
+    assert not model.training
+    built = fid.build_inception(seed=0).state_dict()
+    loaded = model.state_dict()
+    assert built.keys() == loaded.keys()
+    for k in built:
+        assert torch.equal(built[k], loaded[k]), k
+    other = fid.build_inception(seed=1).state_dict()
+    assert not torch.equal(other["Conv2d_1a_3x3.conv.weight"], built["Conv2d_1a_3x3.conv.weight"])
+
+
+def test_state_dict_keys_are_those_of_pytorch_fid(random_inception) -> None:
+    """The official file is fid_inception_v3()'s state dict: build that model (its download
+    stubbed with our weights) and check it takes our keys strictly and gives our features."""
+    import pytorch_fid.inception as pfi
+
+    model, _ = random_inception
+    state = model.state_dict()
+    with mock.patch.object(pfi, "load_state_dict_from_url", return_value=state):
+        reference = pfi.InceptionV3([3], resize_input=True, normalize_input=True).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        ours = model(x)  # (2, 2048)
+        theirs = reference(x)[0].flatten(1)  # [(2, 2048, 1, 1)] -> (2, 2048)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_features_shape_dtype_and_determinism(random_inception, images: np.ndarray) -> None:
+    model, _ = random_inception
+    a = fid.inception_features(images, model, batch_size=2, device="cpu", progress=False)
+    b = fid.inception_features(images, model, batch_size=3, device="cpu", progress=False)
+    assert a.shape == (3, 2048) and a.dtype == np.float64
+    assert np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # batching does not change features
+    assert not np.allclose(a[0], a[1])  # different images, different features
+    # No frechet_distance here: sqrtm of a 2048x2048 matrix alone takes ~10 s on 2 cores.
+
+
+def test_features_refuse_float_images(random_inception, images: np.ndarray) -> None:
+    model, _ = random_inception
+    with pytest.raises((TypeError, UserError), match="uint8"):
+        fid.inception_features(images.astype(np.float32) / 255, model, batch_size=2,
+                               device="cpu", progress=False)
+
+
+def test_missing_weights_file_names_path_and_official_file(tmp_path: Path) -> None:
+    path = tmp_path / "weights" / "inception.pth"
+    with pytest.raises(UserError) as exc:
+        fid.load_inception(path)
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert fid.OFFICIAL_INCEPTION_FILENAME in msg
+    assert "get_inception.py" in msg and "make_random_inception.py" in msg
+    assert "\n" not in msg
+
+
+def test_invalid_weights_file_is_a_user_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    with pytest.raises(UserError, match="garbage.pth"):
+        fid.load_inception(garbage)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(UserError, match="wrong.pth.*missing keys"):
+        fid.load_inception(wrong)
