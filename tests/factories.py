@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
 from ddpm_cifar.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cifar.train import TrainOutputs
 
 
 def tiny_model(**kw: object) -> ModelConfig:
@@ -22,3 +30,26 @@ def tiny_train(**kw: object) -> TrainConfig:
                 amp=True, seed=0, checkpoint_every=3, num_workers=0, fid_every=0,
                 fid_samples=8, fid_sample_steps=5, fid_batch_size=8, sample_grid_every=0)
     return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def random_images(n: int = 16, size: int = 8, seed: int = 0) -> np.ndarray:
+    """(n, size, size, 3) uint8 images of random pixels."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def train_outputs(root: Path) -> TrainOutputs:
+    """The four training outputs under ``root``."""
+    return TrainOutputs(checkpoint=root / "checkpoint.pt", ema=root / "ema.pt",
+                        loss_log=root / "loss.tsv", fid_log=root / "fid.tsv")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread: for tensors this small, threads only add overhead (and
+    spin-waiting threads slow the tests badly when other jobs load the CPUs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

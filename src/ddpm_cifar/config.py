@@ -67,6 +67,8 @@ class DiffusionConfig:
         _check_choice("diffusion.objective", self.objective, ("pred_noise", "pred_x0", "pred_v"))
         if self.timesteps < 2:
             raise ConfigError(f"diffusion.timesteps must be at least 2, got {self.timesteps}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ConfigError(f"diffusion.min_snr_gamma must be positive or null, got {self.min_snr_gamma}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Samplers: they take the model as a callable and yield every intermediate step.
 
 Randomness is per image: image i owns a generator seeded with its own seed, which draws its x_T
-and then its noise at every step, so image i is the same whatever batch it is sampled in.
+and then its noise at every step, so image i gets the same noise whatever batch it is sampled in.
+The network's float arithmetic may still round differently at another batch size (BLAS picks
+kernels by shape), which can move a rare pixel by one uint8 level.
 """
 
 from __future__ import annotations

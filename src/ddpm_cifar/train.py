@@ -24,6 +24,7 @@ from . import checkpoint
 from .config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
 from .diffusion import GaussianDiffusion
 from .ema import EMA
+from .fileio import atomic_path
 from .tracking import Tracker
 from .unet import UNet, count_parameters
 
@@ -119,13 +120,18 @@ def _read_log(path: Path, max_step: int) -> list[list[str]]:
 
 class TsvLog:
     def __init__(self, path: Path, header: list[str], keep_until: int | None):
-        """Open ``path``; keep its rows up to step ``keep_until`` (None: start empty)."""
+        """Open ``path`` for appending, keeping its rows up to step ``keep_until`` (None: none).
+
+        The kept rows are rewritten atomically first, so a crash right after a resume cannot
+        lose the history.
+        """
         rows = _read_log(path, keep_until) if keep_until is not None else []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+        self.file = open(path, "a", newline="")  # noqa: SIM115 - closed in close()
         self.writer = csv.writer(self.file, delimiter="\t", lineterminator="\n")
-        self.writer.writerow(header)
-        self.writer.writerows(rows)
 
     def write(self, *values: object) -> None:
         self.writer.writerow(values)
@@ -265,12 +271,12 @@ def train(
                                        shape=(model_cfg.channels, model_cfg.image_size,
                                               model_cfg.image_size), device=device, progress=False)
                 tracker.log_images("samples", grid, step)
+        if resumed_from == step:
+            save_checkpoint()  # nothing to train: rewrite ema.pt, which DVC removed before the rerun
     finally:
         bar.close()
         loss_log.close()
         fid_log.close()
-    if not outputs.ema.exists() or resumed_from == step:
-        save_checkpoint()  # also when there was nothing to train, so outputs always exist
     elapsed = time.perf_counter() - t0
     return TrainResult(
         step=step,

@@ -1,0 +1,30 @@
+# Entry points for people: `make quick` (CPU-sized run), `make paper` (the study's run), `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup quick paper test lint inception-random
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+quick: setup          ## the whole DAG at CPU size on real CIFAR-10 (~15 min on 2 cores)
+	bash scripts/quick_run.sh $(SOURCE)
+
+paper: setup          ## the study's experiment, exactly as params.yaml says
+	dvc repro
+
+test: setup
+	python -m pytest -q
+
+lint: setup
+	ruff check src stages tests scripts benchmarks
+
+inception-random: setup   ## random-weight Inception for offline smoke runs (FID flagged non-comparable)
+	python scripts/make_random_inception.py data/inception/inception-random-seed0.pth

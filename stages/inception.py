@@ -1,0 +1,42 @@
+"""Stage inception: make sure the FID Inception weights named in params are present and valid.
+
+A missing file is downloaded when it is the official one; offline, the stage stops with one line
+that names the file and where to put it. A file already there (official or not) is kept: DVC
+records its hash, so replacing it reruns everything that scored with it.
+"""
+
+import argparse
+from pathlib import Path
+
+from ddpm_cifar.cli import run
+from ddpm_cifar.config import load_params
+from ddpm_cifar.errors import UserError
+from ddpm_cifar.fid import OFFICIAL_INCEPTION_FILENAME, download_official_inception, load_inception
+
+PARAMS = ("fid.inception_weights",)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    path = Path(load_params(args.params, PARAMS).key("fid.inception_weights"))
+    if not path.is_file():
+        if path.name != OFFICIAL_INCEPTION_FILENAME:
+            load_inception(path)  # raises the message that says how to make or get this file
+        try:
+            download_official_inception(path)
+        except UserError as exc:
+            raise UserError(
+                f"Inception weights {path} missing and not downloadable ({exc}). Put "
+                f"{OFFICIAL_INCEPTION_FILENAME} there, or for a non-comparable smoke run: "
+                f"`python scripts/make_random_inception.py {path.parent / 'inception-random-seed0.pth'}` "
+                "and set fid.inception_weights to it"
+            ) from exc
+    _, info = load_inception(path)
+    kind = "official" if info.official else "NOT the official weights: FIDs will be flagged"
+    print(f"Inception weights {path}: sha256 {info.sha256[:12]}… ({kind})")
+
+
+if __name__ == "__main__":
+    run(main)

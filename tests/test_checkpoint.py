@@ -1,0 +1,215 @@
+"""Tests for ddpm_cifar.checkpoint: what training writes loads back exactly, bad files are UserErrors."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from factories import one_thread, random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs
+
+from ddpm_cifar import checkpoint
+from ddpm_cifar.config import DiffusionConfig, ModelConfig
+from ddpm_cifar.errors import UserError
+from ddpm_cifar.train import TrainOutputs, train
+from ddpm_cifar.unet import UNet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@dataclass(frozen=True)
+class Trained:
+    outputs: TrainOutputs
+    model_cfg: ModelConfig
+    diffusion_cfg: DiffusionConfig
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    model_cfg = tiny_model(num_res_blocks=2)
+    diffusion_cfg = tiny_diffusion(objective="pred_v", beta_schedule="cosine", min_snr_gamma=5.0)
+    outputs = train_outputs(tmp_path_factory.mktemp("trained"))
+    with one_thread():
+        train(model_cfg, diffusion_cfg, tiny_train(steps=3), images=random_images(), data_id="random",
+              outputs=outputs, device=torch.device("cpu"), log=lambda _: None)
+    return Trained(outputs, model_cfg, diffusion_cfg)
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 3, 8, 8, generator=g), torch.tensor([0, 9, 19])
+
+
+def test_load_model_gives_the_trained_ema_weights(trained: Trained) -> None:
+    model, diffusion, ckpt = checkpoint.load_model(trained.outputs.ema)
+    assert ckpt["step"] == 3
+    x, t = _inputs()
+    with torch.no_grad():
+        got = model(x, t)
+
+    # The same weights, rebuilt by hand from the raw files: the EMA file and the full checkpoint.
+    for path in (trained.outputs.ema, trained.outputs.checkpoint):
+        raw = torch.load(path, weights_only=True)
+        manual = UNet(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in raw["model_config"].items()}))
+        manual.load_state_dict(raw["ema"])
+        manual.eval()
+        with torch.no_grad():
+            assert torch.equal(manual(x, t), got), path
+
+    # The EMA really differs from the raw weights (ema_start_step=2 < 3 steps, decay 0.9).
+    raw = torch.load(trained.outputs.checkpoint, weights_only=True)
+    assert any(not torch.equal(raw["model"][k], raw["ema"][k]) for k in raw["ema"])
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert diffusion.config == trained.diffusion_cfg
+
+
+def test_load_model_can_pick_the_raw_weights(trained: Trained) -> None:
+    model, _, _ = checkpoint.load_model(trained.outputs.checkpoint, weights="model")
+    raw = torch.load(trained.outputs.checkpoint, weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, raw["model"][k]), k
+    with pytest.raises(UserError, match="no 'model' weights"):
+        checkpoint.load_model(trained.outputs.ema, weights="model")  # the EMA file has only 'ema'
+
+
+def test_stored_config_is_the_config_used(trained: Trained) -> None:
+    raw = torch.load(trained.outputs.ema, weights_only=True)
+    assert raw["format"] == checkpoint.FORMAT
+    assert raw["model_config"] == {
+        "image_size": 8, "channels": 3, "dim": 16, "dim_mults": [1, 2], "num_res_blocks": 2,
+        "full_attn": [False, True], "attn_heads": 2, "attn_dim_head": 8, "dropout": 0.0,
+    }
+    assert raw["diffusion_config"] == {
+        "timesteps": 20, "beta_schedule": "cosine", "objective": "pred_v", "min_snr_gamma": 5.0,
+    }
+    assert checkpoint.configs(raw) == (trained.model_cfg, trained.diffusion_cfg)
+    model, diffusion, _ = checkpoint.load_model(trained.outputs.ema)
+    assert model.config == trained.model_cfg
+    assert diffusion.config == trained.diffusion_cfg
+
+
+def test_torch_load_is_called_with_weights_only(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict] = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        assert kwargs.get("weights_only") is True, kwargs
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    checkpoint.load_model(trained.outputs.ema)
+    checkpoint.load(trained.outputs.checkpoint)
+    assert len(calls) == 2
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path: Path) -> None:
+    # weights_only: a checkpoint holding an arbitrary Python object cannot run code on load.
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "obj": Path("x")}, path)
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        checkpoint.load(path)
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        checkpoint.load_model(tmp_path / "nope.pt")
+    with pytest.raises(UserError, match="not found"):
+        checkpoint.load(tmp_path)  # a folder is not a checkpoint file either
+
+
+def _write_npy(path: Path) -> None:
+    np.save(path, np.zeros(3))
+
+
+def _write_zip(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a.txt", "x")
+
+
+NOT_CHECKPOINTS = [
+    pytest.param(lambda p: p.write_bytes(b""), id="empty"),
+    pytest.param(lambda p: p.write_bytes(bytes(range(256))), id="binary"),
+    pytest.param(lambda p: p.write_text('{"a": 1}\n'), id="json"),
+    pytest.param(_write_npy, id="npy"),
+    pytest.param(_write_zip, id="zip"),
+    pytest.param(lambda p: p.write_bytes(pickle.dumps({"a": 1}, protocol=2)), id="pickle"),
+    pytest.param(lambda p: torch.save({"a": 1}, p), id="torch-dict"),
+    pytest.param(lambda p: torch.save(torch.zeros(2), p), id="torch-tensor"),
+    pytest.param(lambda p: torch.save({"format": "other/1"}, p), id="other-format"),
+    pytest.param(lambda p: p.write_text("hello"), id="text"),
+    pytest.param(lambda p: p.write_text("step\tloss\tlr\n1\t0.5\t0.001\n"), id="tsv"),
+]
+
+
+@pytest.mark.parametrize("write", NOT_CHECKPOINTS)
+def test_non_checkpoint_file_is_a_user_error(tmp_path: Path, write) -> None:
+    path = tmp_path / "not_a_checkpoint.pt"
+    write(path)
+    with pytest.raises(UserError, match="not_a_checkpoint.pt"):
+        checkpoint.load_model(path)
+
+
+def _rewrite(src: Path, dst: Path, **changes: object) -> Path:
+    raw = torch.load(src, weights_only=True)
+    for key, value in changes.items():
+        raw[key] = value
+    torch.save(raw, dst)
+    return dst
+
+
+def test_unknown_model_config_key_is_a_user_error(trained: Trained, tmp_path: Path) -> None:
+    raw = torch.load(trained.outputs.ema, weights_only=True)
+    path = _rewrite(trained.outputs.ema, tmp_path / "new.pt",
+                    model_config={**raw["model_config"], "use_flash": True})
+    with pytest.raises(UserError, match=r"model\.use_flash") as info:
+        checkpoint.load_model(path)
+    assert "cannot build" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda raw: {"model_config": {k: v for k, v in raw["model_config"].items() if k != "dim"}},
+         r"model\.dim"),
+        (lambda raw: {"model_config": {**raw["model_config"], "dim": "16"}}, r"model\.dim"),
+        (lambda raw: {"diffusion_config": {**raw["diffusion_config"], "objective": "pred_eps"}},
+         "objective"),
+        (lambda raw: {"diffusion_config": None}, "diffusion"),
+        (lambda raw: {"model_config": {**raw["model_config"], "dim": 32}}, "do not fit"),
+    ],
+    ids=["missing-key", "wrong-type", "bad-choice", "not-a-mapping", "weights-do-not-fit"],
+)
+def test_unbuildable_checkpoint_is_a_user_error(trained: Trained, tmp_path: Path, change, match: str) -> None:
+    raw = torch.load(trained.outputs.ema, weights_only=True)
+    path = _rewrite(trained.outputs.ema, tmp_path / "bad.pt", **change(raw))
+    with pytest.raises(UserError, match=match):
+        checkpoint.load_model(path)
+
+
+def test_checkpoint_without_config_is_a_user_error(trained: Trained, tmp_path: Path) -> None:
+    raw = torch.load(trained.outputs.ema, weights_only=True)
+    del raw["model_config"]
+    torch.save(raw, tmp_path / "noconf.pt")
+    with pytest.raises(UserError, match="cannot build"):
+        checkpoint.load_model(tmp_path / "noconf.pt")
+
+
+def test_save_then_load_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "c.pt"
+    checkpoint.save(path, {"step": 7, "x": torch.arange(3)})
+    got = checkpoint.load(path)
+    assert got["format"] == checkpoint.FORMAT
+    assert got["step"] == 7 and torch.equal(got["x"], torch.arange(3))
+    assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temporary files left behind

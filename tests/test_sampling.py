@@ -1,0 +1,337 @@
+"""Tests for ddpm_cifar.sampling: per-image seeds, the DDPM posterior step, quantisation, caching."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from factories import one_thread, tiny_diffusion, tiny_model
+
+from ddpm_cifar.diffusion import GaussianDiffusion
+from ddpm_cifar.sampling import (
+    ImageNoise,
+    ddpm,
+    denoising_frames,
+    generate_images,
+    spaced_timesteps,
+    to_uint8,
+)
+from ddpm_cifar.unet import UNet
+
+SHAPE = (3, 8, 8)
+SEEDS = list(range(10, 18))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model() -> UNet:
+    torch.manual_seed(0)
+    return UNet(tiny_model()).eval()
+
+
+@pytest.fixture(scope="module")
+def diffusion() -> GaussianDiffusion:
+    return GaussianDiffusion(tiny_diffusion(objective="pred_v", beta_schedule="cosine"))
+
+
+def _generate(model, diffusion, seeds, *, steps: int = 20, batch_size: int = 8, **kw) -> np.ndarray:
+    return generate_images(model, diffusion, seeds, sampler="ddpm", steps=steps, batch_size=batch_size,
+                           shape=SHAPE, device="cpu", progress=False, **kw)
+
+
+def _draws(seed: int, n: int, shape: tuple[int, ...] = SHAPE) -> list[torch.Tensor]:
+    """The first n standard normal draws of a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+# -- per-image seeds -----------------------------------------------------------------------------
+
+def _pointwise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A stand-in network that treats every pixel on its own, with exactly rounded ops only
+    (no reductions, no transcendental functions): bit for bit independent of the batch size."""
+    return 0.3 * x * x - 0.5 * x + 0.01 * t.float()[:, None, None, None]
+
+
+@pytest.mark.parametrize("steps", [20, 7])
+def test_per_image_randomness_does_not_depend_on_batch_size(diffusion: GaussianDiffusion,
+                                                            steps: int) -> None:
+    by_8 = _generate(_pointwise, diffusion, SEEDS, steps=steps, batch_size=8)
+    assert by_8.shape == (8, 8, 8, 3) and by_8.dtype == np.uint8
+    for batch_size in (3, 1):
+        other = _generate(_pointwise, diffusion, SEEDS, steps=steps, batch_size=batch_size)
+        np.testing.assert_array_equal(other, by_8, err_msg=f"batch_size {batch_size}")
+
+
+def _assert_same_up_to_rounding(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal uint8 images, but for the odd pixel one step off.
+
+    The U-Net's matrix products round differently for different batch sizes (BLAS blocking: the
+    time MLP alone differs by ~1e-7), so a value that lands within ~1e-6 of a quantisation
+    boundary may round the other way; anything beyond one level or a few pixels is a real bug.
+    """
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1, diff.max()
+    assert (diff > 0).mean() <= 0.005, (diff > 0).sum()
+
+
+@pytest.mark.parametrize("steps", [20, 7])
+def test_unet_images_do_not_depend_on_batch_size(model: UNet, diffusion: GaussianDiffusion,
+                                                 steps: int) -> None:
+    by_8 = _generate(model, diffusion, SEEDS, steps=steps, batch_size=8)
+    for batch_size in (3, 1):
+        _assert_same_up_to_rounding(_generate(model, diffusion, SEEDS, steps=steps, batch_size=batch_size),
+                                    by_8)
+
+
+def test_an_image_is_the_same_alone_or_among_others(model: UNet, diffusion: GaussianDiffusion) -> None:
+    among = _generate(_pointwise, diffusion, SEEDS, steps=7)
+    alone = _generate(_pointwise, diffusion, [13], steps=7)
+    np.testing.assert_array_equal(alone[0], among[SEEDS.index(13)])
+    reordered = _generate(_pointwise, diffusion, [17, 13, 10], steps=7)
+    np.testing.assert_array_equal(reordered, among[[7, 3, 0]])
+    # The same with the U-Net, up to the rounding of its batched matrix products.
+    among = _generate(model, diffusion, SEEDS, steps=7)
+    _assert_same_up_to_rounding(_generate(model, diffusion, [13], steps=7)[0], among[3])
+    _assert_same_up_to_rounding(_generate(model, diffusion, [17, 13, 10], steps=7), among[[7, 3, 0]])
+
+
+def test_different_seeds_give_different_images(model: UNet, diffusion: GaussianDiffusion) -> None:
+    images = _generate(model, diffusion, SEEDS, steps=7).astype(int)
+    for i in range(len(SEEDS)):
+        for j in range(i + 1, len(SEEDS)):
+            assert np.abs(images[i] - images[j]).mean() > 5, (SEEDS[i], SEEDS[j])
+    # And the same seed twice gives the same image twice.
+    twice = _generate(model, diffusion, [10, 10], steps=7)
+    np.testing.assert_array_equal(twice[0], twice[1])
+
+
+def test_image_noise_draws_are_exact_per_seed() -> None:
+    noise = ImageNoise([3, 5, 3], (2, 4, 4), "cpu")
+    assert len(noise) == 3
+    got = [noise.draw() for _ in range(3)]
+    for row, seed in enumerate([3, 5, 3]):
+        for k, expected in enumerate(_draws(seed, 3, (2, 4, 4))):
+            assert torch.equal(got[k][row], expected), (seed, k)
+    assert got[0].shape == (3, 2, 4, 4)
+    assert not torch.equal(got[0][0], got[1][0])  # each draw advances the generator
+
+
+# -- timesteps -----------------------------------------------------------------------------------
+
+def test_spaced_timesteps_1000_50() -> None:
+    ts = spaced_timesteps(1000, 50)
+    assert len(ts) == 50 == len(set(ts))
+    assert ts == sorted(ts)
+    assert ts[0] == 0 and ts[-1] == 999
+    assert all(isinstance(t, int) for t in ts)
+    gaps = np.diff(ts)
+    assert gaps.min() >= 20 and gaps.max() <= 21  # evenly spread: 999 / 49 = 20.4
+
+
+@pytest.mark.parametrize("T", [2, 20, 1000])
+def test_spaced_timesteps_full_chain_is_every_step(T: int) -> None:
+    assert spaced_timesteps(T, T) == list(range(T))
+
+
+@pytest.mark.parametrize("T", [5, 20, 333])
+def test_spaced_timesteps_always_gives_the_requested_count(T: int) -> None:
+    for steps in range(1, T + 1):
+        ts = spaced_timesteps(T, steps)
+        assert len(ts) == len(set(ts)) == steps
+        assert ts == sorted(ts) and ts[-1] == T - 1
+        assert 0 <= ts[0]
+        if steps > 1:
+            assert ts[0] == 0
+
+
+@pytest.mark.parametrize("steps", [0, 21, -1])
+def test_spaced_timesteps_rejects_impossible_counts(steps: int) -> None:
+    with pytest.raises(ValueError, match="steps"):
+        spaced_timesteps(20, steps)
+
+
+# -- the DDPM step -------------------------------------------------------------------------------
+
+class _Recorder:
+    """A 'model' returning a fixed output; records the timesteps it is asked about."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out, self.ts = out, []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        assert x.shape == self.out.shape and t.shape == (x.shape[0],)
+        assert (t == t[0]).all()
+        self.ts.append(int(t[0]))
+        return self.out
+
+
+def test_first_step_with_steps_equal_T_is_the_q_posterior() -> None:
+    d = GaussianDiffusion(tiny_diffusion(objective="pred_noise", beta_schedule="linear"))
+    seeds = [4, 9]
+    eps = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(99))
+    sampler = ddpm(_Recorder(eps), d, ImageNoise(seeds, SHAPE, "cpu"), steps=20, clip_x0=True)
+    first, second = next(sampler), next(sampler)
+    draws = [_draws(s, 2) for s in seeds]
+    x_T = torch.stack([dr[0] for dr in draws])
+    z = torch.stack([dr[1] for dr in draws])
+    assert first.index == 0 and first.x0 is None
+    assert torch.equal(first.x, x_T)
+
+    t = torch.full((2,), 19)
+    abar = float(np.prod(1 - d.betas.numpy()))
+    x0 = ((x_T.double() - np.sqrt(1 - abar) * eps.double()) / np.sqrt(abar)).clamp(-1, 1)
+    mean, var, _ = d.q_posterior(x0, x_T.double(), t)
+    expected = mean + var.sqrt() * z.double()
+    assert second.index == 1 and second.t == 18
+    torch.testing.assert_close(second.x0.double(), x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(second.x.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [20, 7, 1])
+def test_every_step_is_the_bayes_posterior_between_visited_timesteps(steps: int) -> None:
+    # With a model that predicts a fixed x0, each step must draw from q(x_prev | x_t, x0) for the
+    # visited timesteps (t, prev), computed here by Bayes from the alpha_bars alone:
+    # x_t | x_prev ~ N(sqrt(a) x_prev, 1 - a) with a = abar_t / abar_prev.
+    d = GaussianDiffusion(tiny_diffusion(objective="pred_x0", beta_schedule="sigmoid"))
+    abar = np.cumprod(1 - d.betas.numpy())
+    seeds = [0, 1, 2]
+    x0 = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    model = _Recorder(x0)
+    states = list(ddpm(model, d, ImageNoise(seeds, SHAPE, "cpu"), steps=steps, clip_x0=False))
+    ts = spaced_timesteps(20, steps)
+    assert model.ts == ts[::-1]
+    assert len(states) == steps + 1
+    assert [s.t for s in states[1:]] == [*ts[::-1][1:], -1]
+    draws = [_draws(s, steps + 1) for s in seeds]
+    x = torch.stack([dr[0] for dr in draws]).double().numpy()
+    x0_np = x0.double().numpy()
+    for k, t in enumerate(ts[::-1], start=1):
+        prev = ts[ts.index(t) - 1] if t != ts[0] else None
+        if prev is None:  # the last step lands on the mean, x0 itself
+            x = x0_np * 1.0
+        else:
+            a = abar[t] / abar[prev]
+            var = 1 / (1 / (1 - abar[prev]) + a / (1 - a))
+            mean = var * (np.sqrt(abar[prev]) / (1 - abar[prev]) * x0_np + np.sqrt(a) / (1 - a) * x)
+            z = torch.stack([dr[k] for dr in draws]).double().numpy()
+            x = mean + np.sqrt(var) * z
+        np.testing.assert_allclose(states[k].x.double().numpy(), x, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"step {k} (t={t})")
+        assert torch.equal(states[k].x0, x0)
+
+
+def test_clip_x0_clamps_the_estimate() -> None:
+    d = GaussianDiffusion(tiny_diffusion(objective="pred_x0"))
+    big = torch.full((1, *SHAPE), 3.0)
+    clipped = list(ddpm(_Recorder(big), d, ImageNoise([0], SHAPE, "cpu"), steps=5, clip_x0=True))
+    free = list(ddpm(_Recorder(big), d, ImageNoise([0], SHAPE, "cpu"), steps=5, clip_x0=False))
+    assert torch.equal(clipped[-1].x, torch.ones(1, *SHAPE))
+    assert torch.equal(free[-1].x, big)
+
+
+# -- quantisation --------------------------------------------------------------------------------
+
+def test_to_uint8() -> None:
+    values = torch.tensor([-1.0, 1.0, 0.0, -2.0, 5.0, -1 + 0.5 / 127.5, -1 + 1.49 / 127.5, 0.999])
+    x = values.reshape(1, 1, 1, -1).expand(2, 3, 1, -1).clone()
+    x[1] = -x[1]
+    x[0, 1] = 0.5
+    got = to_uint8(x)
+    assert got.dtype == np.uint8 and got.shape == (2, 1, 8, 3)  # (B, H, W, C)
+    # Round half to even: 127.5 -> 128, 0.5 -> 0, 254.5 -> 254.
+    assert got[0, 0, :, 0].tolist() == [0, 255, 128, 0, 255, 0, 1, 255]
+    assert got[1, 0, :, 0].tolist() == [255, 0, 128, 255, 0, 254, 254, 0]
+    assert (got[0, 0, :, 1] == 191).all()  # channel 1 ends up last: (0.5 + 1) * 127.5 = 191.25
+    assert got[0, 0, :, 2].tolist() == got[0, 0, :, 0].tolist()
+
+
+# -- denoising frames ----------------------------------------------------------------------------
+
+def test_denoising_frames(model: UNet, diffusion: GaussianDiffusion) -> None:
+    seeds = [3, 8]
+    frames, timesteps = denoising_frames(model, diffusion, seeds, sampler="ddpm", steps=20, frames=5,
+                                         shape=SHAPE, device="cpu")
+    assert frames.shape == (2, 5, 8, 8, 3) and frames.dtype == np.uint8
+    assert len(timesteps) == 5
+    assert timesteps[-1] == -1
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 5
+    for i, s in enumerate(seeds):
+        x_T = _draws(s, 1)[0].numpy()  # (C, H, W) float32
+        expected = np.clip(np.round((x_T + 1) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        np.testing.assert_array_equal(frames[i, 0], expected)
+    # The last frame is the finished sample.
+    np.testing.assert_array_equal(frames[:, -1], _generate(model, diffusion, seeds, steps=20))
+
+
+def test_denoising_frames_with_more_frames_than_states(model: UNet, diffusion: GaussianDiffusion) -> None:
+    frames, timesteps = denoising_frames(model, diffusion, [1], sampler="ddpm", steps=3, frames=10,
+                                         shape=SHAPE, device="cpu")
+    assert frames.shape == (1, 4, 8, 8, 3)  # x_T and one state per step
+    assert timesteps[-1] == -1 and len(timesteps) == 4
+
+
+# -- cache ---------------------------------------------------------------------------------------
+
+class _Budget:
+    """Wraps a model; fails the test if called more than ``calls`` times."""
+
+    def __init__(self, model: UNet, calls: int):
+        self.model, self.left, self.used = model, calls, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.used += 1
+        if self.used > self.left:
+            raise AssertionError("model called more often than the missing batch needs")
+        return self.model(x, t)
+
+
+def test_generate_images_resumes_from_the_cache(model: UNet, diffusion: GaussianDiffusion,
+                                                tmp_path: Path) -> None:
+    cache = tmp_path / "partial"
+    first = _generate(model, diffusion, SEEDS, steps=7, batch_size=3, cache_dir=cache, cache_key="k1")
+    shards = sorted(p.name for p in cache.glob("*.npy"))
+    assert shards == ["00000000-3.npy", "00000003-3.npy", "00000006-2.npy"]
+    (cache / "00000003-3.npy").unlink()
+
+    budget = _Budget(model, calls=7)  # one batch of 7 steps
+    again = _generate(budget, diffusion, SEEDS, steps=7, batch_size=3, cache_dir=cache, cache_key="k1")
+    assert budget.used == 7
+    np.testing.assert_array_equal(again, first)
+    assert (cache / "00000003-3.npy").exists()
+    # The cached images are the ones an uncached run makes.
+    np.testing.assert_array_equal(first, _generate(model, diffusion, SEEDS, steps=7, batch_size=3))
+
+    # Nothing missing: the model is not called at all.
+    np.testing.assert_array_equal(
+        _generate(_Budget(model, 0), diffusion, SEEDS, steps=7, batch_size=3, cache_dir=cache,
+                  cache_key="k1"),
+        first,
+    )
+
+
+def test_generate_images_ignores_a_cache_of_another_run(model: UNet, diffusion: GaussianDiffusion,
+                                                         tmp_path: Path) -> None:
+    cache = tmp_path / "partial"
+    _generate(model, diffusion, SEEDS[:3], steps=7, batch_size=3, cache_dir=cache, cache_key="old")
+    # Poison the old batch: a run with another key must not use it.
+    np.save(cache / "00000000-3.npy", np.zeros((3, 8, 8, 3), np.uint8))
+    budget = _Budget(model, calls=7)
+    new = _generate(budget, diffusion, SEEDS[:3], steps=7, batch_size=3, cache_dir=cache, cache_key="new")
+    assert budget.used == 7
+    assert new.any()
+    assert (cache / "key.txt").read_text() == "new"
+
+
+def test_generate_images_with_no_seeds() -> None:
+    out = generate_images(lambda x, t: x, GaussianDiffusion(tiny_diffusion()), [], sampler="ddpm",
+                          steps=5, batch_size=4, shape=SHAPE, device="cpu", progress=False)
+    assert out.shape == (0, 8, 8, 3) and out.dtype == np.uint8

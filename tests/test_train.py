@@ -1,0 +1,246 @@
+"""Tests for ddpm_cifar.train: exact resume, fresh starts, torn logs, and the batch source."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from factories import one_thread, random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs
+
+from ddpm_cifar.config import TrainConfig
+from ddpm_cifar.tracking import Tracker
+from ddpm_cifar.train import BatchSource, TrainOutputs, TrainResult, train
+
+IMAGES = random_images(n=12, size=8, seed=3)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@dataclass
+class Run:
+    result: TrainResult
+    outputs: TrainOutputs
+    messages: list[str]
+
+
+def _train(root: Path, cfg: TrainConfig, tracker: Tracker | None = None) -> Run:
+    messages: list[str] = []
+    outputs = train_outputs(root)
+    with one_thread():
+        result = train(tiny_model(), tiny_diffusion(objective="pred_x0"), cfg, images=IMAGES,
+                       data_id="random-12", outputs=outputs, device=CPU, tracker=tracker,
+                       log=messages.append)
+    return Run(result, outputs, messages)
+
+
+def _rows(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _assert_same_state(a: TrainOutputs, b: TrainOutputs) -> None:
+    ca, cb = torch.load(a.checkpoint, weights_only=True), torch.load(b.checkpoint, weights_only=True)
+    assert ca["step"] == cb["step"]
+    for part in ("model", "ema"):
+        assert ca[part].keys() == cb[part].keys()
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    for pid, state in ca["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, cb["optimizer"]["state"][pid][k]), (pid, k)
+    assert torch.equal(ca["rng"]["noise"], cb["rng"]["noise"])
+    ea, eb = torch.load(a.ema, weights_only=True), torch.load(b.ema, weights_only=True)
+    assert ea["step"] == eb["step"]
+    for k in ea["ema"]:
+        assert torch.equal(ea["ema"][k], eb["ema"][k]), k
+    assert _rows(a.loss_log) == _rows(b.loss_log)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Six steps in one go: the trajectory every resumed run must reproduce bit for bit."""
+    return _train(tmp_path_factory.mktemp("straight"), tiny_train(steps=6))
+
+
+def test_straight_run_outputs(straight: Run) -> None:
+    assert straight.result.step == 6 and straight.result.resumed_from == 0
+    assert straight.result.precision == "fp32"
+    rows = _rows(straight.outputs.loss_log)
+    assert rows[0] == "step\tloss\tlr"
+    assert [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+    assert all(r.split("\t")[2] == "0.001" for r in rows[1:])
+    losses = [float(r.split("\t")[1]) for r in rows[1:]]
+    assert all(np.isfinite(losses))
+    assert straight.result.final_loss == pytest.approx(np.mean(losses), abs=1e-5)
+    ckpt = torch.load(straight.outputs.checkpoint, weights_only=True)
+    # The raw weights moved away from their initialisation, and the EMA lags behind them.
+    torch.manual_seed(0)
+    from ddpm_cifar.unet import UNet
+
+    init = UNet(tiny_model()).state_dict()
+    assert any(not torch.equal(init[k], ckpt["model"][k]) for k in init)
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in init)
+
+
+class _Crash(Tracker):
+    """Kills the run (like a Ctrl-C) when step ``at`` is logged."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_exactly(straight: Run, tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, tiny_train(steps=6), tracker=_Crash(at=5))  # last checkpoint: step 3
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert len(_rows(tmp_path / "loss.tsv")) == 1 + 5  # rows 4 and 5 are past the checkpoint
+    resumed = _train(tmp_path, tiny_train(steps=6))
+    assert resumed.result.resumed_from == 3 and resumed.result.step == 6
+    assert any("resuming" in m and "step 3" in m for m in resumed.messages)
+    _assert_same_state(resumed.outputs, straight.outputs)
+    # The reported running loss spans the resume (steps 1-3 come back from the log, 6 decimals).
+    assert resumed.result.final_loss == pytest.approx(straight.result.final_loss, abs=1e-6)
+
+
+def test_raising_steps_continues_a_finished_run(straight: Run, tmp_path: Path) -> None:
+    first = _train(tmp_path, tiny_train(steps=3))
+    assert first.result.step == 3
+    second = _train(tmp_path, tiny_train(steps=6))
+    assert second.result.resumed_from == 3 and second.result.step == 6
+    _assert_same_state(second.outputs, straight.outputs)
+
+
+def test_nothing_to_train_keeps_the_run(tmp_path: Path) -> None:
+    first = _train(tmp_path, tiny_train(steps=3))
+    rows = _rows(first.outputs.loss_log)
+    model = torch.load(first.outputs.checkpoint, weights_only=True)["model"]
+    again = _train(tmp_path, tiny_train(steps=3))
+    assert again.result.step == 3 and again.result.resumed_from == 3
+    assert any("nothing to train" in m for m in again.messages)
+    assert _rows(again.outputs.loss_log) == rows
+    after = torch.load(again.outputs.checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(model[k], after[k]) for k in model)
+
+
+def test_finished_run_rewrites_a_missing_ema_file(tmp_path: Path) -> None:
+    # What `dvc repro` does after any change to src/: it deletes the non-persistent models/ema.pt
+    # and reruns the stage, whose persistent checkpoint is already at train.steps.
+    first = _train(tmp_path, tiny_train(steps=3))
+    ema = torch.load(first.outputs.ema, weights_only=True)["ema"]
+    first.outputs.ema.unlink()
+    again = _train(tmp_path, tiny_train(steps=3))
+    assert again.result.step == 3
+    rewritten = torch.load(again.outputs.ema, weights_only=True)["ema"]
+    assert all(torch.equal(ema[k], rewritten[k]) for k in ema)
+
+
+def test_changed_lr_starts_fresh(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    _train(tmp_path, tiny_train(steps=3))
+    changed = _train(tmp_path, tiny_train(steps=6, lr=5e-4))
+    assert changed.result.resumed_from == 0 and changed.result.step == 6
+    assert any("starting fresh" in m for m in changed.messages)
+    assert not any("resuming" in m for m in changed.messages)
+    rows = _rows(changed.outputs.loss_log)
+    assert [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+    assert all(r.split("\t")[2] == "0.0005" for r in rows[1:])
+    # It is exactly a fresh run with the new lr.
+    fresh = _train(tmp_path_factory.mktemp("fresh"), tiny_train(steps=6, lr=5e-4))
+    _assert_same_state(changed.outputs, fresh.outputs)
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"ema_decay": 0.5}, {"grad_accum": 1}])
+def test_other_trajectory_keys_start_fresh(tmp_path: Path, change: dict) -> None:
+    _train(tmp_path, tiny_train(steps=2))
+    again = _train(tmp_path, tiny_train(steps=3, **change))
+    assert again.result.resumed_from == 0
+    assert any("starting fresh" in m for m in again.messages)
+
+
+def test_non_trajectory_keys_still_resume(tmp_path: Path) -> None:
+    _train(tmp_path, tiny_train(steps=2))
+    again = _train(tmp_path, tiny_train(steps=3, checkpoint_every=1, fid_samples=16, num_workers=2))
+    assert again.result.resumed_from == 2
+
+
+@pytest.mark.parametrize("tail", ["4\t0.12", "1", "4\t0.123456\t0.0", "3\t0.5"],
+                         ids=["half-row", "prefix-of-a-later-step", "half-lr", "short-row"])
+def test_torn_last_line_is_dropped_on_resume(straight: Run, tmp_path: Path, tail: str) -> None:
+    _train(tmp_path, tiny_train(steps=3))
+    log = tmp_path / "loss.tsv"
+    text = log.read_text()
+    assert text.endswith("\n")
+    log.write_text(text + tail)  # a crash mid-write: no newline at the end
+    resumed = _train(tmp_path, tiny_train(steps=6))
+    assert resumed.result.resumed_from == 3
+    assert _rows(log) == _rows(straight.outputs.loss_log)
+
+
+# -- BatchSource ---------------------------------------------------------------------------------
+
+N = 10
+SOURCE_IMAGES = random_images(n=N, size=4, seed=11)
+
+
+def _identify(batch: torch.Tensor) -> list[tuple[int, bool]]:
+    """(stored image index, flipped?) of each item of a (B, C, H, W) batch in [-1, 1]."""
+    out = []
+    for x in batch:
+        assert x.min() >= -1 and x.max() <= 1
+        u8 = ((x + 1) * 127.5).round()
+        torch.testing.assert_close(x, u8 / 127.5 - 1, rtol=0, atol=1e-6)  # exactly a stored pixel value
+        hwc = u8.to(torch.uint8).permute(1, 2, 0).numpy()
+        matches = [(i, flip) for i in range(N) for flip in (False, True)
+                   if np.array_equal(hwc, SOURCE_IMAGES[i][:, ::-1] if flip else SOURCE_IMAGES[i])]
+        assert len(matches) == 1, "an item must be one stored image, as is or mirrored left-right"
+        out.append(matches[0])
+    return out
+
+
+def test_batches_are_stored_images_or_their_horizontal_flips() -> None:
+    source = BatchSource(SOURCE_IMAGES, seed=0, device=CPU)
+    found = _identify(source.batch(0, 40))
+    flips = [f for _, f in found]
+    assert any(flips) and not all(flips)
+    assert 0.2 < np.mean(flips) < 0.8
+
+
+def test_every_image_once_per_epoch_across_batch_boundaries() -> None:
+    source = BatchSource(SOURCE_IMAGES, seed=0, device=CPU)
+    # Batches of 4 over 10 images: the batches at 8, 28 straddle epochs, 20 starts one.
+    order = [i for start in range(0, 40, 4) for i, _ in _identify(source.batch(start, 4))]
+    epochs = [order[e * N:(e + 1) * N] for e in range(4)]
+    for e, epoch in enumerate(epochs):
+        assert sorted(epoch) == list(range(N)), e
+    assert len({tuple(e) for e in epochs}) == 4  # a new shuffle every epoch
+    assert epochs[0] != list(range(N))
+    # The order is a function of position only: one batch spanning four epochs agrees.
+    big = BatchSource(SOURCE_IMAGES, seed=0, device=CPU)
+    assert [i for i, _ in _identify(big.batch(3, 35))] == order[3:38]
+
+
+def test_same_position_same_batch_whatever_came_before() -> None:
+    fresh = BatchSource(SOURCE_IMAGES, seed=5, device=CPU).batch(17, 6)
+    used = BatchSource(SOURCE_IMAGES, seed=5, device=CPU)
+    for start, size in [(0, 4), (33, 9), (18, 2), (5, 30), (100, 3)]:
+        used.batch(start, size)
+    assert torch.equal(used.batch(17, 6), fresh)
+    assert torch.equal(used.batch(17, 6), fresh)  # and again
+
+
+def test_seed_changes_the_order() -> None:
+    a = [i for i, _ in _identify(BatchSource(SOURCE_IMAGES, seed=0, device=CPU).batch(0, N))]
+    b = [i for i, _ in _identify(BatchSource(SOURCE_IMAGES, seed=1, device=CPU).batch(0, N))]
+    assert sorted(a) == sorted(b) == list(range(N))
+    assert a != b
