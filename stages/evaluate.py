@@ -1,6 +1,7 @@
 """Stage evaluate: FID of the samples against the reference statistics -> metrics/fid.json."""
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def main() -> None:
     ref, ref_meta = load_stats(args.ref)
     check_same_inception(ref_meta, info)
     with np.load(args.samples) as f:
-        images, sample_cfg = f["images"], yaml.safe_load(str(f["config"]))
+        images, sample_cfg = f["images"], json.loads(str(f["config"]))
     fid = fid_of_images(images, inception, ref, batch_size=params.key("fid.batch_size"), device=device)
     baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
     report = fid_report(fid, n_samples=len(images), sample_cfg=sample_cfg, ref_meta=ref_meta, info=info,

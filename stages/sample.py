@@ -1,6 +1,7 @@
 """Stage sample: N images from the EMA weights with per-image seeds, a grid and the denoising strip."""
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def main() -> None:
     images = generate_images(model, diffusion, seeds, batch_size=cfg.batch_size, amp=True,
                              cache_dir=args.partial, cache_key=key, **common)
     with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
-        np.savez(f, images=images, seeds=np.asarray(seeds), config=str(to_dict(cfg)),
+        np.savez(f, images=images, seeds=np.asarray(seeds), config=json.dumps(to_dict(cfg)),
                  checkpoint_step=int(ckpt["step"]))
     save_grid(images[: cfg.grid_images], args.plots / "sample_grid.png")
     frames, timesteps = denoising_frames(model, diffusion, list(cfg.strip_seeds), frames=cfg.strip_frames,

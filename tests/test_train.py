@@ -244,3 +244,26 @@ def test_seed_changes_the_order() -> None:
     b = [i for i, _ in _identify(BatchSource(SOURCE_IMAGES, seed=1, device=CPU).batch(0, N))]
     assert sorted(a) == sorted(b) == list(range(N))
     assert a != b
+
+
+def test_interruption_during_training_fid_leaves_no_gap_in_the_fid_curve(tmp_path: Path) -> None:
+    """Step 2 is both an FID and a checkpoint step; dying inside its FID must redo that FID."""
+    outputs = train_outputs(tmp_path)
+    cfg = tiny_train(steps=4, checkpoint_every=2, fid_every=2)
+    calls: list[int] = []
+
+    def dying_fid(model: torch.nn.Module, diffusion: object) -> float:
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    with one_thread(), pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), tiny_diffusion(), cfg, images=IMAGES, data_id="d", outputs=outputs,
+              device=CPU, fid_fn=dying_fid, log=lambda _: None)
+    assert calls == [1]
+    assert not outputs.checkpoint.exists()  # step 2 was not checkpointed before its FID
+
+    with one_thread():
+        result = train(tiny_model(), tiny_diffusion(), cfg, images=IMAGES, data_id="d",
+                       outputs=outputs, device=CPU, fid_fn=lambda m, d: 1.5, log=lambda _: None)
+    assert [s for s, _ in result.fids] == [2, 4]
+    assert [r.split("\t")[0] for r in _rows(outputs.fid_log)] == ["step", "2", "4"]

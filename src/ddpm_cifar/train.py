@@ -258,11 +258,13 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
             tracker.log({"loss": total, "lr": cfg.lr}, step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint()
+            # FID before the checkpoint: a checkpoint at step k promises that step k's FID row is
+            # written, so an interruption during the FID cannot leave a gap in the curve.
             if fid_fn is not None and cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps):
                 run_fid()
                 model.train()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint()
             if cfg.sample_grid_every and step % cfg.sample_grid_every == 0 and tracker.mode != "disabled":
                 from .sampling import generate_images
 

@@ -1,0 +1,249 @@
+"""dvc.yaml against the code: params, deps, commands, outputs, metrics and plots (no dvc run).
+
+Every stage script declares a module-level ``PARAMS`` (what :func:`ddpm_cifar.config.load_params`
+lets it read); DVC only reruns a stage for the params its ``params:`` list names, so the two must
+be the same set or a changed hyperparameter silently fails to invalidate the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from ddpm_cifar import config
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC_YAML = ROOT / "dvc.yaml"
+PARAMS_YAML = ROOT / "params.yaml"
+PACKAGE_DEP = "src/ddpm_cifar"
+_INTERPOLATION = re.compile(r"\$\{\s*([^}]+?)\s*\}")
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+DVC = _load_yaml(DVC_YAML)
+STAGES: dict[str, dict[str, Any]] = DVC["stages"]
+PARAMS_FILE: dict[str, Any] = config.read_yaml(PARAMS_YAML)
+
+
+def _stage_module(name: str) -> ModuleType:
+    path = ROOT / "stages" / f"{name}.py"
+    assert path.is_file(), f"stage {name!r} has no script {path.relative_to(ROOT)}"
+    spec = importlib.util.spec_from_file_location(f"_dvc_wiring_stage_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and typing look a module up by name
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+def _declared_params(stage: dict[str, Any]) -> set[str]:
+    """A stage's ``params:`` entries (plain keys, or ``{file: [keys]}`` for params.yaml)."""
+    out: set[str] = set()
+    for entry in stage.get("params") or []:
+        if isinstance(entry, str):
+            out.add(entry)
+        elif isinstance(entry, dict):
+            for file, keys in entry.items():
+                assert file == "params.yaml", f"params from {file!r}: the stages read params.yaml only"
+                out.update(keys or [])
+        else:  # pragma: no cover - malformed dvc.yaml
+            raise AssertionError(f"unexpected params entry {entry!r}")
+    return out
+
+
+def _paths(entries: list[Any] | None) -> list[str]:
+    """Paths of ``deps``/``outs``/``metrics`` entries, which are strings or ``{path: options}``."""
+    out = []
+    for entry in entries or []:
+        if isinstance(entry, str):
+            out.append(entry)
+        elif isinstance(entry, dict):
+            assert len(entry) == 1, f"one path per entry, got {entry!r}"
+            out.extend(entry)
+        else:  # pragma: no cover - malformed dvc.yaml
+            raise AssertionError(f"unexpected entry {entry!r}")
+    return out
+
+
+def _outs_with_options(stage: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for entry in stage.get("outs") or []:
+        if isinstance(entry, str):
+            out.append((entry, {}))
+        else:
+            ((path, options),) = entry.items()
+            out.append((path, options or {}))
+    return out
+
+
+def _all_outs() -> dict[str, str]:
+    """Every declared output path -> the stage producing it."""
+    return {path: name for name, stage in STAGES.items() for path in _paths(stage.get("outs"))}
+
+
+def _lookup(dotted: str) -> tuple[bool, Any]:
+    node: Any = PARAMS_FILE
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _covers(declared: set[str], dotted: str) -> bool:
+    """Whether a stage declaring ``declared`` is rerun when param ``dotted`` changes."""
+    return any(dotted == d or dotted.startswith(d + ".") for d in declared)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_params_match_script_params(name: str) -> None:
+    module = _stage_module(name)
+    assert hasattr(module, "PARAMS"), f"stages/{name}.py defines no module-level PARAMS"
+    assert isinstance(module.PARAMS, tuple), f"stages/{name}.py: PARAMS must be a tuple"
+    code = set(module.PARAMS)
+    assert len(code) == len(module.PARAMS), f"stages/{name}.py: duplicate PARAMS entries"
+    declared = _declared_params(STAGES[name])
+    assert code == declared, (
+        f"stage {name}: dvc.yaml params {sorted(declared)} != stages/{name}.py PARAMS {sorted(code)} "
+        f"(only in dvc.yaml: {sorted(declared - code)}; only in the script: {sorted(code - declared)})"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_params_exist_in_params_yaml_and_config(name: str) -> None:
+    for dotted in _stage_module(name).PARAMS:
+        found, _ = _lookup(dotted)
+        assert found, f"stage {name} reads {dotted!r}, which params.yaml does not have"
+        section, _, key = dotted.partition(".")
+        assert section in config.SECTIONS, f"stage {name}: {section!r} is not a config section"
+        if key:
+            fields = {f.name for f in dataclasses.fields(config.SECTIONS[section])}
+            assert key in fields, f"stage {name}: {dotted!r} is not a field of {section!r}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_include_package_and_own_script(name: str) -> None:
+    deps = _paths(STAGES[name].get("deps"))
+    script = f"stages/{name}.py"
+    assert PACKAGE_DEP in deps, f"stage {name} does not depend on {PACKAGE_DEP} (DVC cannot see imports)"
+    assert script in deps, f"stage {name} does not depend on its own script {script}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_cmd_runs_own_script(name: str) -> None:
+    cmd = STAGES[name]["cmd"]
+    assert isinstance(cmd, str), f"stage {name}: expected one command, got {cmd!r}"
+    argv = shlex.split(cmd)
+    script = f"stages/{name}.py"
+    assert argv[:2] == ["python", script], f"stage {name} runs {cmd!r}, not `python {script}`"
+    others = [a for a in argv if a.startswith("stages/") and a != script]
+    assert not others, f"stage {name} also runs {others}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_interpolated_deps_are_declared_params(name: str) -> None:
+    """A ``${fid.inception_weights}`` dep exists in params.yaml and the stage declares that param."""
+    declared = _declared_params(STAGES[name])
+    for dep in _paths(STAGES[name].get("deps")):
+        for dotted in _INTERPOLATION.findall(dep):
+            found, value = _lookup(dotted)
+            assert found, f"stage {name}: dep {dep!r} interpolates {dotted!r}, missing from params.yaml"
+            assert isinstance(value, str), f"stage {name}: {dotted!r} is {value!r}, not a path"
+            assert _covers(declared, dotted), f"stage {name}: dep {dep!r} uses {dotted!r} undeclared"
+
+
+def test_deps_on_generated_files_come_from_an_upstream_stage() -> None:
+    outs = _all_outs()
+    order = list(STAGES)
+    for name, stage in STAGES.items():
+        for dep in _paths(stage.get("deps")):
+            if dep in outs:
+                assert order.index(outs[dep]) < order.index(name), (
+                    f"stage {name} depends on {dep}, made by the later stage {outs[dep]}"
+                )
+
+
+def test_outputs_are_unique() -> None:
+    paths = [p for stage in STAGES.values() for p in _paths(stage.get("outs"))]
+    assert len(paths) == len(set(paths)), f"outputs declared twice: {paths}"
+
+
+def test_top_level_metrics_are_stage_outputs() -> None:
+    outs = _all_outs()
+    metrics = _paths(DVC.get("metrics"))
+    assert metrics, "dvc.yaml declares no metrics"
+    for path in metrics:
+        assert path in outs, f"metrics entry {path} is not an output of any stage"
+
+
+def _plot_files(entry: Any) -> list[str]:
+    """Files a top-level plots entry reads: a path, or ``{title: {x: ..., y: {file: col}}}``."""
+    if isinstance(entry, str):
+        return [entry]
+    ((title, spec),) = entry.items()
+    if not spec:  # ``- path:`` with no options
+        return [title]
+    files: list[str] = []
+    for axis in ("x", "y"):
+        value = spec.get(axis)
+        if isinstance(value, dict):
+            files.extend(value)
+    return files or [title]
+
+
+def test_top_level_plots_are_stage_outputs() -> None:
+    outs = _all_outs()
+    plots = DVC.get("plots") or []
+    assert plots, "dvc.yaml declares no plots"
+    for entry in plots:
+        files = _plot_files(entry)
+        assert files, f"plots entry {entry!r} names no file"
+        for path in files:
+            assert path in outs, f"plots entry {entry!r} reads {path}, which no stage outputs"
+
+
+# ``persist: true`` keeps an output when its stage reruns, so a stale file can survive a change. Allowed:
+# train's outputs (resume after an interruption) and the Inception weights, a file the user may put
+# there that the inception stage only checks (or downloads when missing).
+PERSIST_ALLOWED = {"train": None, "inception": {"${fid.inception_weights}"}}
+
+
+def test_only_resumable_outputs_persist() -> None:
+    for name, stage in STAGES.items():
+        for path, options in _outs_with_options(stage):
+            if options.get("persist"):
+                assert name in PERSIST_ALLOWED, f"{path} of stage {name} is persist: true; only train resumes"
+                allowed = PERSIST_ALLOWED[name]
+                assert allowed is None or path in allowed, f"{path} of stage {name} is persist: true"
+
+
+def test_params_yaml_sections_are_config_sections() -> None:
+    assert set(PARAMS_FILE) == set(config.SECTIONS), (
+        f"params.yaml sections {sorted(PARAMS_FILE)} != config.SECTIONS {sorted(config.SECTIONS)}"
+    )
+
+
+@pytest.mark.parametrize("section", sorted(config.SECTIONS))
+def test_params_yaml_sections_have_exactly_the_config_keys(section: str) -> None:
+    cls = config.SECTIONS[section]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    keys = set(PARAMS_FILE.get(section) or {})
+    assert keys == fields, (
+        f"params.yaml [{section}]: missing {sorted(fields - keys)}, unknown {sorted(keys - fields)}"
+    )
+    config.parse_section(section, PARAMS_FILE[section], cls)  # values have the right types too
