@@ -36,7 +36,8 @@ def main() -> None:
     report = fid_report(fid, n_samples=len(images), sample_cfg=sample_cfg, ref_meta=ref_meta, info=info,
                         baselines=baselines)
     write_json(args.out, report)
-    flag = "" if report["comparable"] else "  (NOT comparable: " + "; ".join(report["not_comparable_because"]) + ")"
+    reasons = report["not_comparable_because"]
+    flag = f"  (NOT comparable: {'; '.join(reasons)})" if reasons else ""
     print(f"FID {fid:.2f} on {len(images)} samples vs {ref_meta.get('reference')}{flag}")
 
 

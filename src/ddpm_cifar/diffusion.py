@@ -94,8 +94,9 @@ class GaussianDiffusion:
         self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = _extract(self.posterior_mean_coef1, t, xt) * x0 + _extract(self.posterior_mean_coef2, t, xt) * xt
-        return mean, _extract(self.posterior_variance, t, xt), _extract(self.posterior_log_variance, t, xt)
+        c1, c2 = _extract(self.posterior_mean_coef1, t, xt), _extract(self.posterior_mean_coef2, t, xt)
+        var, log_var = _extract(self.posterior_variance, t, xt), _extract(self.posterior_log_variance, t, xt)
+        return c1 * x0 + c2 * xt, var, log_var
 
     # -- conversions between parameterisations -------------------------------------------------
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,12 @@ from .sampling import generate_images
 
 def reference_meta(name: str, n: int, data_meta: dict[str, Any], info: InceptionInfo) -> dict[str, Any]:
     """What a set of reference statistics was computed from."""
+    official_data = bool(data_meta.get("official", False))
     return {
         "reference": name,
         "reference_n": n,
-        "reference_official": bool(data_meta.get("official", False)) and name == "cifar10-train" and n == 50000,
+        "reference_official": official_data and name == "cifar10-train" and n == 50000,
+        "data_official": official_data,
         "data_source": data_meta.get("source"),
         "inception_sha256": info.sha256,
         "inception_official": info.official,
@@ -33,8 +35,12 @@ def comparability(ref_meta: dict[str, Any], info: InceptionInfo, n_samples: int)
     if not info.official:
         reasons.append("Inception weights are not the official pt_inception-2015-12-05 file")
     if not ref_meta.get("reference_official", False):
-        reasons.append(f"reference {ref_meta.get('reference')} ({ref_meta.get('reference_n')} images) "
-                       "is not the official CIFAR-10 train set")
+        name, n = ref_meta.get("reference"), ref_meta.get("reference_n")
+        if not ref_meta.get("data_official", False):
+            reasons.append(f"reference {name} is not from the official CIFAR-10 archive "
+                           f"(source: {ref_meta.get('data_source')})")
+        if name != "cifar10-train" or n != 50000:
+            reasons.append(f"reference is {name} with {n} images, not the 50,000-image train set")
     if n_samples < 10000:
         reasons.append(f"only {n_samples} samples (published FIDs use 10k-50k)")
     return reasons

@@ -55,7 +55,8 @@ def save_denoising_strip(frames: np.ndarray, timesteps: Sequence[int], path: str
             ax.set_yticks([])
             if r == 0:
                 t = timesteps[c]
-                ax.set_title("x0" if t < 0 else f"t={t}", fontsize=6)
+                label = "x_T" if c == 0 else ("x_0" if t < 0 else f"t={t}")
+                ax.set_title(label, fontsize=6)
     fig.suptitle("denoising: x_T (left) to x_0 (right)", fontsize=8)
     fig.tight_layout()
     _save_fig(fig, path)
@@ -69,13 +70,11 @@ def save_fid_comparison(ours: dict[str, Any], baselines: Sequence[dict[str, Any]
     as such, so the figure cannot be read as a like-for-like comparison.
     """
     comparable = bool(ours["comparable"])
-    label = f"ours ({ours['n_samples']} samples)"
-    if not comparable:
-        label += "\nNOT COMPARABLE: " + ", ".join(ours["not_comparable_because"])
-    names = [f"{b['name']}\n({b['samples']} samples, quoted)" for b in baselines] + [label]
+    names = [f"{b['name']}\n(quoted, {b['samples']} samples)" for b in baselines]
+    names.append(f"ours, measured\n({ours['n_samples']} samples)")
     values = [float(b["fid"]) for b in baselines] + [float(ours["fid"])]
     colors = ["#9e9e9e"] * len(baselines) + ["#1f77b4" if comparable else "#d62728"]
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(values) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(values) + 1.6))
     bars = ax.barh(range(len(values)), values, color=colors)
     if not comparable:
         bars[-1].set_hatch("//")
@@ -84,9 +83,14 @@ def save_fid_comparison(ours: dict[str, Any], baselines: Sequence[dict[str, Any]
     ax.set_yticks(range(len(values)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("FID (lower is better)")
-    ax.set_title("FID on CIFAR-10" + ("" if comparable else " (ours is not comparable)"))
-    ax.set_xlim(0, max(values) * 1.25)
-    fig.tight_layout()
+    ax.set_xlim(0, max(values) * 1.2)
+    if comparable:
+        ax.set_title("FID on CIFAR-10")
+    else:
+        ax.set_title("FID on CIFAR-10: ours is NOT comparable to the quoted numbers", color="#d62728")
+        why = "\n".join(f"- {r}" for r in ours["not_comparable_because"])
+        fig.text(0.01, 0.01, "Not comparable because:\n" + why, fontsize=7, va="bottom", color="#d62728")
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * len(ours["not_comparable_because"]), 1, 1))
     _save_fig(fig, path)
 
 
