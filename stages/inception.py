@@ -11,7 +11,12 @@ from pathlib import Path
 from ddpm_cifar.cli import run
 from ddpm_cifar.config import load_params
 from ddpm_cifar.errors import UserError
-from ddpm_cifar.fid import OFFICIAL_INCEPTION_FILENAME, download_official_inception, load_inception
+from ddpm_cifar.fid import (
+    OFFICIAL_INCEPTION_FILENAME,
+    OFFICIAL_INCEPTION_URL,
+    download_official_inception,
+    load_inception,
+)
 
 PARAMS = ("fid.inception_weights",)
 
@@ -28,10 +33,10 @@ def main() -> None:
             download_official_inception(path)
         except UserError as exc:
             raise UserError(
-                f"Inception weights {path} missing and not downloadable ({exc}). Put "
-                f"{OFFICIAL_INCEPTION_FILENAME} there, or for a non-comparable smoke run: "
-                f"`python scripts/make_random_inception.py {path.parent / 'inception-random-seed0.pth'}` "
-                "and set fid.inception_weights to it"
+                f"Inception weights {path} are missing and could not be downloaded "
+                f"({exc.__cause__ or exc}). Copy {OFFICIAL_INCEPTION_FILENAME} from {OFFICIAL_INCEPTION_URL} "
+                f"to {path}; for a non-comparable smoke run, `make inception-random` and set "
+                "fid.inception_weights: data/inception/inception-random-seed0.pth"
             ) from exc
     _, info = load_inception(path)
     kind = "official" if info.official else "NOT the official weights: FIDs will be flagged"
