@@ -38,7 +38,7 @@ BASE: dict[str, dict[str, Any]] = {
                   "min_snr_gamma": None},
     "train": {"steps": 20000, "batch_size": 64, "grad_accum": 2, "lr": 0.0001, "adam_betas": [0.9, 0.99],
               "max_grad_norm": 1.0, "ema_decay": 0.995, "ema_update_every": 10, "ema_start_step": 100,
-              "amp": True, "seed": 0, "checkpoint_every": 1000, "num_workers": 0, "fid_every": 0,
+              "amp": True, "seed": 0, "checkpoint_every": 1000, "fid_every": 0,
               "fid_samples": 1000, "fid_sample_steps": 100, "fid_batch_size": 250,
               "sample_grid_every": 0},
     "sample": {"n": 10000, "sampler": "ddpm", "steps": 1000, "batch_size": 250, "seed": 0,

@@ -170,7 +170,7 @@ def test_other_trajectory_keys_start_fresh(tmp_path: Path, change: dict) -> None
 
 def test_non_trajectory_keys_still_resume(tmp_path: Path) -> None:
     _train(tmp_path, tiny_train(steps=2))
-    again = _train(tmp_path, tiny_train(steps=3, checkpoint_every=1, fid_samples=16, num_workers=2))
+    again = _train(tmp_path, tiny_train(steps=3, checkpoint_every=1, fid_samples=16))
     assert again.result.resumed_from == 2
 
 

@@ -85,7 +85,6 @@ class TrainConfig:
     amp: bool  # bf16 autocast where supported, fp16 + loss scaling on older GPUs, off on CPU
     seed: int
     checkpoint_every: int
-    num_workers: int
     fid_every: int  # optimizer steps between FID evaluations with EMA weights; 0 disables
     fid_samples: int
     fid_sample_steps: int

@@ -31,7 +31,7 @@ from .unet import UNet, count_parameters
 # Train keys that do not change the trajectory: a checkpoint still resumes when only these differ
 # (raising ``steps`` continues a finished run).
 NON_TRAJECTORY_KEYS = (
-    "steps", "checkpoint_every", "num_workers", "fid_every", "fid_samples", "fid_sample_steps",
+    "steps", "checkpoint_every", "fid_every", "fid_samples", "fid_sample_steps",
     "fid_batch_size", "sample_grid_every",
 )
 
