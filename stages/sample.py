@@ -33,7 +33,7 @@ def main() -> None:
     common = dict(sampler=cfg.sampler, steps=cfg.steps, shape=shape, device=device, clip_x0=cfg.clip_x0)
 
     seeds = [cfg.seed + i for i in range(cfg.n)]
-    key = sample_cache_key(file_digest(args.checkpoint), cfg)
+    key = sample_cache_key(file_digest(args.checkpoint), cfg, device)
     images = generate_images(model, diffusion, seeds, batch_size=cfg.batch_size, amp=True,
                              cache_dir=args.partial, cache_key=key, **common)
     with atomic_path(args.out) as tmp, open(tmp, "wb") as f:

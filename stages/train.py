@@ -29,11 +29,14 @@ def main() -> None:
     device = default_device()
     images, _ = load_split(args.data, "train")
 
-    fid_fn = None
+    fid_fn, fid_id, fid_meta = None, "", {}
     if cfg.fid_every:
         inception, info = load_inception(params.key("fid.inception_weights"), device)
         ref, ref_meta = load_stats(args.ref)
         check_same_inception(ref_meta, info)
+        fid_id = f"{info.sha256}:{file_digest(args.ref)}"
+        fid_meta = {"fid_inception_official": info.official, "fid_reference": ref_meta.get("reference"),
+                    "fid_reference_n": ref_meta.get("reference_n"), "fid_samples": cfg.fid_samples}
         shape = (model_cfg.channels, model_cfg.image_size, model_cfg.image_size)
         fid_fn = training_fid_fn(inception, ref, n=cfg.fid_samples, steps=cfg.fid_sample_steps,
                                  batch_size=cfg.fid_batch_size, shape=shape, device=device)
@@ -44,14 +47,15 @@ def main() -> None:
                            loss_log=args.metrics / "train_loss.tsv", fid_log=args.metrics / "train_fid.tsv")
     try:
         result = train(model_cfg, diffusion_cfg, cfg, images=images, outputs=outputs, device=device,
-                       data_id=file_digest(args.data / "train.npz"), tracker=tracker, fid_fn=fid_fn)
+                       data_id=file_digest(args.data / "train.npz"), tracker=tracker, fid_fn=fid_fn,
+                       fid_id=fid_id)
     finally:
         tracker.finish()
     write_json(args.metrics / "train.json", {
         "steps": result.step, "resumed_from_step": result.resumed_from,
         "final_loss": round(result.final_loss, 6), "parameters": result.parameters,
         "images_per_second": round(result.images_per_second, 2), "precision": result.precision,
-        "device": device.type, "last_fid": result.fids[-1][1] if result.fids else None,
+        "device": device.type, "last_fid": result.fids[-1][1] if result.fids else None, **fid_meta,
     })
 
 

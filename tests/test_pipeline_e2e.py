@@ -91,17 +91,21 @@ def _copy_project(dest: Path) -> None:
         shutil.copy2(src, dest / rel)
 
 
-def _env(tmp: Path) -> dict[str, str]:
+def _env(tmp: Path, repo: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # Import the copy's package, not the editable install's, so that the stages run the copied
+    # code and write their bytecode inside the copy, as they would in a user's clone.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo / "src"), env.get("PYTHONPATH")) if p)
     for var in [v for v in env if v.startswith("GIT_") or v.startswith("DVC_")]:
         del env[var]  # e.g. GIT_DIR from a hook would point git at the real repository
+    # Users' Python writes __pycache__ next to src/; DVC must not see that as a changed dependency.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         DVC_NO_ANALYTICS="1",
         DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),  # not /var/tmp/dvc, shared with others
         WANDB_MODE="disabled",
         CUDA_VISIBLE_DEVICES="",  # the toy run is CPU-sized; no device start-up cost
-        PYTHONDONTWRITEBYTECODE="1",
     )
     return env
 
@@ -190,7 +194,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     repo = tmp_path / "repo"
     repo.mkdir()
     _copy_project(repo)
-    run = Runner(repo, _env(tmp_path))
+    run = Runner(repo, _env(tmp_path, repo))
     run.git("init", "-q")
     for key, value in (("user.name", "e2e test"), ("user.email", "e2e@example.invalid"),
                        ("commit.gpgsign", "false")):

@@ -11,6 +11,7 @@ import torch
 from factories import one_thread, tiny_diffusion, tiny_model
 
 from ddpm_cifar.diffusion import GaussianDiffusion
+from ddpm_cifar.errors import UserError
 from ddpm_cifar.sampling import (
     ImageNoise,
     ddpm,
@@ -155,7 +156,7 @@ def test_spaced_timesteps_always_gives_the_requested_count(T: int) -> None:
 
 @pytest.mark.parametrize("steps", [0, 21, -1])
 def test_spaced_timesteps_rejects_impossible_counts(steps: int) -> None:
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(UserError, match="steps"):
         spaced_timesteps(20, steps)
 
 

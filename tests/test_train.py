@@ -267,3 +267,42 @@ def test_interruption_during_training_fid_leaves_no_gap_in_the_fid_curve(tmp_pat
                        outputs=outputs, device=CPU, fid_fn=lambda m, d: 1.5, log=lambda _: None)
     assert [s for s, _ in result.fids] == [2, 4]
     assert [r.split("\t")[0] for r in _rows(outputs.fid_log)] == ["step", "2", "4"]
+
+
+def test_checkpoint_bytes_are_reproducible(tmp_path: Path) -> None:
+    """Equal payloads must give equal files, or DVC reruns sampling after a no-op training rerun."""
+    from ddpm_cifar import checkpoint
+
+    payload = {"step": 1, "w": torch.arange(6.0)}
+    checkpoint.save(tmp_path / "a.pt", payload)
+    checkpoint.save(tmp_path / "b.pt", payload)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_lowering_steps_below_the_checkpoint_starts_fresh(tmp_path: Path) -> None:
+    _train(tmp_path, tiny_train(steps=4))
+    again = _train(tmp_path, tiny_train(steps=2))
+    assert again.result.resumed_from == 0 and again.result.step == 2
+    assert any("past train.steps 2" in m for m in again.messages)
+    assert torch.load(again.outputs.ema, weights_only=True)["step"] == 2
+
+
+def test_a_new_fid_reference_restarts_the_fid_curve_but_not_training(tmp_path: Path) -> None:
+    outputs = train_outputs(tmp_path)
+    cfg = tiny_train(steps=2, fid_every=1)
+    kw = dict(images=IMAGES, data_id="d", outputs=outputs, device=CPU, log=lambda _: None)
+    with one_thread():
+        train(tiny_model(), tiny_diffusion(), cfg, fid_fn=lambda m, d: 5.0, fid_id="old", **kw)
+        result = train(tiny_model(), tiny_diffusion(), tiny_train(steps=3, fid_every=1),
+                       fid_fn=lambda m, d: 1.0, fid_id="new", **kw)
+    assert result.resumed_from == 2
+    assert result.fids == [(3, 1.0)]
+    assert _rows(outputs.fid_log) == ["step\tfid", "3\t1.0000"]
+
+
+def test_images_of_another_size_are_refused(tmp_path: Path) -> None:
+    from ddpm_cifar.errors import UserError
+
+    with pytest.raises(UserError, match="model.image_size"):
+        train(tiny_model(), tiny_diffusion(), tiny_train(), images=np.zeros((4, 16, 16, 3), np.uint8),
+              data_id="d", outputs=train_outputs(tmp_path), device=CPU)

@@ -22,8 +22,11 @@ FORMAT = "ddpm_cifar.checkpoint/1"
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` (with the format tag added) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **payload}, tmp)
+    # Through a file object: given a path, torch.save names the zip's inner folder after the
+    # (random) temporary file, so equal payloads would get different bytes and DVC would see a
+    # changed output and rerun everything downstream.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

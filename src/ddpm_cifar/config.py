@@ -99,6 +99,8 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.fid_every and self.fid_samples < 2:
             raise ConfigError(f"train.fid_samples must be at least 2, got {self.fid_samples}")
+        if self.fid_every and (self.fid_batch_size < 1 or self.fid_sample_steps < 1):
+            raise ConfigError("train.fid_batch_size and train.fid_sample_steps must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ class SampleConfig:
         for name in ("n", "steps", "batch_size", "grid_images", "strip_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sample.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.strip_seeds:
+            raise ConfigError("sample.strip_seeds must list at least one seed")
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,13 @@ class FidConfig:
     reference: str  # train | test | path to a .npz with mu and sigma
     reference_count: int  # use the first N reference images; 0 = all
     batch_size: int
+
+    def __post_init__(self) -> None:
+        if self.reference_count < 0 or self.reference_count == 1:
+            raise ConfigError(
+                f"fid.reference_count must be 0 (all) or at least 2, got {self.reference_count}")
+        if self.batch_size < 1:
+            raise ConfigError(f"fid.batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)

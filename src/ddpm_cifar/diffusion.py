@@ -24,7 +24,7 @@ def linear_betas(timesteps: int) -> torch.Tensor:
     """DDPM's schedule (Ho et al. 2020), rescaled so other T keep the same overall noise."""
     scale = 1000 / timesteps
     betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
-    return betas.clamp(max=0.999)  # for T < 50 the rescaled end would reach 1: no signal left
+    return betas.clamp(max=0.999)  # for T <= 20 the rescaled end reaches 1: no signal left
 
 
 def _betas_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:

@@ -94,5 +94,6 @@ def fid_report(value: float, *, n_samples: int, sample_cfg: dict[str, Any], ref_
     }
 
 
-def sample_cache_key(ckpt_sha256: str, cfg: SampleConfig) -> str:
-    return f"{ckpt_sha256}:{cfg.sampler}:{cfg.steps}:{cfg.seed}:{cfg.clip_x0}"
+def sample_cache_key(ckpt_sha256: str, cfg: SampleConfig, device: torch.device) -> str:
+    """What finished sample batches depend on; the device too, since CUDA runs under bf16."""
+    return f"{ckpt_sha256}:{cfg.sampler}:{cfg.steps}:{cfg.seed}:{cfg.clip_x0}:{device.type}"

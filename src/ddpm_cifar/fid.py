@@ -205,8 +205,8 @@ def save_random_inception(path: str | Path, seed: int = 0) -> None:
     For offline smoke tests only: FIDs computed with it are not comparable to anything else.
     """
     state = build_inception(seed=seed).state_dict()
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: reproducible bytes
+        torch.save(state, f)
 
 
 def download_official_inception(path: str | Path) -> Path:

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .diffusion import GaussianDiffusion, Model
+from .errors import UserError
 from .fileio import atomic_path
 
 
@@ -49,7 +50,8 @@ class SampleStep:
 def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """``steps`` timesteps evenly spread over [0, T-1], ascending, always including both ends."""
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+        raise UserError(f"sampling steps must be in [1, {num_timesteps}] (the model's diffusion.timesteps), "
+                        f"got {steps}")
     if steps == 1:
         return [num_timesteps - 1]
     return sorted({round(x) for x in np.linspace(0, num_timesteps - 1, steps)})

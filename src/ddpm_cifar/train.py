@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from . import checkpoint
 from .config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
 from .diffusion import GaussianDiffusion
 from .ema import EMA
+from .errors import UserError
 from .fileio import atomic_path
 from .tracking import Tracker
 from .unet import UNet, count_parameters
@@ -34,6 +36,10 @@ NON_TRAJECTORY_KEYS = (
     "steps", "checkpoint_every", "fid_every", "fid_samples", "fid_sample_steps",
     "fid_batch_size", "sample_grid_every",
 )
+
+# Bump when a code change alters what a checkpoint means (network layout, loss, data order), so
+# that old checkpoints start a fresh run instead of silently resuming under the new code.
+TRAJECTORY_VERSION = 1
 
 FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]
 
@@ -58,10 +64,15 @@ class TrainResult:
 
 
 def fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig,
-                data_id: str) -> str:
-    """Hash of everything that shapes the training trajectory."""
+                data_id: str, device: torch.device) -> str:
+    """Hash of everything that shapes the training trajectory.
+
+    Device type and precision are in it because RNG and loss-scaler states do not carry over
+    between CPU and GPU, or between fp16 and bf16.
+    """
     train = {k: v for k, v in to_dict(cfg).items() if k not in NON_TRAJECTORY_KEYS}
-    blob = json.dumps([to_dict(model_cfg), to_dict(diffusion_cfg), train, data_id], sort_keys=True)
+    blob = json.dumps([TRAJECTORY_VERSION, to_dict(model_cfg), to_dict(diffusion_cfg), train, data_id,
+                       device.type, precision_for(device, cfg.amp)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -105,6 +116,19 @@ class BatchSource:
         g = torch.Generator().manual_seed(self.seed * 7_919 + start)
         flip = (torch.rand(size, generator=g) < 0.5).to(x.device)
         return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def _why_not_resume(ckpt: dict[str, Any], fp: str, cfg: TrainConfig, model: torch.nn.Module) -> str | None:
+    """None if ``ckpt`` can continue this run; else the reason, for the log."""
+    if ckpt.get("fingerprint") != fp:
+        return "was made with other params, data, device or precision"
+    if int(ckpt["step"]) > cfg.steps:
+        return f"is at step {ckpt['step']}, past train.steps {cfg.steps}"
+    own = model.state_dict()
+    theirs = ckpt.get("model", {})
+    if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
+        return "holds weights of another network layout"
+    return None
 
 
 def _read_log(path: Path, max_step: int) -> list[list[str]]:
@@ -154,11 +178,24 @@ def train(
     device: torch.device,
     tracker: Tracker | None = None,
     fid_fn: FidFn | None = None,
+    fid_id: str = "",
     log: Callable[[str], None] = print,
 ) -> TrainResult:
+    """Train, resuming from ``outputs.checkpoint`` when it was made by the same configuration.
+
+    ``fid_id`` names what the training-time FID is measured against (Inception weights and
+    reference statistics); when it changed since the checkpoint, the old FID curve is dropped.
+    """
+    expected = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise UserError(f"the data are {images.shape[1:]} images but the model expects {expected} "
+                        "(model.image_size, model.channels)")
+    if fid_fn is not None and cfg.fid_every and cfg.fid_sample_steps > diffusion_cfg.timesteps:
+        raise UserError(f"train.fid_sample_steps {cfg.fid_sample_steps} exceeds diffusion.timesteps "
+                        f"{diffusion_cfg.timesteps}")
     tracker = tracker or Tracker()
     diffusion = GaussianDiffusion(diffusion_cfg)
-    fp = fingerprint(model_cfg, diffusion_cfg, cfg, data_id)
+    fp = fingerprint(model_cfg, diffusion_cfg, cfg, data_id, device)
 
     torch.manual_seed(cfg.seed)
     model = UNet(model_cfg).to(device)
@@ -173,31 +210,36 @@ def train(
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     data = BatchSource(images, cfg.seed, device)
 
-    step = 0
+    step, keep_fids = 0, False
     if outputs.checkpoint.exists():
         ckpt = checkpoint.load(outputs.checkpoint)
-        if ckpt.get("fingerprint") == fp:
+        why_not = _why_not_resume(ckpt, fp, cfg, model)
+        if why_not is None:
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
-            noise_gen.set_state(ckpt["rng"]["noise"].cpu() if device.type == "cpu" else ckpt["rng"]["noise"])
+            noise_gen.set_state(ckpt["rng"]["noise"])
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and "cuda" in ckpt["rng"]:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
             step = int(ckpt["step"])
+            keep_fids = ckpt.get("fid_id", "") == fid_id
             log(f"resuming from {outputs.checkpoint} at step {step}")
+            if not keep_fids:
+                log("the FID reference or Inception weights changed: the training FID curve starts over")
         else:
-            log(f"{outputs.checkpoint} was made with other params or data: starting fresh")
+            log(f"{outputs.checkpoint} {why_not}: starting fresh")
     resumed_from = step
     if step >= cfg.steps and step > 0:
-        log(f"checkpoint is already at step {step} >= train.steps {cfg.steps}: nothing to train")
+        log(f"checkpoint is already at step {step} = train.steps: nothing to train")
 
-    fids = [(int(r[0]), float(r[1])) for r in _read_log(outputs.fid_log, step)] if step else []
+    fid_keep = step if step and keep_fids else None
+    fids = [(int(r[0]), float(r[1])) for r in _read_log(outputs.fid_log, fid_keep)] if fid_keep else []
     # The running loss shown and reported spans a resume.
     recent = [float(r[1]) for r in _read_log(outputs.loss_log, step)][-100:] if step else []
     loss_log = TsvLog(outputs.loss_log, ["step", "loss", "lr"], step if step else None)
-    fid_log = TsvLog(outputs.fid_log, ["step", "fid"], step if step else None)
+    fid_log = TsvLog(outputs.fid_log, ["step", "fid"], fid_keep)
 
     def save_checkpoint() -> None:
         rng = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state()}
@@ -209,7 +251,7 @@ def train(
         checkpoint.save(outputs.checkpoint, {
             **payload, "fingerprint": fp, "step": step, "model": model.state_dict(),
             "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng, "train_config": to_dict(cfg),
+            "rng": rng, "train_config": to_dict(cfg), "fid_id": fid_id,
         })
         checkpoint.save(outputs.ema, {**payload, "step": step, "ema": ema.state_dict()})
 
@@ -262,7 +304,6 @@ def train(
             # written, so an interruption during the FID cannot leave a gap in the curve.
             if fid_fn is not None and cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps):
                 run_fid()
-                model.train()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint()
             if cfg.sample_grid_every and step % cfg.sample_grid_every == 0 and tracker.mode != "disabled":
