@@ -71,4 +71,4 @@ def load_model(
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit the stored model config: {str(exc)[:200]}") from exc
     model.to(device).eval().requires_grad_(False)
-    return model, GaussianDiffusion(diffusion_cfg), ckpt
+    return model, GaussianDiffusion(diffusion_cfg).to(device), ckpt

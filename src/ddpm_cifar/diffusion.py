@@ -51,7 +51,11 @@ BETA_SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sig
 
 
 def _extract(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """a[t] for a batch of timesteps, shaped (B, 1, 1, 1) to broadcast against x."""
+    """a[t] for a batch of timesteps, shaped (B, 1, 1, 1) to broadcast against x.
+
+    ``a`` should already be on x's device (see :meth:`GaussianDiffusion.to`); moving it here
+    would cost a host-to-device copy at every call on a GPU.
+    """
     return a.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
@@ -84,6 +88,13 @@ class GaussianDiffusion:
             "pred_x0": w,
             "pred_v": w / (snr + 1),
         }[cfg.objective]
+
+    def to(self, device: torch.device | str) -> GaussianDiffusion:
+        """Move every per-timestep table (kept in float64) to ``device``; returns self."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
 
     # -- forward process ---------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def ddpm(
     recomputed from alpha_bar so the marginals of the visited timesteps are unchanged.
     """
     ts = spaced_timesteps(diffusion.num_timesteps, steps)
-    ac = diffusion.alphas_cumprod[ts]  # float64, (S,)
+    ac = diffusion.alphas_cumprod.cpu()[ts]  # float64, (S,); on the host: read as Python floats
     ac_prev = torch.cat((torch.ones(1, dtype=ac.dtype), ac[:-1]))
     betas = 1 - ac / ac_prev
     coef1 = betas * ac_prev.sqrt() / (1 - ac)

@@ -194,7 +194,7 @@ def train(
         raise UserError(f"train.fid_sample_steps {cfg.fid_sample_steps} exceeds diffusion.timesteps "
                         f"{diffusion_cfg.timesteps}")
     tracker = tracker or Tracker()
-    diffusion = GaussianDiffusion(diffusion_cfg)
+    diffusion = GaussianDiffusion(diffusion_cfg).to(device)
     fp = fingerprint(model_cfg, diffusion_cfg, cfg, data_id, device)
 
     torch.manual_seed(cfg.seed)
