@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ def main() -> None:
     with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images, seeds=np.asarray(seeds), config=json.dumps(to_dict(cfg)),
                  checkpoint_step=int(ckpt["step"]))
+    shutil.rmtree(args.partial, ignore_errors=True)  # the finished batches now live in --out
     save_grid(images[: cfg.grid_images], args.plots / "sample_grid.png")
     frames, timesteps = denoising_frames(model, diffusion, list(cfg.strip_seeds), frames=cfg.strip_frames,
                                          **common)
