@@ -306,3 +306,14 @@ def test_images_of_another_size_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="model.image_size"):
         train(tiny_model(), tiny_diffusion(), tiny_train(), images=np.zeros((4, 16, 16, 3), np.uint8),
               data_id="d", outputs=train_outputs(tmp_path), device=CPU)
+
+
+def test_a_finished_run_with_a_new_fid_reference_measures_its_final_weights(tmp_path: Path) -> None:
+    outputs = train_outputs(tmp_path)
+    cfg = tiny_train(steps=2, fid_every=1)
+    kw = dict(images=IMAGES, data_id="d", outputs=outputs, device=CPU, log=lambda _: None)
+    with one_thread():
+        train(tiny_model(), tiny_diffusion(), cfg, fid_fn=lambda m, d: 5.0, fid_id="old", **kw)
+        result = train(tiny_model(), tiny_diffusion(), cfg, fid_fn=lambda m, d: 1.0, fid_id="new", **kw)
+    assert result.resumed_from == 2 and result.fids == [(2, 1.0)]
+    assert _rows(outputs.fid_log) == ["step\tfid", "2\t1.0000"]

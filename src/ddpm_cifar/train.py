@@ -315,6 +315,8 @@ def train(
                                               model_cfg.image_size), device=device, progress=False)
                 tracker.log_images("samples", grid, step)
         if resumed_from == step:
+            if fid_fn is not None and cfg.fid_every and not fids:
+                run_fid()  # the curve was dropped for a new reference: measure the final weights
             save_checkpoint()  # nothing to train: rewrite ema.pt, which DVC removed before the rerun
     finally:
         bar.close()
