@@ -287,14 +287,20 @@ def test_lowering_steps_below_the_checkpoint_starts_fresh(tmp_path: Path) -> Non
     assert torch.load(again.outputs.ema, weights_only=True)["step"] == 2
 
 
-def test_a_new_fid_reference_restarts_the_fid_curve_but_not_training(tmp_path: Path) -> None:
+def _retrain_with_new_fid_reference(tmp_path: Path, second_steps: int) -> tuple[TrainResult, TrainOutputs]:
+    """Train 2 steps with FID 5.0 against reference "old", then again to ``second_steps`` against "new"."""
     outputs = train_outputs(tmp_path)
-    cfg = tiny_train(steps=2, fid_every=1)
     kw = dict(images=IMAGES, data_id="d", outputs=outputs, device=CPU, log=lambda _: None)
     with one_thread():
-        train(tiny_model(), tiny_diffusion(), cfg, fid_fn=lambda m, d: 5.0, fid_id="old", **kw)
-        result = train(tiny_model(), tiny_diffusion(), tiny_train(steps=3, fid_every=1),
+        train(tiny_model(), tiny_diffusion(), tiny_train(steps=2, fid_every=1),
+              fid_fn=lambda m, d: 5.0, fid_id="old", **kw)
+        result = train(tiny_model(), tiny_diffusion(), tiny_train(steps=second_steps, fid_every=1),
                        fid_fn=lambda m, d: 1.0, fid_id="new", **kw)
+    return result, outputs
+
+
+def test_a_new_fid_reference_restarts_the_fid_curve_but_not_training(tmp_path: Path) -> None:
+    result, outputs = _retrain_with_new_fid_reference(tmp_path, second_steps=3)
     assert result.resumed_from == 2
     assert result.fids == [(3, 1.0)]
     assert _rows(outputs.fid_log) == ["step\tfid", "3\t1.0000"]
@@ -309,11 +315,6 @@ def test_images_of_another_size_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_finished_run_with_a_new_fid_reference_measures_its_final_weights(tmp_path: Path) -> None:
-    outputs = train_outputs(tmp_path)
-    cfg = tiny_train(steps=2, fid_every=1)
-    kw = dict(images=IMAGES, data_id="d", outputs=outputs, device=CPU, log=lambda _: None)
-    with one_thread():
-        train(tiny_model(), tiny_diffusion(), cfg, fid_fn=lambda m, d: 5.0, fid_id="old", **kw)
-        result = train(tiny_model(), tiny_diffusion(), cfg, fid_fn=lambda m, d: 1.0, fid_id="new", **kw)
+    result, outputs = _retrain_with_new_fid_reference(tmp_path, second_steps=2)
     assert result.resumed_from == 2 and result.fids == [(2, 1.0)]
     assert _rows(outputs.fid_log) == ["step\tfid", "2\t1.0000"]

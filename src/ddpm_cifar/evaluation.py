@@ -13,6 +13,7 @@ from .diffusion import GaussianDiffusion
 from .errors import UserError
 from .fid import FidStats, InceptionInfo, compute_statistics, frechet_distance
 from .sampling import generate_images
+from .train import FidFn
 
 
 def reference_meta(name: str, n: int, data_meta: dict[str, Any], info: InceptionInfo) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def fid_of_images(images: np.ndarray, inception: torch.nn.Module, ref: FidStats,
 
 
 def training_fid_fn(inception: torch.nn.Module, ref: FidStats, *, n: int, steps: int, batch_size: int,
-                    shape: tuple[int, int, int], device: torch.device):  # noqa: ANN201
+                    shape: tuple[int, int, int], device: torch.device) -> FidFn:
     """FID of the EMA model during training: the same seeds 0..n-1 every time, for a smooth curve."""
     seeds = list(range(n))
 
