@@ -13,6 +13,7 @@ from factories import one_thread, tiny_diffusion, tiny_model
 from ddpm_cifar.diffusion import GaussianDiffusion
 from ddpm_cifar.errors import UserError
 from ddpm_cifar.sampling import (
+    FixedBatch,
     ImageNoise,
     ddpm,
     denoising_frames,
@@ -99,10 +100,33 @@ def test_an_image_is_the_same_alone_or_among_others(model: UNet, diffusion: Gaus
     np.testing.assert_array_equal(alone[0], among[SEEDS.index(13)])
     reordered = _generate(_pointwise, diffusion, [17, 13, 10], steps=7)
     np.testing.assert_array_equal(reordered, among[[7, 3, 0]])
-    # The same with the U-Net, up to the rounding of its batched matrix products.
+    # The same, bit for bit, with the U-Net: generate_images pads every network call to the same
+    # batch shape (FixedBatch), so its matrix products round the same way for 1 image or 8.
     among = _generate(model, diffusion, SEEDS, steps=7)
-    _assert_same_up_to_rounding(_generate(model, diffusion, [13], steps=7)[0], among[3])
-    _assert_same_up_to_rounding(_generate(model, diffusion, [17, 13, 10], steps=7), among[[7, 3, 0]])
+    np.testing.assert_array_equal(_generate(model, diffusion, [13], steps=7)[0], among[3])
+    np.testing.assert_array_equal(_generate(model, diffusion, [17, 13, 10], steps=7), among[[7, 3, 0]])
+
+
+def test_fixed_batch_calls_the_network_on_one_shape_only(model: UNet) -> None:
+    shapes: list[tuple[int, ...]] = []
+
+    def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(x.shape))
+        assert t.shape == x.shape[:1]
+        return model(x, t)
+
+    net = FixedBatch(recording, 4)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(10, 3, 8, 8, generator=g), torch.randint(0, 20, (10,), generator=g)
+    with torch.no_grad():
+        out = net(x, t)
+        assert out.shape == (10, 3, 8, 8)
+        assert set(shapes) == {(4, 3, 8, 8)} and len(shapes) == 3  # 4 + 4 + (2 padded to 4)
+        # Row i of the output belongs to input row i, wherever it sat in its padded chunk.
+        torch.testing.assert_close(out[8:], model(x[8:], t[8:]))
+        np.testing.assert_array_equal(net(x[3:4], t[3:4]).numpy(), out[3:4].numpy())
+    with pytest.raises(ValueError, match="at least 1"):
+        FixedBatch(model, 0)
 
 
 def test_different_seeds_give_different_images(model: UNet, diffusion: GaussianDiffusion) -> None:

@@ -2,8 +2,9 @@
 
 Randomness is per image: image i owns a generator seeded with its own seed, which draws its x_T
 and then its noise at every step, so image i gets the same noise whatever batch it is sampled in.
-The network's float arithmetic may still round differently at another batch size (BLAS picks
-kernels by shape), which can move a rare pixel by one uint8 level.
+The network's float arithmetic rounds differently at different batch shapes (BLAS and oneDNN
+pick kernels by shape), which can move a pixel by one uint8 level; :class:`FixedBatch` removes that
+by always calling the network on the same batch shape.
 """
 
 from __future__ import annotations
@@ -37,6 +38,31 @@ class ImageNoise:
         return torch.stack(
             [torch.randn(self.shape, generator=g, device=self.device) for g in self.generators]
         )
+
+
+class FixedBatch:
+    """The network called on batches of exactly ``size`` images, the last one padded.
+
+    Kernels are chosen by tensor shape, so a network called on 1 image and on 64 rounds
+    differently. With every call the same shape, image i's arithmetic is the same whatever else is
+    sampled beside it: same seed, same pixels, for any number of images (on the same device and
+    thread count). The padding rows repeat the last image and are dropped from the output.
+    """
+
+    def __init__(self, model: Model, size: int):
+        if size < 1:
+            raise ValueError(f"batch size must be at least 1, got {size}")
+        self.model = model
+        self.size = size
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        pad = -b % self.size
+        if pad:
+            x = torch.cat((x, x[-1:].expand(pad, *x.shape[1:])))  # (B + pad, C, H, W)
+            t = torch.cat((t, t[-1:].expand(pad)))
+        out = [self.model(xc, tc) for xc, tc in zip(x.split(self.size), t.split(self.size))]
+        return torch.cat(out)[:b]
 
 
 @dataclass(frozen=True)
@@ -155,10 +181,12 @@ def generate_images(
     first missing batch; ``cache_key`` identifies the run (model and settings) the batches belong to.
 
     With ``amp`` on CUDA the network runs under bf16 autocast; the sampler's own arithmetic
-    stays in float32.
+    stays in float32. The network always sees ``batch_size`` images (the last batch is padded), so
+    an image does not depend on how many others are sampled.
     """
     device = torch.device(device)
     use_amp = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    net = FixedBatch(model, batch_size)
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         key_file = cache_dir / "key.txt"
@@ -175,7 +203,7 @@ def generate_images(
                 images = np.load(shard)  # finished before an interruption
             else:
                 with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-                    x = final(run_sampler(sampler, model, diffusion, batch, shape=shape,
+                    x = final(run_sampler(sampler, net, diffusion, batch, shape=shape,
                                           steps=steps, device=device, clip_x0=clip_x0))
                 images = to_uint8(x)
                 if shard is not None:
