@@ -3,16 +3,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup quick paper test lint inception-random
+.PHONY: setup setup-browser quick paper test lint app inception-random
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,app]'
 	touch $@
 
 setup: $(VENV)/.installed
+
+setup-browser:        ## Debian's Chromium, for the app's browser test (as root, or through sudo)
+	command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+app: setup            ## the demo app on the pipeline's model, at http://127.0.0.1:7860
+	python -m ddpm_cifar.app --checkpoint models/ema.pt
 
 quick: setup          ## the whole DAG at CPU size on real CIFAR-10 (~15 min on 2 cores)
 	bash scripts/quick_run.sh $(SOURCE)

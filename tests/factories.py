@@ -53,3 +53,17 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def save_tiny_checkpoint(path: Path, *, seed: int = 0, step: int = 7, model: dict | None = None,
+                         diffusion: dict | None = None) -> Path:
+    """A checkpoint in the format training writes (EMA weights only), with random weights."""
+    from ddpm_cifar import checkpoint
+    from ddpm_cifar.unet import UNet
+
+    model_cfg, diffusion_cfg = tiny_model(**(model or {})), tiny_diffusion(**(diffusion or {}))
+    torch.manual_seed(seed)
+    net = UNet(model_cfg)
+    checkpoint.save(path, {**checkpoint.model_payload(model_cfg, diffusion_cfg), "step": step,
+                           "ema": net.state_dict()})
+    return path

@@ -1,0 +1,159 @@
+"""Gradio app over trained checkpoints: ``python -m ddpm_cifar.app --checkpoint models/ema.pt``.
+
+Generates a grid of samples, the denoising progression of the first image, and a PNG download;
+with ``--compare OTHER.pt`` a second model samples the same seeds beside the first. It binds
+127.0.0.1 unless told otherwise and makes no public link unless ``--share`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import torch
+
+from .cli import default_device, run
+from .demo import MAX_IMAGES, MAX_SEED, Demo, Progress, Result, load_demo_model, strip_image
+from .errors import UserError
+from .plots import image_grid, save_png
+from .sampling import SAMPLERS
+
+# 32x32 samples are shown enlarged to fill their box, as blocky pixels rather than the browser's blur.
+CSS = ".pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
+# System fonts: the default theme would fetch web fonts, which fails offline.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "monospace"])
+DEFAULT_STEPS = 50
+
+
+def _status(ev: Progress, n_models: int) -> str:
+    which = f"model {ev.model + 1} of {n_models}, " if n_models > 1 else ""
+    eta = f", about {ev.eta:.0f} s left" if ev.eta is not None else ""
+    return (f'<progress value="{ev.done:.4f}" max="1" style="width: 100%"></progress><br>'
+            f"Sampling: {which}step {ev.step}/{ev.steps} · {ev.elapsed:.1f} s{eta}")
+
+
+class Handlers:
+    """The app's event handlers, plain functions of the UI's values (testable without a browser)."""
+
+    def __init__(self, demo: Demo, out_dir: Path):
+        self.demo = demo
+        self.out_dir = out_dir
+
+    def generate(self, n: object, sampler: object, steps: object, seed: object) -> Iterator[dict[str, Any]]:
+        """Yields dicts keyed by output name: 'status' (HTML with a progress bar while sampling),
+        and per model i 'grid{i}', 'strip{i}' and 'png{i}' (the grid saved as a PNG file).
+        Bad values raise :class:`UserError`."""
+        req = self.demo.check(n, sampler, steps, seed)
+        n_models = len(self.demo.models)
+        for ev in self.demo.generate(req):
+            if isinstance(ev, Progress):
+                out: dict[str, Any] = {"status": _status(ev, n_models)}
+                if ev.preview is not None:
+                    out[f"grid{ev.model}"] = ev.preview
+                yield out
+            else:
+                yield self._result(ev, req.seed)
+        yield {"status": f"Done: {req.n} image(s) per model, seeds {req.seed}–{req.seed + req.n - 1}, "
+                         f"{req.sampler} with {req.steps} steps."}
+
+    def _result(self, ev: Result, seed: int) -> dict[str, Any]:
+        grid = image_grid(ev.images)
+        name = f"samples-model{ev.model + 1}-seed{seed}-n{len(ev.images)}.png"
+        png = self.out_dir / uuid.uuid4().hex / name  # a folder per request: names may repeat
+        save_png(grid, png)
+        return {f"grid{ev.model}": grid, f"strip{ev.model}": strip_image(ev), f"png{ev.model}": png}
+
+
+def _ui_value(name: str, value: Any) -> Any:
+    # The download button starts disabled, with nothing to download, until a grid exists.
+    return gr.DownloadButton(value=value, interactive=True) if name.startswith("png") else value
+
+
+def build_app(demo: Demo, out_dir: Path | None = None) -> gr.Blocks:
+    """The app's layout and wiring; ``launch`` it with :data:`CSS` and :data:`THEME`."""
+    handlers = Handlers(demo, Path(out_dir or tempfile.mkdtemp(prefix="ddpm-cifar-app-")))
+    outputs: dict[str, Any] = {}
+    with gr.Blocks(title="DDPM on CIFAR-10", analytics_enabled=False) as blocks:
+        gr.Markdown("## DDPM on CIFAR-10\nImage *i* is sampled from seed + *i*: the same seed gives the "
+                    "same pictures whatever the number of images.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                # Number boxes, not sliders: a slider silently clamps a typed value, while an
+                # out-of-range value should be refused with a message (Handlers.generate does).
+                n = gr.Number(16, label=f"Number of images (1 to {MAX_IMAGES})", elem_id="n-images")
+                sampler = gr.Dropdown(list(SAMPLERS), value=next(iter(SAMPLERS)), label="Sampler",
+                                      elem_id="sampler")
+                steps = gr.Number(min(DEFAULT_STEPS, demo.max_steps), elem_id="steps",
+                                  label=f"Sampling steps (1 to {demo.max_steps})")
+                seed = gr.Number(0, label=f"Seed (0 to {MAX_SEED}); image i uses seed + i", elem_id="seed")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                outputs["status"] = gr.HTML("Ready.", elem_id="status")
+            for i, dm in enumerate(demo.models):
+                with gr.Column(scale=2):
+                    gr.Markdown(f"**{dm.label}**")
+                    outputs[f"grid{i}"] = gr.Image(label="Samples", format="png", interactive=False,
+                                                   height=460, elem_id=f"grid{i}", elem_classes=["pixelated"])
+                    outputs[f"strip{i}"] = gr.Image(label="Denoising of the first image: x_T → x_0",
+                                                    format="png", interactive=False, height=200,
+                                                    elem_id=f"strip{i}",
+                                                    elem_classes=["pixelated"])
+                    outputs[f"png{i}"] = gr.DownloadButton("Download grid (PNG)", elem_id=f"download{i}",
+                                                           interactive=False)
+
+        def on_generate(n_: object, sampler_: object, steps_: object,
+                        seed_: object) -> Iterator[dict[Any, Any]]:
+            try:
+                for out in handlers.generate(n_, sampler_, steps_, seed_):
+                    yield {outputs[name]: _ui_value(name, value) for name, value in out.items()}
+            except UserError as exc:
+                raise gr.Error(str(exc)) from None
+
+        event = go.click(on_generate, inputs=[n, sampler, steps, seed], outputs=list(outputs.values()),
+                         concurrency_limit=1, show_progress="hidden")
+        stop.click(lambda: "Stopped.", outputs=outputs["status"], cancels=[event], queue=False)
+    return blocks
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m ddpm_cifar.app", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint the pipeline wrote")
+    ap.add_argument("--compare", type=Path, help="a second checkpoint; it samples the same seeds")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    ap.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    ap.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--micro-batch", type=int,
+                    help="images per network call (default: 8 on CPU, 64 on CUDA); images are "
+                         "reproducible for a fixed value on the same device")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available")
+    micro_batch = args.micro_batch or (64 if device.type == "cuda" else 8)
+    if micro_batch < 1:
+        raise UserError(f"--micro-batch must be at least 1, got {micro_batch}")
+    paths = [args.checkpoint] + ([args.compare] if args.compare else [])
+    models = [load_demo_model(p, device) for p in paths]
+    demo = Demo(models, device=device, micro_batch=micro_batch)
+    blocks = build_app(demo)
+    try:
+        blocks.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                              css=CSS, theme=THEME, footer_links=[])
+    except OSError as exc:
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
+
+
+if __name__ == "__main__":
+    run(main)

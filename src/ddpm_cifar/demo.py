@@ -1,0 +1,180 @@
+"""The interactive demo's engine, apart from its UI: models loaded once, requests checked, and
+sampling reported as a stream of events (progress, then each model's result).
+
+Image i of a request with seed s is sampled from seed s + i, and the network always sees batches
+of the same shape (:class:`~ddpm_cifar.sampling.FixedBatch`), so image i is the same pixels
+whether 1 or 100 images are asked for. With two models, both sample from the same seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .diffusion import GaussianDiffusion
+from .errors import UserError
+from .plots import image_grid
+from .sampling import SAMPLERS, FixedBatch, run_sampler, to_uint8
+from .unet import UNet
+
+MAX_IMAGES = 100
+MAX_SEED = 2**31 - 1  # exact in a browser's float64 numbers, with room for seed + i
+STRIP_FRAMES = 20
+STRIP_ROW = 10  # frames per row of the strip: 20 frames of 32 px in one row are too small to see
+PREVIEWS = 10  # about this many live previews of the grid while sampling
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model loaded once at start-up, rebuilt from the config its checkpoint carries."""
+
+    path: Path
+    model: UNet
+    diffusion: GaussianDiffusion
+    step: int  # the training step the weights are from
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        cfg = self.model.config
+        return (cfg.channels, cfg.image_size, cfg.image_size)
+
+    @property
+    def label(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return f"{self.path.name} · step {self.step:,} · {n / 1e6:.2f}M parameters"
+
+
+def load_demo_model(path: str | Path, device: torch.device | str) -> DemoModel:
+    """Load EMA weights; a missing, foreign or mismatched file is a one-line :class:`UserError`."""
+    model, diffusion, ckpt = checkpoint.load_model(path, device)
+    return DemoModel(Path(path), model, diffusion, int(ckpt.get("step", 0)))
+
+
+@dataclass(frozen=True)
+class Request:
+    n: int
+    sampler: str
+    steps: int
+    seed: int
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n)]
+
+
+@dataclass(frozen=True)
+class Progress:
+    model: int  # index of the model sampling now
+    step: int  # steps done by that model, 0..steps
+    steps: int
+    done: float  # fraction of the whole request done, 0..1
+    elapsed: float  # seconds since the request started
+    preview: np.ndarray | None  # uint8 grid of the current states, on some steps only
+
+    @property
+    def eta(self) -> float | None:
+        return self.elapsed * (1 - self.done) / self.done if self.done > 0 else None
+
+
+@dataclass(frozen=True)
+class Result:
+    model: int
+    images: np.ndarray  # uint8 (N, H, W, C)
+    strip: np.ndarray  # uint8 (F, H, W, C): image 0 from x_T (first) to x_0 (last)
+    strip_timesteps: list[int]  # the timestep of each frame, -1 for x_0
+
+
+def _whole(value: object, name: str, lo: int, hi: int) -> int:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserError(f"{name} is empty: give a whole number from {lo} to {hi}")
+    try:
+        number = float(value) if not isinstance(value, Real) else value
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise UserError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+    if not lo <= int(number) <= hi:
+        raise UserError(f"{name} must be from {lo} to {hi}, got {int(number)}")
+    return int(number)
+
+
+class Demo:
+    """Samples a request with every loaded model, from the same seeds."""
+
+    def __init__(self, models: Sequence[DemoModel], *, device: torch.device | str, micro_batch: int,
+                 amp: bool = True):
+        if not models:
+            raise ValueError("the demo needs at least one model")
+        self.models = list(models)
+        self.device = torch.device(device)
+        self.micro_batch = micro_batch
+        self.amp = amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    @property
+    def max_steps(self) -> int:
+        """Steps are shared by all models, so at most the shortest chain."""
+        return min(m.diffusion.num_timesteps for m in self.models)
+
+    def check(self, n: object, sampler: object, steps: object, seed: object) -> Request:
+        """Turn raw UI values into a :class:`Request`; out-of-range values are a :class:`UserError`."""
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        return Request(
+            n=_whole(n, "number of images", 1, MAX_IMAGES),
+            sampler=str(sampler),
+            steps=_whole(steps, "steps", 1, self.max_steps),
+            seed=_whole(seed, "seed", 0, MAX_SEED),
+        )
+
+    def _network(self, dm: DemoModel) -> FixedBatch:
+        def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # Grad mode and autocast are per thread, and a UI may resume this generator on another
+            # thread between steps, so both are entered per call, not around the whole chain.
+            with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+                return dm.model(x, t)
+
+        return FixedBatch(call, self.micro_batch)
+
+    def generate(self, req: Request) -> Iterator[Progress | Result]:
+        """Sample ``req`` with each model in turn: a :class:`Progress` after every step, and a
+        :class:`Result` when a model finishes. Stop iterating to cancel."""
+        start = time.perf_counter()
+        total = len(self.models) * req.steps
+        preview_every = max(1, req.steps // PREVIEWS)
+        n_frames = min(STRIP_FRAMES, req.steps + 1)  # x_T plus one state per step
+        frame_at = {int(round(i)) for i in np.linspace(0, req.steps, n_frames)}
+        for m, dm in enumerate(self.models):
+            frames: list[np.ndarray] = []
+            frame_t: list[int] = []
+            x = None
+            for s in run_sampler(req.sampler, self._network(dm), dm.diffusion, req.seeds, shape=dm.shape,
+                                 steps=req.steps, device=self.device):
+                x = s.x
+                if s.index in frame_at:
+                    frames.append(to_uint8(s.x[:1])[0])
+                    frame_t.append(s.t)
+                if s.index == 0:
+                    continue
+                last = s.index == req.steps
+                preview = image_grid(to_uint8(s.x)) if s.index % preview_every == 0 and not last else None
+                yield Progress(m, s.index, req.steps, (m * req.steps + s.index) / total,
+                               time.perf_counter() - start, preview)
+            assert x is not None
+            yield Result(m, to_uint8(x), np.stack(frames), frame_t)
+
+    def images(self, req: Request) -> list[np.ndarray]:
+        """Every model's final images for ``req``, uint8 (N, H, W, C) each."""
+        return [ev.images for ev in self.generate(req) if isinstance(ev, Result)]
+
+
+def strip_image(result: Result) -> np.ndarray:
+    """The denoising frames of image 0 in reading order, x_T first (top left)."""
+    return image_grid(result.strip, nrow=min(STRIP_ROW, len(result.strip)))

@@ -1,0 +1,302 @@
+"""Tests for the demo app without a browser: the engine (ddpm_cifar.demo), the handlers, the Blocks
+layout and the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from factories import one_thread, save_tiny_checkpoint, tiny_model
+from PIL import Image
+
+from ddpm_cifar import app, checkpoint
+from ddpm_cifar.demo import MAX_IMAGES, Demo, DemoModel, Progress, Result, load_demo_model
+from ddpm_cifar.errors import UserError
+from ddpm_cifar.plots import image_grid
+
+MICRO_BATCH = 8  # the app's default on CPU
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return (save_tiny_checkpoint(root / "a.pt", seed=0, step=11),
+            save_tiny_checkpoint(root / "b.pt", seed=1, step=22))
+
+
+def _demo(*paths: Path) -> Demo:
+    return Demo([load_demo_model(p, "cpu") for p in paths], device="cpu", micro_batch=MICRO_BATCH)
+
+
+@pytest.fixture(scope="module")
+def demo(ckpts: tuple[Path, Path]) -> Demo:
+    return _demo(ckpts[0])
+
+
+def _images(demo: Demo, n: int, seed: int, steps: int = 4, sampler: str = "ddpm") -> np.ndarray:
+    (images,) = demo.images(demo.check(n, sampler, steps, seed))
+    return images
+
+
+# -- same seeds, same pictures --------------------------------------------------------------------
+
+def test_same_seed_gives_the_same_images(demo: Demo) -> None:
+    first = _images(demo, 5, seed=42)
+    assert first.shape == (5, 8, 8, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(_images(demo, 5, seed=42), first)
+    other = _images(demo, 5, seed=43)
+    # Image i uses seed + i, so seed 43 shifts the images by one, and gives one new image.
+    np.testing.assert_array_equal(other[:4], first[1:])
+    assert np.abs(other[4].astype(int) - first[0]).mean() > 5
+
+
+def test_image_i_does_not_depend_on_the_number_of_images(demo: Demo) -> None:
+    """The study's problem: its pictures changed with the batch size. Here image i with seed s is
+    the same pixels whether 1, 7 or 64 images are asked for."""
+    many = _images(demo, 64, seed=1000)
+    np.testing.assert_array_equal(_images(demo, 1, seed=1000)[0], many[0])
+    np.testing.assert_array_equal(_images(demo, 7, seed=1000), many[:7])
+    for i in (13, 40, 63):
+        np.testing.assert_array_equal(_images(demo, 1, seed=1000 + i)[0], many[i], err_msg=f"image {i}")
+
+
+def test_the_network_only_ever_sees_one_batch_shape(ckpts: tuple[Path, Path]) -> None:
+    demo = _demo(ckpts[0])
+    shapes: set[tuple[int, ...]] = set()
+    net = demo.models[0].model
+    hook = net.register_forward_pre_hook(lambda _m, args: shapes.add(tuple(args[0].shape)))
+    try:
+        for n in (1, 3, 9):
+            _images(demo, n, seed=0, steps=2)
+    finally:
+        hook.remove()
+    assert shapes == {(MICRO_BATCH, 3, 8, 8)}
+
+
+def test_two_models_sample_from_the_same_seeds(ckpts: tuple[Path, Path]) -> None:
+    pair = _demo(*ckpts)
+    req = pair.check(4, "ddpm", 5, 7)
+    results = [ev for ev in pair.generate(req) if isinstance(ev, Result)]
+    assert [r.model for r in results] == [0, 1]
+    a, b = results
+    # Same starting noise x_T (frame 0 of the strip), different weights, so different pictures.
+    np.testing.assert_array_equal(a.strip[0], b.strip[0])
+    assert np.abs(a.images.astype(int) - b.images).mean() > 5
+    # Each model's images are the ones it gives on its own.
+    np.testing.assert_array_equal(a.images, _images(_demo(ckpts[0]), 4, seed=7, steps=5))
+    np.testing.assert_array_equal(b.images, _images(_demo(ckpts[1]), 4, seed=7, steps=5))
+
+
+def test_progress_events_and_the_denoising_strip(demo: Demo) -> None:
+    events = list(demo.generate(demo.check(3, "ddpm", 10, 0)))
+    progress = [ev for ev in events if isinstance(ev, Progress)]
+    assert [p.step for p in progress] == list(range(1, 11))
+    dones = [p.done for p in progress]
+    assert dones == sorted(dones) and dones[-1] == 1.0 and progress[-1].eta == 0
+    assert any(p.preview is not None for p in progress)
+    preview = next(p.preview for p in progress if p.preview is not None)
+    assert preview.shape == image_grid(np.zeros((3, 8, 8, 3), np.uint8)).shape
+    (result,) = [ev for ev in events if isinstance(ev, Result)]
+    assert isinstance(events[-1], Result)
+    assert result.strip.shape == (11, 8, 8, 3)  # x_T plus 10 steps, fewer than 20 frames
+    assert result.strip_timesteps[0] == 20 and result.strip_timesteps[-1] == -1
+    np.testing.assert_array_equal(result.strip[-1], result.images[0])
+    long = [ev for ev in demo.generate(demo.check(1, "ddpm", 20, 0)) if isinstance(ev, Result)][0]
+    assert long.strip.shape[0] == 20
+
+
+def test_stopping_the_generator_stops_the_sampling(ckpts: tuple[Path, Path]) -> None:
+    demo = _demo(ckpts[0])
+    calls = 0
+
+    def count(_m: Any, _args: Any) -> None:
+        nonlocal calls
+        calls += 1
+
+    hook = demo.models[0].model.register_forward_pre_hook(count)
+    try:
+        gen = demo.generate(demo.check(16, "ddpm", 20, 0))
+        for _ in range(3):
+            next(gen)
+        gen.close()  # what the app's Stop button does to its handler
+    finally:
+        hook.remove()
+    assert calls == 3 * 2  # three steps of two network calls (16 images, 8 per call), then nothing
+
+
+# -- bad values are refused with a message ---------------------------------------------------------
+
+@pytest.mark.parametrize(("n", "sampler", "steps", "seed", "match"), [
+    (0, "ddpm", 5, 0, r"number of images must be from 1 to 100, got 0"),
+    (MAX_IMAGES + 1, "ddpm", 5, 0, r"number of images must be from 1 to 100"),
+    (2.5, "ddpm", 5, 0, r"number of images must be a whole number"),
+    (None, "ddpm", 5, 0, r"number of images is empty"),
+    (float("nan"), "ddpm", 5, 0, r"number of images must be a whole number"),
+    (2, "ddpm", 0, 0, r"steps must be from 1 to 20, got 0"),
+    (2, "ddpm", 21, 0, r"steps must be from 1 to 20"),
+    (2, "ddpm", 5, -1, r"seed must be from 0 to 2147483647, got -1"),
+    (2, "ddpm", 5, 2**31, r"seed must be from 0"),
+    (2, "euler", 5, 0, r"unknown sampler 'euler'; choose one of: ddpm"),
+])
+def test_out_of_range_values_are_refused(demo: Demo, n: object, sampler: object, steps: object,
+                                         seed: object, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        demo.check(n, sampler, steps, seed)
+
+
+def test_whole_floats_from_the_ui_are_accepted(demo: Demo) -> None:
+    req = demo.check(4.0, "ddpm", 5.0, "12")
+    assert (req.n, req.steps, req.seed) == (4, 5, 12) and req.seeds == [12, 13, 14, 15]
+
+
+def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Path]) -> None:
+    blocks = app.build_app(_demo(ckpts[0]))
+    fn = next(d for d in blocks.fns.values() if d.name == "on_generate").fn
+    with pytest.raises(gr.Error, match="number of images must be from 1 to 100, got 500"):
+        list(fn(500, "ddpm", 5, 0))
+    # The app is still usable afterwards.
+    assert list(fn(2, "ddpm", 2, 0))
+
+
+# -- the handlers as the UI calls them -------------------------------------------------------------
+
+def test_generate_handler_outputs(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
+    handlers = app.Handlers(_demo(*ckpts), tmp_path)
+    outs = list(handlers.generate(6, "ddpm", 5, 3))
+    assert all("status" in o for o in outs[:5]) and "step 5/5" in outs[4]["status"]
+    assert "<progress" in outs[0]["status"]
+    final: dict[str, Any] = {}
+    for o in outs:
+        final.update(o)
+    assert final["status"].startswith("Done: 6 image(s) per model, seeds 3–8")
+    for i in (0, 1):
+        grid = final[f"grid{i}"]
+        assert grid.shape == (2 * 10 + 2, 3 * 10 + 2, 3)  # 6 images of 8 px: 3 per row, 2 px gaps
+        png = Path(final[f"png{i}"])
+        assert png.suffix == ".png" and png.is_relative_to(tmp_path)
+        np.testing.assert_array_equal(np.asarray(Image.open(png)), grid)
+        assert final[f"strip{i}"].shape == (1 * 10 + 2, 6 * 10 + 2, 3)  # x_T + 5 steps: one row of 6
+    # The grid's first cell is image 0, the same one a single-image request gives.
+    single = dict(kv for o in handlers.generate(1, "ddpm", 5, 3) for kv in o.items())
+    np.testing.assert_array_equal(single["grid0"][2:10, 2:10], final["grid0"][2:10, 2:10])
+
+
+def test_blocks_build_without_launching(ckpts: tuple[Path, Path]) -> None:
+    blocks = app.build_app(_demo(*ckpts))
+    assert isinstance(blocks, gr.Blocks) and not blocks.is_running
+    ids = {b.elem_id for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+    assert {"n-images", "sampler", "steps", "seed", "generate", "stop", "status"} <= ids
+    assert {"grid0", "grid1", "strip0", "strip1", "download0", "download1"} <= ids
+    deps = blocks.config["dependencies"]
+    gen = next(d for d in deps if d["api_name"] == "on_generate")
+    assert len(gen["inputs"]) == 4 and len(gen["outputs"]) == 7  # status + 3 per model
+    stop = next(d for d in deps if d["cancels"])
+    assert gen["id"] in stop["cancels"]
+    sampler = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "sampler")
+    assert [c[0] for c in sampler.choices] == ["ddpm"]
+
+
+# -- start-up --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Record what main() would launch, without serving."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_launch(self: gr.Blocks, **kwargs: Any) -> None:
+        calls.append({"blocks": self, **kwargs})
+
+    monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
+    return calls
+
+
+def test_binds_localhost_without_a_share_link_by_default(ckpts: tuple[Path, Path],
+                                                         launched: list[dict[str, Any]]) -> None:
+    app.main(["--checkpoint", str(ckpts[0])])
+    (call,) = launched
+    assert call["server_name"] == "127.0.0.1" and call["server_port"] == 7860 and call["share"] is False
+    app.main(["--checkpoint", str(ckpts[0]), "--host", "0.0.0.0", "--port", "9001", "--share"])
+    second = launched[1]
+    assert (second["server_name"], second["server_port"], second["share"]) == ("0.0.0.0", 9001, True)
+
+
+def test_models_load_once_from_their_own_config(ckpts: tuple[Path, Path], launched: list[dict[str, Any]],
+                                                monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A params.yaml describing another network, in the working directory: it must be ignored.
+    (tmp_path / "params.yaml").write_text("model:\n  dim: 128\n  dim_mults: [1, 2, 2, 2]\n")
+    monkeypatch.chdir(tmp_path)
+    loads = 0
+    real_load = torch.load
+
+    def counting_load(*args: Any, **kwargs: Any) -> Any:
+        nonlocal loads
+        loads += 1
+        assert kwargs.get("weights_only") is True
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", counting_load)
+    built: list[Demo] = []
+    real_build = app.build_app
+    monkeypatch.setattr(app, "build_app", lambda demo: built.append(demo) or real_build(demo))
+    app.main(["--checkpoint", str(ckpts[0]), "--compare", str(ckpts[1])])
+    assert loads == 2
+    (demo,) = built
+    assert [m.model.config for m in demo.models] == [tiny_model(), tiny_model()]
+    assert [m.step for m in demo.models] == [11, 22]
+    demo.images(demo.check(2, "ddpm", 2, 0))
+    demo.images(demo.check(3, "ddpm", 2, 5))
+    assert loads == 2  # sampling never reloads
+
+
+def _foreign_state_dict(path: Path) -> Path:
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, path)  # e.g. another project's checkpoint
+    return path
+
+
+def _mismatched(path: Path, ckpts: tuple[Path, Path]) -> Path:
+    ckpt = checkpoint.load(ckpts[0])
+    ckpt["model_config"] = {**ckpt["model_config"], "dim": 32}  # config of another architecture
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda p, c: p, r"not found"),
+    (lambda p, c: (p.write_bytes(b"not a checkpoint at all"), p)[1], r"is not a readable checkpoint"),
+    (lambda p, c: _foreign_state_dict(p), r"is not a ddpm_cifar.checkpoint/1 checkpoint"),
+    (_mismatched, r"weights do not fit the stored model config"),
+])
+def test_bad_checkpoints_are_one_message_at_start_up(ckpts: tuple[Path, Path], tmp_path: Path,
+                                                      launched: list[dict[str, Any]], make: Any,
+                                                      match: str) -> None:
+    bad = make(tmp_path / "bad.pt", ckpts)
+    with pytest.raises(UserError, match=match):
+        app.main(["--checkpoint", str(ckpts[0]), "--compare", str(bad)])
+    assert not launched
+
+
+def test_command_line_error_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ddpm_cifar.app", "--checkpoint", str(tmp_path / "nope.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: checkpoint {tmp_path / 'nope.pt'} not found"
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_demo_model_label(ckpts: tuple[Path, Path]) -> None:
+    dm = load_demo_model(ckpts[1], "cpu")
+    assert isinstance(dm, DemoModel) and dm.shape == (3, 8, 8)
+    assert dm.label.startswith("b.pt · step 22 · 0.")
