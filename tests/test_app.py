@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -17,7 +21,7 @@ from factories import one_thread, save_tiny_checkpoint, tiny_model
 from PIL import Image
 
 from ddpm_cifar import app, checkpoint
-from ddpm_cifar.demo import MAX_IMAGES, Demo, DemoModel, Progress, Result, load_demo_model
+from ddpm_cifar.demo import MAX_IMAGES, Demo, DemoModel, Progress, Result, TorchWorker, load_demo_model
 from ddpm_cifar.errors import UserError
 from ddpm_cifar.plots import image_grid
 
@@ -118,7 +122,7 @@ def test_progress_events_and_the_denoising_strip(demo: Demo) -> None:
     assert long.strip.shape[0] == 20
 
 
-def test_stopping_the_generator_stops_the_sampling(ckpts: tuple[Path, Path]) -> None:
+def test_closing_the_demo_generator_stops_the_sampling(ckpts: tuple[Path, Path]) -> None:
     demo = _demo(ckpts[0])
     calls = 0
 
@@ -131,10 +135,74 @@ def test_stopping_the_generator_stops_the_sampling(ckpts: tuple[Path, Path]) -> 
         gen = demo.generate(demo.check(16, "ddpm", 20, 0))
         for _ in range(3):
             next(gen)
-        gen.close()  # what the app's Stop button does to its handler
+        gen.close()
     finally:
         hook.remove()
     assert calls == 3 * 2  # three steps of two network calls (16 images, 8 per call), then nothing
+
+
+def test_torch_worker_runs_sampling_on_one_thread_and_stops_when_closed(ckpts: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    worker = TorchWorker()
+    dm = worker.call(load_demo_model, ckpts[0], "cpu")
+    demo = Demo([dm], device="cpu", micro_batch=MICRO_BATCH)
+    threads: set[int] = set()
+    calls = 0
+
+    def record(_m: Any, _args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        threads.add(threading.get_ident())
+
+    hook = dm.model.register_forward_pre_hook(record)
+    try:
+        handlers = app.Handlers(demo, tmp_path, worker=worker, update_every=0)
+        # Gradio resumes a handler on whichever pool thread is free: do the same.
+        with ThreadPoolExecutor(4) as pool:
+            gen = handlers.generate(3, "ddpm", 5, 0)
+            outs = []
+            while (out := pool.submit(next, gen, None).result()) is not None:
+                outs.append(out)
+        assert outs[-1]["status"].startswith("Done")
+        assert len(threads) == 1 and threading.get_ident() not in threads
+        np.testing.assert_array_equal(outs[-2]["grid0"], image_grid(_images(demo, 3, seed=0, steps=5)))
+
+        # Stop: the request ends after its current step with a "Stopped." status, and the worker
+        # thread stops sampling. Another session's Stop does not touch it.
+        calls = 0
+        gen = handlers.generate(16, "ddpm", 20, 0, session="alice")
+        assert "step 1/20" in next(gen)["status"]
+        handlers.stop("bob")
+        assert "step 2/20" in next(gen)["status"]
+        handlers.stop("alice")
+        assert list(gen) == [{"status": "Stopped."}]
+        time.sleep(0.5)
+        stopped_at = calls
+        time.sleep(0.5)
+        assert calls == stopped_at < 20 * 2  # stopped, well before the 20 steps of 2 calls each
+
+        # Closing the handler (the page went away) stops the worker too.
+        calls = 0
+        gen = handlers.generate(16, "ddpm", 20, 0)
+        next(gen)
+        gen.close()
+        time.sleep(0.5)
+        stopped_at = calls
+        time.sleep(0.5)
+        assert calls == stopped_at < 20 * 2
+    finally:
+        hook.remove()
+
+
+def test_torch_worker_passes_errors_on() -> None:
+    def failing() -> Iterator[int]:
+        yield 1
+        raise UserError("boom")
+
+    it = TorchWorker().iterate(failing)
+    assert next(it) == 1
+    with pytest.raises(UserError, match="boom"):
+        next(it)
 
 
 # -- bad values are refused with a message ---------------------------------------------------------
@@ -165,16 +233,17 @@ def test_whole_floats_from_the_ui_are_accepted(demo: Demo) -> None:
 def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Path]) -> None:
     blocks = app.build_app(_demo(ckpts[0]))
     fn = next(d for d in blocks.fns.values() if d.name == "on_generate").fn
+    request = SimpleNamespace(session_hash="s1")  # what Gradio passes as gr.Request
     with pytest.raises(gr.Error, match="number of images must be from 1 to 100, got 500"):
-        list(fn(500, "ddpm", 5, 0))
+        list(fn(500, "ddpm", 5, 0, request))
     # The app is still usable afterwards.
-    assert list(fn(2, "ddpm", 2, 0))
+    assert list(fn(2, "ddpm", 2, 0, request))
 
 
 # -- the handlers as the UI calls them -------------------------------------------------------------
 
 def test_generate_handler_outputs(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
-    handlers = app.Handlers(_demo(*ckpts), tmp_path)
+    handlers = app.Handlers(_demo(*ckpts), tmp_path, update_every=0)
     outs = list(handlers.generate(6, "ddpm", 5, 3))
     assert all("status" in o for o in outs[:5]) and "step 5/5" in outs[4]["status"]
     assert "<progress" in outs[0]["status"]
@@ -194,6 +263,15 @@ def test_generate_handler_outputs(ckpts: tuple[Path, Path], tmp_path: Path) -> N
     np.testing.assert_array_equal(single["grid0"][2:10, 2:10], final["grid0"][2:10, 2:10])
 
 
+def test_progress_updates_are_rate_limited(demo: Demo, tmp_path: Path) -> None:
+    outs = list(app.Handlers(demo, tmp_path, update_every=3600).generate(2, "ddpm", 10, 0))
+    # The first step (an hour is not yet up), the last step, the result, and "Done".
+    assert ["step 1/10" in o["status"] for o in outs[:2]] == [True, False]
+    assert "step 10/10" in outs[1]["status"]
+    assert set(outs[2]) == {"grid0", "strip0", "png0"} and outs[3]["status"].startswith("Done")
+    assert len(outs) == 4
+
+
 def test_blocks_build_without_launching(ckpts: tuple[Path, Path]) -> None:
     blocks = app.build_app(_demo(*ckpts))
     assert isinstance(blocks, gr.Blocks) and not blocks.is_running
@@ -203,8 +281,8 @@ def test_blocks_build_without_launching(ckpts: tuple[Path, Path]) -> None:
     deps = blocks.config["dependencies"]
     gen = next(d for d in deps if d["api_name"] == "on_generate")
     assert len(gen["inputs"]) == 4 and len(gen["outputs"]) == 7  # status + 3 per model
-    stop = next(d for d in deps if d["cancels"])
-    assert gen["id"] in stop["cancels"]
+    stop = next(d for d in deps if d["api_name"] == "on_stop")
+    assert stop["queue"] is False  # runs at once, beside the request it stops
     sampler = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "sampler")
     assert [c[0] for c in sampler.choices] == ["ddpm"]
 
@@ -250,7 +328,7 @@ def test_models_load_once_from_their_own_config(ckpts: tuple[Path, Path], launch
     monkeypatch.setattr(checkpoint.torch, "load", counting_load)
     built: list[Demo] = []
     real_build = app.build_app
-    monkeypatch.setattr(app, "build_app", lambda demo: built.append(demo) or real_build(demo))
+    monkeypatch.setattr(app, "build_app", lambda demo, **kw: built.append(demo) or real_build(demo, **kw))
     app.main(["--checkpoint", str(ckpts[0]), "--compare", str(ckpts[1])])
     assert loads == 2
     (demo,) = built

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,7 +19,16 @@ import gradio as gr
 import torch
 
 from .cli import default_device, run
-from .demo import MAX_IMAGES, MAX_SEED, Demo, Progress, Result, load_demo_model, strip_image
+from .demo import (
+    MAX_IMAGES,
+    MAX_SEED,
+    Demo,
+    Progress,
+    Result,
+    TorchWorker,
+    load_demo_model,
+    strip_image,
+)
 from .errors import UserError
 from .plots import image_grid, save_png
 from .sampling import SAMPLERS
@@ -41,26 +51,54 @@ def _status(ev: Progress, n_models: int) -> str:
 class Handlers:
     """The app's event handlers, plain functions of the UI's values (testable without a browser)."""
 
-    def __init__(self, demo: Demo, out_dir: Path):
+    def __init__(self, demo: Demo, out_dir: Path, *, worker: TorchWorker | None = None,
+                 update_every: float = 0.25):
         self.demo = demo
         self.out_dir = out_dir
+        self.worker = worker
+        # Seconds between progress updates: each one is a round trip through Gradio's queue
+        # (about 20 ms), which per step would double the time of a small request. Stop still
+        # takes effect within one interval, at the next update.
+        self.update_every = update_every
+        self._stop: dict[str, threading.Event] = {}  # per browser session
 
-    def generate(self, n: object, sampler: object, steps: object, seed: object) -> Iterator[dict[str, Any]]:
+    def generate(self, n: object, sampler: object, steps: object, seed: object,
+                 session: str = "") -> Iterator[dict[str, Any]]:
         """Yields dicts keyed by output name: 'status' (HTML with a progress bar while sampling),
         and per model i 'grid{i}', 'strip{i}' and 'png{i}' (the grid saved as a PNG file).
-        Bad values raise :class:`UserError`."""
+        Bad values raise :class:`UserError`. :meth:`stop` with the same ``session`` ends it early."""
         req = self.demo.check(n, sampler, steps, seed)
+        stop = self._stop.setdefault(session, threading.Event())
+        stop.clear()
         n_models = len(self.demo.models)
-        for ev in self.demo.generate(req):
-            if isinstance(ev, Progress):
-                out: dict[str, Any] = {"status": _status(ev, n_models)}
-                if ev.preview is not None:
-                    out[f"grid{ev.model}"] = ev.preview
-                yield out
-            else:
-                yield self._result(ev, req.seed)
+        last_update = -float("inf")
+        preview: dict[str, Any] = {}
+        events = (self.worker.iterate(lambda: self.demo.generate(req)) if self.worker is not None
+                  else self.demo.generate(req))
+        try:
+            for ev in events:
+                if stop.is_set():
+                    yield {"status": "Stopped."}
+                    return
+                if isinstance(ev, Progress):
+                    if ev.preview is not None:
+                        preview = {f"grid{ev.model}": ev.preview}  # the newest one is shown
+                    if ev.elapsed - last_update >= self.update_every or ev.step == ev.steps:
+                        last_update = ev.elapsed
+                        yield {"status": _status(ev, n_models), **preview}
+                        preview = {}
+                else:
+                    yield self._result(ev, req.seed)
+        finally:
+            events.close()  # stops the sampling, on the worker thread too
         yield {"status": f"Done: {req.n} image(s) per model, seeds {req.seed}–{req.seed + req.n - 1}, "
                          f"{req.sampler} with {req.steps} steps."}
+
+    def stop(self, session: str = "") -> None:
+        """Stop the session's running request after its current step. Cooperative rather than
+        Gradio's task cancellation, which can leave the page showing an error."""
+        if session in self._stop:
+            self._stop[session].set()
 
     def _result(self, ev: Result, seed: int) -> dict[str, Any]:
         grid = image_grid(ev.images)
@@ -75,9 +113,10 @@ def _ui_value(name: str, value: Any) -> Any:
     return gr.DownloadButton(value=value, interactive=True) if name.startswith("png") else value
 
 
-def build_app(demo: Demo, out_dir: Path | None = None) -> gr.Blocks:
-    """The app's layout and wiring; ``launch`` it with :data:`CSS` and :data:`THEME`."""
-    handlers = Handlers(demo, Path(out_dir or tempfile.mkdtemp(prefix="ddpm-cifar-app-")))
+def build_app(demo: Demo, out_dir: Path | None = None, worker: TorchWorker | None = None) -> gr.Blocks:
+    """The app's layout and wiring; ``launch`` it with :data:`CSS` and :data:`THEME`. With a
+    ``worker``, sampling runs on its thread (the one the models were loaded on)."""
+    handlers = Handlers(demo, Path(out_dir or tempfile.mkdtemp(prefix="ddpm-cifar-app-")), worker=worker)
     outputs: dict[str, Any] = {}
     with gr.Blocks(title="DDPM on CIFAR-10", analytics_enabled=False) as blocks:
         gr.Markdown("## DDPM on CIFAR-10\nImage *i* is sampled from seed + *i*: the same seed gives the "
@@ -108,17 +147,20 @@ def build_app(demo: Demo, out_dir: Path | None = None) -> gr.Blocks:
                     outputs[f"png{i}"] = gr.DownloadButton("Download grid (PNG)", elem_id=f"download{i}",
                                                            interactive=False)
 
-        def on_generate(n_: object, sampler_: object, steps_: object,
-                        seed_: object) -> Iterator[dict[Any, Any]]:
+        def on_generate(n_: object, sampler_: object, steps_: object, seed_: object,
+                        request: gr.Request) -> Iterator[dict[Any, Any]]:
             try:
-                for out in handlers.generate(n_, sampler_, steps_, seed_):
+                for out in handlers.generate(n_, sampler_, steps_, seed_, request.session_hash or ""):
                     yield {outputs[name]: _ui_value(name, value) for name, value in out.items()}
             except UserError as exc:
                 raise gr.Error(str(exc)) from None
 
-        event = go.click(on_generate, inputs=[n, sampler, steps, seed], outputs=list(outputs.values()),
-                         concurrency_limit=1, show_progress="hidden")
-        stop.click(lambda: "Stopped.", outputs=outputs["status"], cancels=[event], queue=False)
+        def on_stop(request: gr.Request) -> None:
+            handlers.stop(request.session_hash or "")
+
+        go.click(on_generate, inputs=[n, sampler, steps, seed], outputs=list(outputs.values()),
+                 concurrency_limit=1, show_progress="hidden")
+        stop.click(on_stop, queue=False)
     return blocks
 
 
@@ -145,9 +187,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if micro_batch < 1:
         raise UserError(f"--micro-batch must be at least 1, got {micro_batch}")
     paths = [args.checkpoint] + ([args.compare] if args.compare else [])
-    models = [load_demo_model(p, device) for p in paths]
+    worker = TorchWorker()  # loads and samples: torch on one thread only
+    models = [worker.call(load_demo_model, p, device) for p in paths]
     demo = Demo(models, device=device, micro_batch=micro_batch)
-    blocks = build_app(demo)
+    blocks = build_app(demo, worker=worker)
     try:
         blocks.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
                               css=CSS, theme=THEME, footer_links=[])
