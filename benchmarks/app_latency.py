@@ -84,8 +84,10 @@ def time_grid(page: Page, n: int, sampler: str, steps: int, seed: int) -> float:
         page.keyboard.press("Enter")
     t0 = time.perf_counter()
     page.click("#generate")
+    # This request's own "Done" line: the previous request's grid and status are still on the page.
+    done = f"Done: {n} image(s) per model, seeds {seed}–"
     page.wait_for_function(
-        "document.querySelector('#status').innerText.startsWith('Done')"
+        f"document.querySelector('#status').innerText.startsWith('{done}')"
         " && document.querySelector('#grid0 img') && document.querySelector('#grid0 img').complete",
         timeout=600_000, polling=10)
     return time.perf_counter() - t0
@@ -119,7 +121,7 @@ def main() -> None:
                 for k in range(args.warm):
                     warm_s.append(time_grid(page, args.n, args.sampler, args.steps, seed=k + 1))
                 if args.screenshot and i == args.starts - 1:
-                    time_grid(page, 36, args.sampler, args.steps, seed=0)
+                    time_grid(page, 36, args.sampler, args.steps, seed=100)
                     page.screenshot(path=str(args.screenshot), full_page=True)
                     print(f"screenshot -> {args.screenshot}")
                 page.close()

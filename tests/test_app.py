@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,7 +115,6 @@ def test_progress_events_and_the_denoising_strip(demo: Demo) -> None:
     (result,) = [ev for ev in events if isinstance(ev, Result)]
     assert isinstance(events[-1], Result)
     assert result.strip.shape == (11, 8, 8, 3)  # x_T plus 10 steps, fewer than 20 frames
-    assert result.strip_timesteps[0] == 20 and result.strip_timesteps[-1] == -1
     np.testing.assert_array_equal(result.strip[-1], result.images[0])
     long = [ev for ev in demo.generate(demo.check(1, "ddpm", 20, 0)) if isinstance(ev, Result)][0]
     assert long.strip.shape[0] == 20
@@ -141,57 +139,113 @@ def test_closing_the_demo_generator_stops_the_sampling(ckpts: tuple[Path, Path])
     assert calls == 3 * 2  # three steps of two network calls (16 images, 8 per call), then nothing
 
 
-def test_torch_worker_runs_sampling_on_one_thread_and_stops_when_closed(ckpts: tuple[Path, Path],
-                                                                       tmp_path: Path) -> None:
+class Gate:
+    """A forward pre-hook that records calls and their threads, and from call ``hold_at`` on
+    waits until ``release()``: a sampler held mid-chain, so that tests of Stop are deterministic."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.threads: set[int] = set()
+        self.hold_at: int | None = None
+        self._open = threading.Event()
+        self._open.set()
+        self.waiting = threading.Event()  # set once a call waits at the gate
+
+    def hold(self, at: int) -> None:
+        self.hold_at = at
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def __call__(self, _module: Any, _args: Any) -> None:
+        self.calls += 1
+        self.threads.add(threading.get_ident())
+        if self.hold_at is not None and self.calls >= self.hold_at:
+            self.waiting.set()
+            assert self._open.wait(30), "the test never released the gate"
+
+
+@pytest.fixture
+def gated(ckpts: tuple[Path, Path], tmp_path: Path) -> Iterator[tuple[app.Handlers, TorchWorker, Gate]]:
     worker = TorchWorker()
     dm = worker.call(load_demo_model, ckpts[0], "cpu")
+    gate = Gate()
+    hook = dm.model.register_forward_pre_hook(gate)
     demo = Demo([dm], device="cpu", micro_batch=MICRO_BATCH)
-    threads: set[int] = set()
-    calls = 0
-
-    def record(_m: Any, _args: Any) -> None:
-        nonlocal calls
-        calls += 1
-        threads.add(threading.get_ident())
-
-    hook = dm.model.register_forward_pre_hook(record)
     try:
-        handlers = app.Handlers(demo, tmp_path, worker=worker, update_every=0)
-        # Gradio resumes a handler on whichever pool thread is free: do the same.
-        with ThreadPoolExecutor(4) as pool:
-            gen = handlers.generate(3, "ddpm", 5, 0)
-            outs = []
-            while (out := pool.submit(next, gen, None).result()) is not None:
-                outs.append(out)
-        assert outs[-1]["status"].startswith("Done")
-        assert len(threads) == 1 and threading.get_ident() not in threads
-        np.testing.assert_array_equal(outs[-2]["grid0"], image_grid(_images(demo, 3, seed=0, steps=5)))
-
-        # Stop: the request ends after its current step with a "Stopped." status, and the worker
-        # thread stops sampling. Another session's Stop does not touch it.
-        calls = 0
-        gen = handlers.generate(16, "ddpm", 20, 0, session="alice")
-        assert "step 1/20" in next(gen)["status"]
-        handlers.stop("bob")
-        assert "step 2/20" in next(gen)["status"]
-        handlers.stop("alice")
-        assert list(gen) == [{"status": "Stopped."}]
-        time.sleep(0.5)
-        stopped_at = calls
-        time.sleep(0.5)
-        assert calls == stopped_at < 20 * 2  # stopped, well before the 20 steps of 2 calls each
-
-        # Closing the handler (the page went away) stops the worker too.
-        calls = 0
-        gen = handlers.generate(16, "ddpm", 20, 0)
-        next(gen)
-        gen.close()
-        time.sleep(0.5)
-        stopped_at = calls
-        time.sleep(0.5)
-        assert calls == stopped_at < 20 * 2
+        yield app.Handlers(demo, tmp_path, worker=worker, update_every=0), worker, gate
     finally:
+        gate.release()
         hook.remove()
+        worker.close()
+
+
+def test_sampling_runs_on_the_worker_thread_only(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+    handlers, _, gate = gated
+    # Gradio resumes a handler on whichever of its pool threads is free: do the same.
+    with ThreadPoolExecutor(4) as pool:
+        gen = handlers.generate(3, "ddpm", 5, 0)
+        outs = []
+        while (out := pool.submit(next, gen, None).result()) is not None:
+            outs.append(out)
+    assert outs[-1]["status"].startswith("Done")
+    assert len(gate.threads) == 1 and threading.get_ident() not in gate.threads
+    np.testing.assert_array_equal(outs[-2]["grid0"],
+                                  image_grid(_images(handlers.demo, 3, seed=0, steps=5)))
+
+
+def test_stop_ends_the_request_and_the_worker(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+    handlers, worker, gate = gated
+    gate.hold(at=5)  # 16 images are 2 calls a step: the sampler waits in its 3rd step
+    handlers.begin("alice")
+    gen = handlers.generate(16, "ddpm", 20, 0, session="alice")
+    assert next(gen) == {"status": "Sampling…", "png0": None}  # the old download goes away
+    assert "step 1/20" in next(gen)["status"]
+    handlers.stop("bob")  # another session's Stop
+    assert "step 2/20" in next(gen)["status"]
+    handlers.stop("alice")
+    gate.release()
+    assert list(gen) == [{"status": "Stopped."}]
+    worker.call(lambda: None)  # queued behind the sampling: returns once that has ended
+    assert gate.calls <= 8  # the 3rd step, and at most one more before the worker saw the stop
+
+
+def test_closing_the_handler_ends_the_worker(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+    handlers, worker, gate = gated  # the page went away: Gradio closes the handler
+    gate.hold(at=5)
+    gen = handlers.generate(16, "ddpm", 20, 0)
+    next(gen)
+    next(gen)
+    gen.close()
+    gate.release()
+    worker.call(lambda: None)
+    assert gate.calls <= 8
+
+
+def test_stop_before_the_request_starts(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+    handlers, worker, gate = gated
+    handlers.begin("s")  # clicked Generate; the request waits behind another session's
+    handlers.stop("s")
+    assert list(handlers.generate(16, "ddpm", 20, 0, session="s"))[-1] == {"status": "Stopped."}
+    worker.call(lambda: None)
+    assert gate.calls <= 4
+    # A Stop with no request of that session pending does nothing to the next one.
+    handlers.stop("s")
+    assert list(handlers.generate(2, "ddpm", 3, 0, session="s"))[-1]["status"].startswith("Done")
+
+
+def test_closing_the_worker_ends_a_running_request(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+    handlers, worker, gate = gated  # Ctrl-C on the server in the middle of a request
+    gate.hold(at=5)
+    gen = handlers.generate(16, "ddpm", 20, 0)
+    next(gen)
+    next(gen)
+    assert gate.waiting.wait(30)  # the worker is inside its 3rd step
+    worker.close()
+    gate.release()
+    list(gen)
+    assert gate.calls == 6  # the worker finished the step it was in, and no more
 
 
 def test_torch_worker_passes_errors_on() -> None:
@@ -230,8 +284,8 @@ def test_whole_floats_from_the_ui_are_accepted(demo: Demo) -> None:
     assert (req.n, req.steps, req.seed) == (4, 5, 12) and req.seeds == [12, 13, 14, 15]
 
 
-def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Path]) -> None:
-    blocks = app.build_app(_demo(ckpts[0]))
+def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
+    blocks = app.build_app(_demo(ckpts[0]), tmp_path)
     fn = next(d for d in blocks.fns.values() if d.name == "on_generate").fn
     request = SimpleNamespace(session_hash="s1")  # what Gradio passes as gr.Request
     with pytest.raises(gr.Error, match="number of images must be from 1 to 100, got 500"):
@@ -245,8 +299,9 @@ def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Pat
 def test_generate_handler_outputs(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
     handlers = app.Handlers(_demo(*ckpts), tmp_path, update_every=0)
     outs = list(handlers.generate(6, "ddpm", 5, 3))
-    assert all("status" in o for o in outs[:5]) and "step 5/5" in outs[4]["status"]
-    assert "<progress" in outs[0]["status"]
+    assert outs[0] == {"status": "Sampling…", "png0": None, "png1": None}
+    assert all("status" in o for o in outs[1:6]) and "step 5/5" in outs[5]["status"]
+    assert "<progress" in outs[1]["status"]
     final: dict[str, Any] = {}
     for o in outs:
         final.update(o)
@@ -266,14 +321,14 @@ def test_generate_handler_outputs(ckpts: tuple[Path, Path], tmp_path: Path) -> N
 def test_progress_updates_are_rate_limited(demo: Demo, tmp_path: Path) -> None:
     outs = list(app.Handlers(demo, tmp_path, update_every=3600).generate(2, "ddpm", 10, 0))
     # The first step (an hour is not yet up), the last step, the result, and "Done".
-    assert ["step 1/10" in o["status"] for o in outs[:2]] == [True, False]
-    assert "step 10/10" in outs[1]["status"]
-    assert set(outs[2]) == {"grid0", "strip0", "png0"} and outs[3]["status"].startswith("Done")
-    assert len(outs) == 4
+    assert ["step 1/10" in o["status"] for o in outs[1:3]] == [True, False]
+    assert "step 10/10" in outs[2]["status"]
+    assert set(outs[3]) == {"grid0", "strip0", "png0"} and outs[4]["status"].startswith("Done")
+    assert len(outs) == 5
 
 
-def test_blocks_build_without_launching(ckpts: tuple[Path, Path]) -> None:
-    blocks = app.build_app(_demo(*ckpts))
+def test_blocks_build_without_launching(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
+    blocks = app.build_app(_demo(*ckpts), tmp_path)
     assert isinstance(blocks, gr.Blocks) and not blocks.is_running
     ids = {b.elem_id for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
     assert {"n-images", "sampler", "steps", "seed", "generate", "stop", "status"} <= ids
@@ -328,7 +383,8 @@ def test_models_load_once_from_their_own_config(ckpts: tuple[Path, Path], launch
     monkeypatch.setattr(checkpoint.torch, "load", counting_load)
     built: list[Demo] = []
     real_build = app.build_app
-    monkeypatch.setattr(app, "build_app", lambda demo, **kw: built.append(demo) or real_build(demo, **kw))
+    monkeypatch.setattr(app, "build_app",
+                        lambda demo, *a, **kw: built.append(demo) or real_build(demo, *a, **kw))
     app.main(["--checkpoint", str(ckpts[0]), "--compare", str(ckpts[1])])
     assert loads == 2
     (demo,) = built

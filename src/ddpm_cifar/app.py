@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import threading
+import traceback
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from .demo import (
     MAX_SEED,
     Demo,
     Progress,
+    Request,
     Result,
     TorchWorker,
     load_demo_model,
@@ -57,19 +59,39 @@ class Handlers:
         self.out_dir = out_dir
         self.worker = worker
         # Seconds between progress updates: each one is a round trip through Gradio's queue
-        # (about 20 ms), which per step would double the time of a small request. Stop still
-        # takes effect within one interval, at the next update.
+        # (about 20 ms), which per step would double the time of a small request. Stop is still
+        # checked after every step.
         self.update_every = update_every
-        self._stop: dict[str, threading.Event] = {}  # per browser session
+        self._stop: dict[str, threading.Event] = {}  # per browser session, while a request is on
+
+    def begin(self, session: str = "") -> str:
+        """Register a request of ``session`` before it waits in the queue, so that a Stop pressed
+        while it waits counts too. Returns the status to show meanwhile."""
+        self._stop[session] = threading.Event()
+        return "Waiting for the model…"
+
+    def stop(self, session: str = "") -> None:
+        """Stop the session's request after its current step, or before it starts. Cooperative
+        rather than Gradio's task cancellation, which can leave the page showing an error."""
+        if session in self._stop:
+            self._stop[session].set()
 
     def generate(self, n: object, sampler: object, steps: object, seed: object,
                  session: str = "") -> Iterator[dict[str, Any]]:
         """Yields dicts keyed by output name: 'status' (HTML with a progress bar while sampling),
-        and per model i 'grid{i}', 'strip{i}' and 'png{i}' (the grid saved as a PNG file).
-        Bad values raise :class:`UserError`. :meth:`stop` with the same ``session`` ends it early."""
-        req = self.demo.check(n, sampler, steps, seed)
+        and per model i 'grid{i}', 'strip{i}' and 'png{i}' (the grid saved as a PNG file, None
+        while there is none). Bad values raise :class:`UserError`."""
         stop = self._stop.setdefault(session, threading.Event())
-        stop.clear()
+        try:
+            req = self.demo.check(n, sampler, steps, seed)
+            # The previous request's downloads would not match what is sampled now.
+            yield {"status": "Sampling…", **{f"png{i}": None for i in range(len(self.demo.models))}}
+            yield from self._sample(req, stop)
+        finally:
+            if self._stop.get(session) is stop:
+                del self._stop[session]
+
+    def _sample(self, req: Request, stop: threading.Event) -> Iterator[dict[str, Any]]:
         n_models = len(self.demo.models)
         last_update = -float("inf")
         preview: dict[str, Any] = {}
@@ -94,12 +116,6 @@ class Handlers:
         yield {"status": f"Done: {req.n} image(s) per model, seeds {req.seed}–{req.seed + req.n - 1}, "
                          f"{req.sampler} with {req.steps} steps."}
 
-    def stop(self, session: str = "") -> None:
-        """Stop the session's running request after its current step. Cooperative rather than
-        Gradio's task cancellation, which can leave the page showing an error."""
-        if session in self._stop:
-            self._stop[session].set()
-
     def _result(self, ev: Result, seed: int) -> dict[str, Any]:
         grid = image_grid(ev.images)
         name = f"samples-model{ev.model + 1}-seed{seed}-n{len(ev.images)}.png"
@@ -109,16 +125,20 @@ class Handlers:
 
 
 def _ui_value(name: str, value: Any) -> Any:
-    # The download button starts disabled, with nothing to download, until a grid exists.
-    return gr.DownloadButton(value=value, interactive=True) if name.startswith("png") else value
+    # The download buttons are disabled, with nothing to download, until there is a grid.
+    if name.startswith("png"):
+        return gr.DownloadButton(value=value, interactive=value is not None)
+    return value
 
 
-def build_app(demo: Demo, out_dir: Path | None = None, worker: TorchWorker | None = None) -> gr.Blocks:
-    """The app's layout and wiring; ``launch`` it with :data:`CSS` and :data:`THEME`. With a
-    ``worker``, sampling runs on its thread (the one the models were loaded on)."""
-    handlers = Handlers(demo, Path(out_dir or tempfile.mkdtemp(prefix="ddpm-cifar-app-")), worker=worker)
+def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> gr.Blocks:
+    """The app's layout and wiring; ``launch`` it with :data:`CSS` and :data:`THEME`. Grid PNGs
+    for download go under ``out_dir``. With a ``worker``, sampling runs on its thread (the one
+    the models were loaded on)."""
+    handlers = Handlers(demo, out_dir, worker=worker)
     outputs: dict[str, Any] = {}
-    with gr.Blocks(title="DDPM on CIFAR-10", analytics_enabled=False) as blocks:
+    # Gradio keeps a copy of every image it sends; drop those older than an hour, hourly.
+    with gr.Blocks(title="DDPM on CIFAR-10", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
         gr.Markdown("## DDPM on CIFAR-10\nImage *i* is sampled from seed + *i*: the same seed gives the "
                     "same pictures whatever the number of images.")
         with gr.Row():
@@ -147,19 +167,30 @@ def build_app(demo: Demo, out_dir: Path | None = None, worker: TorchWorker | Non
                     outputs[f"png{i}"] = gr.DownloadButton("Download grid (PNG)", elem_id=f"download{i}",
                                                            interactive=False)
 
+        def on_click(request: gr.Request) -> str:
+            return handlers.begin(request.session_hash or "")
+
         def on_generate(n_: object, sampler_: object, steps_: object, seed_: object,
                         request: gr.Request) -> Iterator[dict[Any, Any]]:
             try:
                 for out in handlers.generate(n_, sampler_, steps_, seed_, request.session_hash or ""):
                     yield {outputs[name]: _ui_value(name, value) for name, value in out.items()}
             except UserError as exc:
+                yield {outputs["status"]: "Ready."}
                 raise gr.Error(str(exc)) from None
+            except Exception as exc:
+                traceback.print_exc()  # the whole story for the server's console
+                yield {outputs["status"]: f"Failed: {type(exc).__name__}"}
+                raise gr.Error(f"sampling failed: {exc}") from None
 
         def on_stop(request: gr.Request) -> None:
             handlers.stop(request.session_hash or "")
 
-        go.click(on_generate, inputs=[n, sampler, steps, seed], outputs=list(outputs.values()),
-                 concurrency_limit=1, show_progress="hidden")
+        # The first step runs at once (not queued), so that a Stop pressed while the request
+        # waits for another session's to finish is not lost.
+        go.click(on_click, outputs=outputs["status"], queue=False).then(
+            on_generate, inputs=[n, sampler, steps, seed], outputs=list(outputs.values()),
+            concurrency_limit=1, show_progress="hidden")
         stop.click(on_stop, queue=False)
     return blocks
 
@@ -188,14 +219,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--micro-batch must be at least 1, got {micro_batch}")
     paths = [args.checkpoint] + ([args.compare] if args.compare else [])
     worker = TorchWorker()  # loads and samples: torch on one thread only
-    models = [worker.call(load_demo_model, p, device) for p in paths]
-    demo = Demo(models, device=device, micro_batch=micro_batch)
-    blocks = build_app(demo, worker=worker)
     try:
-        blocks.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                              css=CSS, theme=THEME, footer_links=[])
+        models = [worker.call(load_demo_model, p, device) for p in paths]
+        demo = Demo(models, device=device, micro_batch=micro_batch)
+        with tempfile.TemporaryDirectory(prefix="ddpm-cifar-app-") as out_dir:
+            blocks = build_app(demo, Path(out_dir), worker=worker)
+            blocks.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                                  css=CSS, theme=THEME, footer_links=[])
     except OSError as exc:
         raise UserError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
+    finally:
+        worker.close()  # Ctrl-C in the middle of a request: do not wait for it to finish
 
 
 if __name__ == "__main__":

@@ -95,7 +95,6 @@ class Result:
     model: int
     images: np.ndarray  # uint8 (N, H, W, C)
     strip: np.ndarray  # uint8 (F, H, W, C): image 0 from x_T (first) to x_0 (last)
-    strip_timesteps: list[int]  # the timestep of each frame, -1 for x_0
 
 
 def _whole(value: object, name: str, lo: int, hi: int) -> int:
@@ -159,14 +158,12 @@ class Demo:
         frame_at = {int(round(i)) for i in np.linspace(0, req.steps, n_frames)}
         for m, dm in enumerate(self.models):
             frames: list[np.ndarray] = []
-            frame_t: list[int] = []
             x = None
             for s in run_sampler(req.sampler, self._network(dm), dm.diffusion, req.seeds, shape=dm.shape,
                                  steps=req.steps, device=self.device):
                 x = s.x
                 if s.index in frame_at:
                     frames.append(to_uint8(s.x[:1])[0])
-                    frame_t.append(s.t)
                 if s.index == 0:
                     continue
                 last = s.index == req.steps
@@ -174,7 +171,7 @@ class Demo:
                 yield Progress(m, s.index, req.steps, (m * req.steps + s.index) / total,
                                time.perf_counter() - start, preview)
             assert x is not None
-            yield Result(m, to_uint8(x), np.stack(frames), frame_t)
+            yield Result(m, to_uint8(x), np.stack(frames))
 
     def images(self, req: Request) -> list[np.ndarray]:
         """Every model's final images for ``req``, uint8 (N, H, W, C) each."""
@@ -197,9 +194,16 @@ class TorchWorker:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="torch")
+        self._closed = threading.Event()
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self._pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        """Stop whatever is iterating now (at its next item) and let the thread end: the
+        interpreter waits for this thread at exit, so an unfinished request must not hold it."""
+        self._closed.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def iterate(self, make: Callable[[], Iterator[T]]) -> Iterator[T]:
         """Run the iterator ``make()`` on the worker thread and yield its items here. Closing this
@@ -208,17 +212,18 @@ class TorchWorker:
         stop = threading.Event()
 
         def produce() -> None:
-            it = make()
+            it: Iterator[T] | None = None
             try:
+                it = make()
                 for item in it:
-                    if stop.is_set():
+                    if stop.is_set() or self._closed.is_set():
                         break
                     items.put(("item", item))
                 items.put(("end", None))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
                 items.put(("error", exc))
             finally:
-                if hasattr(it, "close"):
+                if it is not None and hasattr(it, "close"):
                     it.close()
 
         self._pool.submit(produce)
