@@ -13,6 +13,7 @@ from factories import one_thread, tiny_diffusion, tiny_model
 from ddpm_cifar.diffusion import GaussianDiffusion
 from ddpm_cifar.errors import UserError
 from ddpm_cifar.sampling import (
+    SPACINGS,
     FixedBatch,
     ImageNoise,
     ddpm,
@@ -50,9 +51,9 @@ def _generate(model, diffusion, seeds, *, steps: int = 20, batch_size: int = 8, 
 
 
 def _draws(seed: int, n: int, shape: tuple[int, ...] = SHAPE) -> list[torch.Tensor]:
-    """The first n standard normal draws of a generator seeded with ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g) for _ in range(n)]
+    """Draws 0 .. n-1 of the noise of an image with this seed, computed for that image alone."""
+    noise = ImageNoise([seed], shape, "cpu")
+    return [noise.draw(k)[0] for k in range(n)]
 
 
 # -- per-image seeds -----------------------------------------------------------------------------
@@ -142,12 +143,39 @@ def test_different_seeds_give_different_images(model: UNet, diffusion: GaussianD
 def test_image_noise_draws_are_exact_per_seed() -> None:
     noise = ImageNoise([3, 5, 3], (2, 4, 4), "cpu")
     assert len(noise) == 3
-    got = [noise.draw() for _ in range(3)]
+    got = [noise.draw(k) for k in range(3)]
     for row, seed in enumerate([3, 5, 3]):
         for k, expected in enumerate(_draws(seed, 3, (2, 4, 4))):
             assert torch.equal(got[k][row], expected), (seed, k)
-    assert got[0].shape == (3, 2, 4, 4)
-    assert not torch.equal(got[0][0], got[1][0])  # each draw advances the generator
+    assert got[0].shape == (3, 2, 4, 4) and got[0].dtype == torch.float32
+    assert not torch.equal(got[0][0], got[1][0])  # each draw index gives new noise
+    assert not torch.equal(got[0][0], got[0][1])  # and each seed
+    assert torch.equal(noise.draw(1), got[1])  # a pure function of (seed, index): no hidden state
+
+
+def test_image_noise_is_standard_normal_and_independent() -> None:
+    from scipy import stats
+
+    noise = ImageNoise(range(200), (3, 8, 8), "cpu")
+    draws = torch.stack([noise.draw(k) for k in range(10)])  # (10, 200, 3, 8, 8)
+    flat = draws.double().flatten().numpy()
+    assert abs(flat.mean()) < 5 / np.sqrt(flat.size)
+    assert abs(flat.std() - 1) < 5 * np.sqrt(0.5 / flat.size)
+    assert stats.kstest(flat[:100_000], "norm").pvalue > 1e-4
+    # 4th moment (kurtosis 3) checks the tails; 24-bit uniforms cap |z| at 5.77.
+    assert abs((flat**4).mean() - 3) < 0.05 and np.abs(flat).max() <= 5.8
+    # Neighbouring seeds, draws and pixels are uncorrelated.
+    pairs = [(draws[0, 0], draws[0, 1]), (draws[0, 0], draws[1, 0]),
+             (draws[0, :, 0, 0, 0], draws[0, :, 0, 0, 1])]
+    for a, b in pairs:
+        r = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
+        assert abs(r) < 5 / np.sqrt(a.numel()), r
+
+
+def test_image_noise_takes_large_seeds_and_any_device_dtype() -> None:
+    big = ImageNoise([2**62, 0, 2**31 - 1], (4,), "cpu").draw(0)
+    assert big.shape == (3, 4) and torch.isfinite(big).all()
+    assert len({tuple(r.tolist()) for r in big}) == 3
 
 
 # -- timesteps -----------------------------------------------------------------------------------
@@ -167,15 +195,27 @@ def test_spaced_timesteps_full_chain_is_every_step(T: int) -> None:
     assert spaced_timesteps(T, T) == list(range(T))
 
 
+@pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("T", [5, 20, 333])
-def test_spaced_timesteps_always_gives_the_requested_count(T: int) -> None:
+def test_spaced_timesteps_always_gives_the_requested_count(T: int, spacing: str) -> None:
     for steps in range(1, T + 1):
-        ts = spaced_timesteps(T, steps)
-        assert len(ts) == len(set(ts)) == steps
+        ts = spaced_timesteps(T, steps, spacing)
+        assert len(ts) == len(set(ts)) == steps, (steps, ts)
         assert ts == sorted(ts) and ts[-1] == T - 1
         assert 0 <= ts[0]
-        if steps > 1:
+        if steps > 1 and spacing != "trailing":
             assert ts[0] == 0
+
+
+def test_trailing_and_quadratic_spacings() -> None:
+    assert spaced_timesteps(1000, 50, "trailing")[:3] == [19, 39, 59]
+    assert spaced_timesteps(1000, 50, "trailing")[-1] == 999
+    quad = spaced_timesteps(1000, 50, "quadratic")
+    gaps = np.diff(quad)
+    assert quad[:3] == [0, 1, 2] and (np.diff(gaps) >= -1).all()  # gaps grow towards t = T-1
+    assert gaps[-1] == 40
+    with pytest.raises(UserError, match="unknown timestep spacing 'log'"):
+        spaced_timesteps(1000, 50, "log")
 
 
 @pytest.mark.parametrize("steps", [0, 21, -1])
@@ -203,7 +243,7 @@ def test_first_step_with_steps_equal_T_is_the_q_posterior() -> None:
     d = GaussianDiffusion(tiny_diffusion(objective="pred_noise", beta_schedule="linear"))
     seeds = [4, 9]
     eps = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(99))
-    sampler = ddpm(_Recorder(eps), d, ImageNoise(seeds, SHAPE, "cpu"), steps=20, clip_x0=True)
+    sampler = ddpm(_Recorder(eps), d, ImageNoise(seeds, SHAPE, "cpu"), spaced_timesteps(20, 20), clip_x0=True)
     first, second = next(sampler), next(sampler)
     draws = [_draws(s, 2) for s in seeds]
     x_T = torch.stack([dr[0] for dr in draws])
@@ -231,7 +271,7 @@ def test_every_step_is_the_bayes_posterior_between_visited_timesteps(steps: int)
     seeds = [0, 1, 2]
     x0 = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
     model = _Recorder(x0)
-    states = list(ddpm(model, d, ImageNoise(seeds, SHAPE, "cpu"), steps=steps, clip_x0=False))
+    states = list(ddpm(model, d, ImageNoise(seeds, SHAPE, "cpu"), spaced_timesteps(20, steps), clip_x0=False))
     ts = spaced_timesteps(20, steps)
     assert model.ts == ts[::-1]
     assert len(states) == steps + 1
@@ -257,8 +297,9 @@ def test_every_step_is_the_bayes_posterior_between_visited_timesteps(steps: int)
 def test_clip_x0_clamps_the_estimate() -> None:
     d = GaussianDiffusion(tiny_diffusion(objective="pred_x0"))
     big = torch.full((1, *SHAPE), 3.0)
-    clipped = list(ddpm(_Recorder(big), d, ImageNoise([0], SHAPE, "cpu"), steps=5, clip_x0=True))
-    free = list(ddpm(_Recorder(big), d, ImageNoise([0], SHAPE, "cpu"), steps=5, clip_x0=False))
+    ts = spaced_timesteps(20, 5)
+    clipped = list(ddpm(_Recorder(big), d, ImageNoise([0], SHAPE, "cpu"), ts, clip_x0=True))
+    free = list(ddpm(_Recorder(big), d, ImageNoise([0], SHAPE, "cpu"), ts, clip_x0=False))
     assert torch.equal(clipped[-1].x, torch.ones(1, *SHAPE))
     assert torch.equal(free[-1].x, big)
 
