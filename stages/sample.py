@@ -13,7 +13,7 @@ from ddpm_cifar.config import load_params, to_dict
 from ddpm_cifar.evaluation import sample_cache_key
 from ddpm_cifar.fileio import atomic_path, file_digest
 from ddpm_cifar.plots import save_denoising_strip, save_grid
-from ddpm_cifar.sampling import denoising_frames, generate_images
+from ddpm_cifar.sampling import denoising_frames, for_sampling, generate_images
 
 PARAMS = ("sample",)
 
@@ -31,18 +31,20 @@ def main() -> None:
     model, diffusion, ckpt = checkpoint.load_model(args.checkpoint, device)
     mc = model.config
     shape = (mc.channels, mc.image_size, mc.image_size)
-    common = dict(sampler=cfg.sampler, steps=cfg.steps, shape=shape, device=device, clip_x0=cfg.clip_x0)
+    net = for_sampling(model, device, compile=cfg.compile)
+    common = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, spacing=cfg.spacing, shape=shape,
+                  device=device, clip_x0=cfg.clip_x0)
 
     seeds = [cfg.seed + i for i in range(cfg.n)]
     key = sample_cache_key(file_digest(args.checkpoint), cfg, device)
-    images = generate_images(model, diffusion, seeds, batch_size=cfg.batch_size, amp=True,
+    images = generate_images(net, diffusion, seeds, batch_size=cfg.batch_size, amp=True,
                              cache_dir=args.partial, cache_key=key, **common)
     with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images, seeds=np.asarray(seeds), config=json.dumps(to_dict(cfg)),
                  checkpoint_step=int(ckpt["step"]))
     shutil.rmtree(args.partial, ignore_errors=True)  # the finished batches now live in --out
     save_grid(images[: cfg.grid_images], args.plots / "sample_grid.png")
-    frames, timesteps = denoising_frames(model, diffusion, list(cfg.strip_seeds), frames=cfg.strip_frames,
+    frames, timesteps = denoising_frames(net, diffusion, list(cfg.strip_seeds), frames=cfg.strip_frames,
                                          **common)
     save_denoising_strip(frames, timesteps, args.plots / "denoise_strip.png")
     print(f"{len(images)} samples ({cfg.sampler}, {cfg.steps} steps) -> {args.out}")

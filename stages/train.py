@@ -38,7 +38,8 @@ def main() -> None:
         fid_meta = {"fid_inception_official": info.official, "fid_reference": ref_meta.get("reference"),
                     "fid_reference_n": ref_meta.get("reference_n"), "fid_samples": cfg.fid_samples}
         shape = (model_cfg.channels, model_cfg.image_size, model_cfg.image_size)
-        fid_fn = training_fid_fn(inception, ref, n=cfg.fid_samples, steps=cfg.fid_sample_steps,
+        fid_fn = training_fid_fn(inception, ref, n=cfg.fid_samples, sampler=cfg.fid_sampler,
+                                 steps=cfg.fid_sample_steps, spacing=cfg.fid_spacing,
                                  batch_size=cfg.fid_batch_size, shape=shape, device=device)
 
     config = {"model": to_dict(model_cfg), "diffusion": to_dict(diffusion_cfg), "train": to_dict(cfg)}

@@ -28,7 +28,8 @@ def tiny_train(**kw: object) -> TrainConfig:
     base = dict(steps=6, batch_size=4, grad_accum=2, lr=1e-3, adam_betas=(0.9, 0.99),
                 max_grad_norm=1.0, ema_decay=0.9, ema_update_every=1, ema_start_step=2,
                 amp=True, seed=0, checkpoint_every=3, fid_every=0,
-                fid_samples=8, fid_sample_steps=5, fid_batch_size=8, sample_grid_every=0)
+                fid_samples=8, fid_sampler="ddpm", fid_sample_steps=5, fid_spacing="uniform",
+                fid_batch_size=8, sample_grid_every=0)
     return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 

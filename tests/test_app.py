@@ -66,14 +66,16 @@ def test_same_seed_gives_the_same_images(demo: Demo) -> None:
     assert np.abs(other[4].astype(int) - first[0]).mean() > 5
 
 
-def test_image_i_does_not_depend_on_the_number_of_images(demo: Demo) -> None:
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_image_i_does_not_depend_on_the_number_of_images(demo: Demo, sampler: str) -> None:
     """The study's problem: its pictures changed with the batch size. Here image i with seed s is
     the same pixels whether 1, 7 or 64 images are asked for."""
-    many = _images(demo, 64, seed=1000)
-    np.testing.assert_array_equal(_images(demo, 1, seed=1000)[0], many[0])
-    np.testing.assert_array_equal(_images(demo, 7, seed=1000), many[:7])
+    many = _images(demo, 64, seed=1000, sampler=sampler)
+    np.testing.assert_array_equal(_images(demo, 1, seed=1000, sampler=sampler)[0], many[0])
+    np.testing.assert_array_equal(_images(demo, 7, seed=1000, sampler=sampler), many[:7])
     for i in (13, 40, 63):
-        np.testing.assert_array_equal(_images(demo, 1, seed=1000 + i)[0], many[i], err_msg=f"image {i}")
+        np.testing.assert_array_equal(_images(demo, 1, seed=1000 + i, sampler=sampler)[0], many[i],
+                                      err_msg=f"image {i}")
 
 
 def test_the_network_only_ever_sees_one_batch_shape(ckpts: tuple[Path, Path]) -> None:
@@ -271,7 +273,7 @@ def test_torch_worker_passes_errors_on() -> None:
     (2, "ddpm", 21, 0, r"steps must be from 1 to 20"),
     (2, "ddpm", 5, -1, r"seed must be from 0 to 2147483647, got -1"),
     (2, "ddpm", 5, 2**31, r"seed must be from 0"),
-    (2, "euler", 5, 0, r"unknown sampler 'euler'; choose one of: ddpm"),
+    (2, "euler", 5, 0, r"unknown sampler 'euler'; choose one of: ddpm, ddim, dpmpp_2m"),
 ])
 def test_out_of_range_values_are_refused(demo: Demo, n: object, sampler: object, steps: object,
                                          seed: object, match: str) -> None:
@@ -289,9 +291,9 @@ def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Pat
     fn = next(d for d in blocks.fns.values() if d.name == "on_generate").fn
     request = SimpleNamespace(session_hash="s1")  # what Gradio passes as gr.Request
     with pytest.raises(gr.Error, match="number of images must be from 1 to 100, got 500"):
-        list(fn(500, "ddpm", 5, 0, request))
+        list(fn(500, "ddpm", 5, "uniform", 0, request))
     # The app is still usable afterwards.
-    assert list(fn(2, "ddpm", 2, 0, request))
+    assert list(fn(2, "ddpm", 2, "uniform", 0, request))
 
 
 # -- the handlers as the UI calls them -------------------------------------------------------------
@@ -335,11 +337,11 @@ def test_blocks_build_without_launching(ckpts: tuple[Path, Path], tmp_path: Path
     assert {"grid0", "grid1", "strip0", "strip1", "download0", "download1"} <= ids
     deps = blocks.config["dependencies"]
     gen = next(d for d in deps if d["api_name"] == "on_generate")
-    assert len(gen["inputs"]) == 4 and len(gen["outputs"]) == 7  # status + 3 per model
+    assert len(gen["inputs"]) == 5 and len(gen["outputs"]) == 7  # status + 3 per model
     stop = next(d for d in deps if d["api_name"] == "on_stop")
     assert stop["queue"] is False  # runs at once, beside the request it stops
     sampler = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "sampler")
-    assert [c[0] for c in sampler.choices] == ["ddpm"]
+    assert [c[0] for c in sampler.choices] == ["ddpm", "ddim", "dpmpp_2m"]
 
 
 # -- start-up --------------------------------------------------------------------------------------

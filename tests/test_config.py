@@ -39,9 +39,11 @@ BASE: dict[str, dict[str, Any]] = {
     "train": {"steps": 20000, "batch_size": 64, "grad_accum": 2, "lr": 0.0001, "adam_betas": [0.9, 0.99],
               "max_grad_norm": 1.0, "ema_decay": 0.995, "ema_update_every": 10, "ema_start_step": 100,
               "amp": True, "seed": 0, "checkpoint_every": 1000, "fid_every": 0,
-              "fid_samples": 1000, "fid_sample_steps": 100, "fid_batch_size": 250,
+              "fid_samples": 1000, "fid_sampler": "dpmpp_2m", "fid_sample_steps": 20,
+              "fid_spacing": "quadratic", "fid_batch_size": 250,
               "sample_grid_every": 0},
-    "sample": {"n": 10000, "sampler": "ddpm", "steps": 1000, "batch_size": 250, "seed": 0,
+    "sample": {"n": 10000, "sampler": "ddpm", "steps": 1000, "eta": 0.0, "spacing": "quadratic",
+               "compile": True, "batch_size": 250, "seed": 0,
                "clip_x0": True, "grid_images": 64, "strip_seeds": [0, 1, 2, 3], "strip_frames": 20},
     "fid": {"inception_weights": "data/inception/pt_inception.pth", "reference": "train",
             "reference_count": 0, "batch_size": 200},
@@ -120,7 +122,7 @@ def test_missing_key_names_it(write_params, section: str, key: str) -> None:
     assert "missing" in message
 
 
-@pytest.mark.parametrize(("section", "key"), [("train", "learning_rate"), ("sample", "eta"),
+@pytest.mark.parametrize(("section", "key"), [("train", "learning_rate"), ("sample", "temperature"),
                                               ("model", "Dim")])
 def test_unknown_key_names_it(write_params, section: str, key: str) -> None:
     message = _error(write_params(lambda raw: raw[section].update({key: 1})))
@@ -270,3 +272,10 @@ def test_params_key_must_be_a_field() -> None:
     params = Params({"fid": {"weights": "x"}}, ["fid.weights"])
     with pytest.raises(RuntimeError, match="fid.weights"):
         params.key("fid.weights")
+
+
+def test_config_knows_the_samplers_the_library_has() -> None:
+    from ddpm_cifar.config import SAMPLER_NAMES, SPACING_NAMES
+    from ddpm_cifar.sampling import SAMPLERS, SPACINGS
+
+    assert tuple(SAMPLERS) == SAMPLER_NAMES and SPACINGS == SPACING_NAMES

@@ -33,14 +33,15 @@ from .demo import (
 )
 from .errors import UserError
 from .plots import image_grid, save_png
-from .sampling import SAMPLERS
+from .sampling import SAMPLERS, SPACINGS
 
 # 32x32 samples are shown enlarged to fill their box, as blocky pixels rather than the browser's blur.
 CSS = ".pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
 # System fonts: the default theme would fetch web fonts, which fails offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
-DEFAULT_STEPS = 50
+DEFAULT_SAMPLER = "dpmpp_2m"  # the fastest: 20 network evaluations match DDPM's 1000 (see README)
+DEFAULT_STEPS = 20
 
 
 def _status(ev: Progress, n_models: int) -> str:
@@ -77,13 +78,13 @@ class Handlers:
             self._stop[session].set()
 
     def generate(self, n: object, sampler: object, steps: object, seed: object,
-                 session: str = "") -> Iterator[dict[str, Any]]:
+                 session: str = "", spacing: object = "quadratic") -> Iterator[dict[str, Any]]:
         """Yields dicts keyed by output name: 'status' (HTML with a progress bar while sampling),
         and per model i 'grid{i}', 'strip{i}' and 'png{i}' (the grid saved as a PNG file, None
         while there is none). Bad values raise :class:`UserError`."""
         stop = self._stop.setdefault(session, threading.Event())
         try:
-            req = self.demo.check(n, sampler, steps, seed)
+            req = self.demo.check(n, sampler, steps, seed, spacing)
             # The previous request's downloads would not match what is sampled now.
             yield {"status": "Sampling…", **{f"png{i}": None for i in range(len(self.demo.models))}}
             yield from self._sample(req, stop)
@@ -114,7 +115,7 @@ class Handlers:
         finally:
             events.close()  # stops the sampling, on the worker thread too
         yield {"status": f"Done: {req.n} image(s) per model, seeds {req.seed}–{req.seed + req.n - 1}, "
-                         f"{req.sampler} with {req.steps} steps."}
+                         f"{req.sampler} with {req.steps} steps ({req.spacing} spacing)."}
 
     def _result(self, ev: Result, seed: int) -> dict[str, Any]:
         grid = image_grid(ev.images)
@@ -146,10 +147,12 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
                 # Number boxes, not sliders: a slider silently clamps a typed value, while an
                 # out-of-range value should be refused with a message (Handlers.generate does).
                 n = gr.Number(16, label=f"Number of images (1 to {MAX_IMAGES})", elem_id="n-images")
-                sampler = gr.Dropdown(list(SAMPLERS), value=next(iter(SAMPLERS)), label="Sampler",
+                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
                                       elem_id="sampler")
                 steps = gr.Number(min(DEFAULT_STEPS, demo.max_steps), elem_id="steps",
                                   label=f"Sampling steps (1 to {demo.max_steps})")
+                spacing = gr.Dropdown(list(SPACINGS), value="quadratic", label="Timestep spacing",
+                                      elem_id="spacing")
                 seed = gr.Number(0, label=f"Seed (0 to {MAX_SEED}); image i uses seed + i", elem_id="seed")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -170,10 +173,11 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
         def on_click(request: gr.Request) -> str:
             return handlers.begin(request.session_hash or "")
 
-        def on_generate(n_: object, sampler_: object, steps_: object, seed_: object,
+        def on_generate(n_: object, sampler_: object, steps_: object, spacing_: object, seed_: object,
                         request: gr.Request) -> Iterator[dict[Any, Any]]:
             try:
-                for out in handlers.generate(n_, sampler_, steps_, seed_, request.session_hash or ""):
+                for out in handlers.generate(n_, sampler_, steps_, seed_, request.session_hash or "",
+                                             spacing_):
                     yield {outputs[name]: _ui_value(name, value) for name, value in out.items()}
             except UserError as exc:
                 yield {outputs["status"]: "Ready."}
@@ -189,7 +193,7 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
         # The first step runs at once (not queued), so that a Stop pressed while the request
         # waits for another session's to finish is not lost.
         go.click(on_click, outputs=outputs["status"], queue=False).then(
-            on_generate, inputs=[n, sampler, steps, seed], outputs=list(outputs.values()),
+            on_generate, inputs=[n, sampler, steps, spacing, seed], outputs=list(outputs.values()),
             concurrency_limit=1, show_progress="hidden")
         stop.click(on_stop, queue=False)
     return blocks

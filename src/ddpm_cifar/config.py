@@ -24,6 +24,11 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
+# The names ddpm_cifar.sampling implements (a test keeps the two in step; config stays free of torch).
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")
+SPACING_NAMES = ("uniform", "trailing", "quadratic")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str  # "official", a local cifar-10-python.tar.gz, or an image folder (dir or tar.gz)
@@ -87,7 +92,9 @@ class TrainConfig:
     checkpoint_every: int
     fid_every: int  # optimizer steps between FID evaluations with EMA weights; 0 disables
     fid_samples: int
+    fid_sampler: str  # ddpm, ddim (eta 0) or dpmpp_2m, for the training-time FID
     fid_sample_steps: int
+    fid_spacing: str  # timestep spacing of that sampler: uniform, trailing or quadratic
     fid_batch_size: int
     sample_grid_every: int  # steps between sample grids logged to W&B; 0 disables
 
@@ -99,6 +106,8 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.fid_every and self.fid_samples < 2:
             raise ConfigError(f"train.fid_samples must be at least 2, got {self.fid_samples}")
+        _check_choice("train.fid_sampler", self.fid_sampler, SAMPLER_NAMES)
+        _check_choice("train.fid_spacing", self.fid_spacing, SPACING_NAMES)
         if self.fid_every and (self.fid_batch_size < 1 or self.fid_sample_steps < 1):
             raise ConfigError("train.fid_batch_size and train.fid_sample_steps must be at least 1")
 
@@ -106,8 +115,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SampleConfig:
     n: int
-    sampler: str  # ddpm
-    steps: int  # sampling steps; fewer than diffusion.timesteps respaces the chain
+    sampler: str  # ddpm, ddim or dpmpp_2m
+    steps: int  # network evaluations; fewer than diffusion.timesteps respaces the chain
+    eta: float  # DDIM only: 0 deterministic, 1 as noisy as DDPM
+    spacing: str  # which timesteps the steps visit: uniform, trailing or quadratic
+    compile: bool  # torch.compile the network (CUDA only; see benchmarks/)
     batch_size: int
     seed: int  # image i uses seed + i, whatever the batch size
     clip_x0: bool
@@ -116,7 +128,10 @@ class SampleConfig:
     strip_frames: int
 
     def __post_init__(self) -> None:
-        _check_choice("sample.sampler", self.sampler, ("ddpm",))
+        _check_choice("sample.sampler", self.sampler, SAMPLER_NAMES)
+        _check_choice("sample.spacing", self.spacing, SPACING_NAMES)
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"sample.eta must be in [0, 1], got {self.eta}")
         for name in ("n", "steps", "batch_size", "grid_images", "strip_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sample.{name} must be at least 1, got {getattr(self, name)}")

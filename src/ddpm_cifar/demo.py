@@ -26,7 +26,7 @@ from . import checkpoint
 from .diffusion import GaussianDiffusion
 from .errors import UserError
 from .plots import image_grid
-from .sampling import SAMPLERS, FixedBatch, run_sampler, to_uint8
+from .sampling import SAMPLERS, SPACINGS, FixedBatch, run_sampler, to_uint8
 from .unet import UNet
 
 T = TypeVar("T")
@@ -70,6 +70,7 @@ class Request:
     sampler: str
     steps: int
     seed: int
+    spacing: str = "quadratic"
 
     @property
     def seeds(self) -> list[int]:
@@ -128,15 +129,19 @@ class Demo:
         """Steps are shared by all models, so at most the shortest chain."""
         return min(m.diffusion.num_timesteps for m in self.models)
 
-    def check(self, n: object, sampler: object, steps: object, seed: object) -> Request:
+    def check(self, n: object, sampler: object, steps: object, seed: object,
+              spacing: object = "quadratic") -> Request:
         """Turn raw UI values into a :class:`Request`; out-of-range values are a :class:`UserError`."""
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if spacing not in SPACINGS:
+            raise UserError(f"unknown timestep spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
         return Request(
             n=_whole(n, "number of images", 1, MAX_IMAGES),
             sampler=str(sampler),
             steps=_whole(steps, "steps", 1, self.max_steps),
             seed=_whole(seed, "seed", 0, MAX_SEED),
+            spacing=str(spacing),
         )
 
     def _network(self, dm: DemoModel) -> FixedBatch:
@@ -160,7 +165,7 @@ class Demo:
             frames: list[np.ndarray] = []
             x = None
             for s in run_sampler(req.sampler, self._network(dm), dm.diffusion, req.seeds, shape=dm.shape,
-                                 steps=req.steps, device=self.device):
+                                 steps=req.steps, spacing=req.spacing, device=self.device):
                 x = s.x
                 if s.index in frame_at:
                     frames.append(to_uint8(s.x[:1])[0])

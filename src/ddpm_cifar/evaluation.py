@@ -12,7 +12,7 @@ from .config import SampleConfig
 from .diffusion import GaussianDiffusion
 from .errors import UserError
 from .fid import FidStats, InceptionInfo, compute_statistics, frechet_distance
-from .sampling import generate_images
+from .sampling import for_sampling, generate_images
 from .train import FidFn
 
 
@@ -62,15 +62,16 @@ def fid_of_images(images: np.ndarray, inception: torch.nn.Module, ref: FidStats,
     return frechet_distance(stats, ref)
 
 
-def training_fid_fn(inception: torch.nn.Module, ref: FidStats, *, n: int, steps: int, batch_size: int,
-                    shape: tuple[int, int, int], device: torch.device) -> FidFn:
+def training_fid_fn(inception: torch.nn.Module, ref: FidStats, *, n: int, sampler: str, steps: int,
+                    spacing: str, batch_size: int, shape: tuple[int, int, int],
+                    device: torch.device) -> FidFn:
     """FID of the EMA model during training: the same seeds 0..n-1 every time, for a smooth curve."""
     seeds = list(range(n))
 
     def fid(model: torch.nn.Module, diffusion: GaussianDiffusion) -> float:
-        images = generate_images(model, diffusion, seeds, sampler="ddpm", steps=steps,
-                                 batch_size=batch_size, shape=shape, device=device, amp=True,
-                                 progress=False)
+        images = generate_images(for_sampling(model, device), diffusion, seeds, sampler=sampler, steps=steps,
+                                 spacing=spacing, batch_size=batch_size, shape=shape, device=device,
+                                 amp=True, progress=False)
         return fid_of_images(images, inception, ref, batch_size=batch_size, device=device, progress=False)
 
     return fid

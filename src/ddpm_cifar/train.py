@@ -33,8 +33,8 @@ from .unet import UNet, count_parameters
 # Train keys that do not change the trajectory: a checkpoint still resumes when only these differ
 # (raising ``steps`` continues a finished run).
 NON_TRAJECTORY_KEYS = (
-    "steps", "checkpoint_every", "fid_every", "fid_samples", "fid_sample_steps",
-    "fid_batch_size", "sample_grid_every",
+    "steps", "checkpoint_every", "fid_every", "fid_samples", "fid_sampler", "fid_sample_steps",
+    "fid_spacing", "fid_batch_size", "sample_grid_every",
 )
 
 # Bump when a code change alters what a checkpoint means (network layout, loss, data order), so
@@ -309,8 +309,8 @@ def train(
             if cfg.sample_grid_every and step % cfg.sample_grid_every == 0 and tracker.mode != "disabled":
                 from .sampling import generate_images
 
-                grid = generate_images(ema.model, diffusion, list(range(16)), sampler="ddpm",
-                                       steps=cfg.fid_sample_steps, batch_size=16,
+                grid = generate_images(ema.model, diffusion, list(range(16)), sampler=cfg.fid_sampler,
+                                       steps=cfg.fid_sample_steps, spacing=cfg.fid_spacing, batch_size=16,
                                        shape=(model_cfg.channels, model_cfg.image_size,
                                               model_cfg.image_size), device=device, progress=False)
                 tracker.log_images("samples", grid, step)
