@@ -38,7 +38,8 @@ DIFF = DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_
 def train_cfg(steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=32, grad_accum=2, lr=1e-3, adam_betas=(0.9, 0.99),
                        max_grad_norm=1.0, ema_decay=0.9, ema_update_every=1, ema_start_step=2, amp=True,
-                       seed=0, checkpoint_every=10, fid_every=0, fid_samples=8, fid_sample_steps=5,
+                       seed=0, checkpoint_every=10, fid_every=0, fid_samples=8, fid_sampler="ddpm",
+                       fid_sample_steps=5, fid_spacing="uniform",
                        fid_batch_size=8, sample_grid_every=0)
 
 
