@@ -6,7 +6,7 @@ from pathlib import Path
 from ddpm_cifar.cli import default_device, run
 from ddpm_cifar.config import load_params, to_dict
 from ddpm_cifar.data import load_split
-from ddpm_cifar.evaluation import check_same_inception, training_fid_fn
+from ddpm_cifar.evaluation import check_same_inception, training_fid_fn, training_fid_id
 from ddpm_cifar.fid import load_inception, load_stats
 from ddpm_cifar.fileio import file_digest, write_json
 from ddpm_cifar.tracking import make_tracker
@@ -34,7 +34,7 @@ def main() -> None:
         inception, info = load_inception(params.key("fid.inception_weights"), device)
         ref, ref_meta = load_stats(args.ref)
         check_same_inception(ref_meta, info)
-        fid_id = f"{info.sha256}:{file_digest(args.ref)}"
+        fid_id = training_fid_id(info.sha256, file_digest(args.ref), cfg)
         fid_meta = {"fid_inception_official": info.official, "fid_reference": ref_meta.get("reference"),
                     "fid_reference_n": ref_meta.get("reference_n"), "fid_samples": cfg.fid_samples}
         shape = (model_cfg.channels, model_cfg.image_size, model_cfg.image_size)

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import SampleConfig
+from .config import SampleConfig, TrainConfig
 from .diffusion import GaussianDiffusion
 from .errors import UserError
 from .fid import FidStats, InceptionInfo, compute_statistics, frechet_distance
-from .sampling import for_sampling, generate_images
+from .sampling import SAMPLING_VERSION, for_sampling, generate_images
 from .train import FidFn
 
 
@@ -98,4 +98,12 @@ def fid_report(value: float, *, n_samples: int, sample_cfg: dict[str, Any], ref_
 
 def sample_cache_key(ckpt_sha256: str, cfg: SampleConfig, device: torch.device) -> str:
     """What finished sample batches depend on; the device too, since CUDA runs under bf16."""
-    return f"{ckpt_sha256}:{cfg.sampler}:{cfg.steps}:{cfg.seed}:{cfg.clip_x0}:{device.type}"
+    return (f"{SAMPLING_VERSION}:{ckpt_sha256}:{cfg.sampler}:{cfg.steps}:{cfg.eta}:{cfg.spacing}:"
+            f"{cfg.seed}:{cfg.clip_x0}:{cfg.compile}:{device.type}")
+
+
+def training_fid_id(inception_sha256: str, ref_digest: str, cfg: TrainConfig) -> str:
+    """What the training-time FID curve depends on besides the weights: when it changes, the curve
+    already logged is dropped rather than continued with values that are not comparable."""
+    return (f"{inception_sha256}:{ref_digest}:{SAMPLING_VERSION}:{cfg.fid_samples}:{cfg.fid_sampler}:"
+            f"{cfg.fid_sample_steps}:{cfg.fid_spacing}")

@@ -35,6 +35,10 @@ from .diffusion import GaussianDiffusion, Model
 from .errors import UserError
 from .fileio import atomic_path
 
+# Bump when the same seeds and settings would give other images (the noise generator, a sampler's
+# arithmetic), so that cached sample batches and the training-time FID curve are not reused.
+SAMPLING_VERSION = "2-counter-noise"
+
 _U64 = 1 << 64
 # splitmix64's constants, as the signed int64 values torch holds.
 _GOLDEN = 0x9E3779B97F4A7C15 - _U64

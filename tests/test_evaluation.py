@@ -1,0 +1,35 @@
+"""Provenance keys: what makes cached sample batches and the training-time FID curve stale."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from factories import tiny_train
+
+from ddpm_cifar.config import SampleConfig
+from ddpm_cifar.evaluation import sample_cache_key, training_fid_id
+
+SAMPLE = SampleConfig(n=10, sampler="ddpm", steps=50, eta=0.0, spacing="quadratic", compile=False,
+                      batch_size=5, seed=0, clip_x0=True, grid_images=4, strip_seeds=(0,), strip_frames=5)
+
+
+@pytest.mark.parametrize(("key", "value"), [("sampler", "ddim"), ("steps", 20), ("eta", 0.5),
+                                            ("spacing", "uniform"), ("seed", 1), ("clip_x0", False),
+                                            ("compile", True)])
+def test_every_sampling_setting_changes_the_cache_key(key: str, value: object) -> None:
+    base = sample_cache_key("abc", SAMPLE, torch.device("cpu"))
+    assert sample_cache_key("abc", dataclasses.replace(SAMPLE, **{key: value}), torch.device("cpu")) != base
+    assert sample_cache_key("abd", SAMPLE, torch.device("cpu")) != base
+    assert sample_cache_key("abc", SAMPLE, torch.device("cuda")) != base
+
+
+@pytest.mark.parametrize(("key", "value"), [("fid_sampler", "ddpm"), ("fid_sample_steps", 7),
+                                            ("fid_spacing", "trailing"), ("fid_samples", 9)])
+def test_training_fid_curve_restarts_when_its_sampler_changes(key: str, value: object) -> None:
+    cfg = tiny_train(fid_sampler="dpmpp_2m", fid_spacing="quadratic")
+    base = training_fid_id("inc", "ref", cfg)
+    assert training_fid_id("inc", "ref", dataclasses.replace(cfg, **{key: value})) != base
+    assert training_fid_id("inc", "ref", dataclasses.replace(cfg, lr=0.5)) == base  # not an FID setting
+    assert training_fid_id("inc2", "ref", cfg) != base and training_fid_id("inc", "ref2", cfg) != base
