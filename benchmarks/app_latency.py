@@ -124,6 +124,7 @@ def main() -> None:
                     warm_s.append(time_grid(page, args.n, args.sampler, args.steps, seed=k + 1))
                 if args.screenshot and i == args.starts - 1:
                     time_grid(page, 36, args.sampler, args.steps, seed=100)
+                    page.wait_for_function("!document.querySelector('#download0').disabled")
                     page.screenshot(path=str(args.screenshot), full_page=True)
                     print(f"screenshot -> {args.screenshot}")
                 page.close()

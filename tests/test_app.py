@@ -281,6 +281,20 @@ def test_out_of_range_values_are_refused(demo: Demo, n: object, sampler: object,
         demo.check(n, sampler, steps, seed)
 
 
+@pytest.mark.parametrize(("eta", "match"), [(-0.1, "DDIM eta must be from 0 to 1, got -0.1"),
+                                             (1.5, "from 0 to 1, got 1.5"), (float("nan"), "got nan"),
+                                             ("x", "must be a number")])
+def test_ddim_eta_out_of_range_is_refused(demo: Demo, eta: object, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        demo.check(2, "ddim", 5, 0, "uniform", eta)
+
+
+def test_ddim_eta_reaches_the_sampler(demo: Demo) -> None:
+    deterministic = demo.images(demo.check(3, "ddim", 10, 0, "uniform", 0.0))[0]
+    noisy = demo.images(demo.check(3, "ddim", 10, 0, "uniform", 1.0))[0]
+    assert np.abs(deterministic.astype(int) - noisy).mean() > 1
+
+
 def test_whole_floats_from_the_ui_are_accepted(demo: Demo) -> None:
     req = demo.check(4.0, "ddpm", 5.0, "12")
     assert (req.n, req.steps, req.seed) == (4, 5, 12) and req.seeds == [12, 13, 14, 15]
@@ -291,9 +305,9 @@ def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Pat
     fn = next(d for d in blocks.fns.values() if d.name == "on_generate").fn
     request = SimpleNamespace(session_hash="s1")  # what Gradio passes as gr.Request
     with pytest.raises(gr.Error, match="number of images must be from 1 to 100, got 500"):
-        list(fn(500, "ddpm", 5, "uniform", 0, request))
+        list(fn(500, "ddpm", 5, "uniform", 0.0, 0, request))
     # The app is still usable afterwards.
-    assert list(fn(2, "ddpm", 2, "uniform", 0, request))
+    assert list(fn(2, "ddpm", 2, "uniform", 0.0, 0, request))
 
 
 # -- the handlers as the UI calls them -------------------------------------------------------------
@@ -337,7 +351,7 @@ def test_blocks_build_without_launching(ckpts: tuple[Path, Path], tmp_path: Path
     assert {"grid0", "grid1", "strip0", "strip1", "download0", "download1"} <= ids
     deps = blocks.config["dependencies"]
     gen = next(d for d in deps if d["api_name"] == "on_generate")
-    assert len(gen["inputs"]) == 5 and len(gen["outputs"]) == 7  # status + 3 per model
+    assert len(gen["inputs"]) == 6 and len(gen["outputs"]) == 7  # status + 3 per model
     stop = next(d for d in deps if d["api_name"] == "on_stop")
     assert stop["queue"] is False  # runs at once, beside the request it stops
     sampler = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "sampler")

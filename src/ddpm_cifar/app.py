@@ -78,13 +78,14 @@ class Handlers:
             self._stop[session].set()
 
     def generate(self, n: object, sampler: object, steps: object, seed: object,
-                 session: str = "", spacing: object = "quadratic") -> Iterator[dict[str, Any]]:
+                 session: str = "", spacing: object = "quadratic",
+                 eta: object = 0.0) -> Iterator[dict[str, Any]]:
         """Yields dicts keyed by output name: 'status' (HTML with a progress bar while sampling),
         and per model i 'grid{i}', 'strip{i}' and 'png{i}' (the grid saved as a PNG file, None
         while there is none). Bad values raise :class:`UserError`."""
         stop = self._stop.setdefault(session, threading.Event())
         try:
-            req = self.demo.check(n, sampler, steps, seed, spacing)
+            req = self.demo.check(n, sampler, steps, seed, spacing, eta)
             # The previous request's downloads would not match what is sampled now.
             yield {"status": "Sampling…", **{f"png{i}": None for i in range(len(self.demo.models))}}
             yield from self._sample(req, stop)
@@ -153,6 +154,8 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
                                   label=f"Sampling steps (1 to {demo.max_steps})")
                 spacing = gr.Dropdown(list(SPACINGS), value="quadratic", label="Timestep spacing",
                                       elem_id="spacing")
+                eta = gr.Number(0.0, label="DDIM η (0 to 1): 0 deterministic, 1 as noisy as DDPM",
+                                elem_id="eta")
                 seed = gr.Number(0, label=f"Seed (0 to {MAX_SEED}); image i uses seed + i", elem_id="seed")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -173,11 +176,11 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
         def on_click(request: gr.Request) -> str:
             return handlers.begin(request.session_hash or "")
 
-        def on_generate(n_: object, sampler_: object, steps_: object, spacing_: object, seed_: object,
-                        request: gr.Request) -> Iterator[dict[Any, Any]]:
+        def on_generate(n_: object, sampler_: object, steps_: object, spacing_: object, eta_: object,
+                        seed_: object, request: gr.Request) -> Iterator[dict[Any, Any]]:
             try:
                 for out in handlers.generate(n_, sampler_, steps_, seed_, request.session_hash or "",
-                                             spacing_):
+                                             spacing_, eta_):
                     yield {outputs[name]: _ui_value(name, value) for name, value in out.items()}
             except UserError as exc:
                 yield {outputs["status"]: "Ready."}
@@ -193,7 +196,7 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
         # The first step runs at once (not queued), so that a Stop pressed while the request
         # waits for another session's to finish is not lost.
         go.click(on_click, outputs=outputs["status"], queue=False).then(
-            on_generate, inputs=[n, sampler, steps, spacing, seed], outputs=list(outputs.values()),
+            on_generate, inputs=[n, sampler, steps, spacing, eta, seed], outputs=list(outputs.values()),
             concurrency_limit=1, show_progress="hidden")
         stop.click(on_stop, queue=False)
     return blocks

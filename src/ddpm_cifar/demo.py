@@ -71,6 +71,7 @@ class Request:
     steps: int
     seed: int
     spacing: str = "quadratic"
+    eta: float = 0.0  # DDIM only
 
     @property
     def seeds(self) -> list[int]:
@@ -130,18 +131,25 @@ class Demo:
         return min(m.diffusion.num_timesteps for m in self.models)
 
     def check(self, n: object, sampler: object, steps: object, seed: object,
-              spacing: object = "quadratic") -> Request:
+              spacing: object = "quadratic", eta: object = 0.0) -> Request:
         """Turn raw UI values into a :class:`Request`; out-of-range values are a :class:`UserError`."""
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if spacing not in SPACINGS:
             raise UserError(f"unknown timestep spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+        try:
+            eta_value = float(eta)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise UserError(f"DDIM eta must be a number from 0 to 1, got {eta!r}") from None
+        if not 0.0 <= eta_value <= 1.0:  # also refuses NaN
+            raise UserError(f"DDIM eta must be from 0 to 1, got {eta_value:g}")
         return Request(
             n=_whole(n, "number of images", 1, MAX_IMAGES),
             sampler=str(sampler),
             steps=_whole(steps, "steps", 1, self.max_steps),
             seed=_whole(seed, "seed", 0, MAX_SEED),
             spacing=str(spacing),
+            eta=eta_value,
         )
 
     def _network(self, dm: DemoModel) -> FixedBatch:
@@ -165,7 +173,7 @@ class Demo:
             frames: list[np.ndarray] = []
             x = None
             for s in run_sampler(req.sampler, self._network(dm), dm.diffusion, req.seeds, shape=dm.shape,
-                                 steps=req.steps, spacing=req.spacing, device=self.device):
+                                 steps=req.steps, spacing=req.spacing, eta=req.eta, device=self.device):
                 x = s.x
                 if s.index in frame_at:
                     frames.append(to_uint8(s.x[:1])[0])
