@@ -69,18 +69,19 @@ class GaussianOracle:
 
 
 def whitened_errors(samples: np.ndarray, data: Gaussian) -> tuple[float, float]:
-    """(Mahalanobis chi^2 of the sample mean, largest entry of |W - I|) where W is the sample
+    """(Mahalanobis chi^2 of the sample mean, largest |eigenvalue - 1| of W) where W is the sample
     covariance whitened by the true one: W = Sigma^-1/2 S Sigma^-1/2.
 
-    For n exact samples in D dimensions the first is chi^2(D) distributed and each entry of W - I
-    has standard deviation about sqrt(2 / n) on the diagonal and sqrt(1 / n) off it."""
+    For n exact samples in D dimensions the first is chi^2(D) distributed, and W's eigenvalues
+    spread over about 1 +- (2 sqrt(D/n) + D/n) (the Marchenko-Pastur edge). Eigenvalues, not W's
+    entries: a variance error along one direction of Sigma must not be diluted over the pixels."""
     n = len(samples)
     lam, axes = np.linalg.eigh(data.cov)
     inv_sqrt = (axes / np.sqrt(lam)) @ axes.T
     mean_err = samples.mean(axis=0) - data.mean
     chi2 = float(n * mean_err @ np.linalg.solve(data.cov, mean_err))
     w = inv_sqrt @ np.cov(samples, rowvar=False) @ inv_sqrt
-    return chi2, float(np.abs(w - np.eye(len(lam))).max())
+    return chi2, float(np.abs(np.linalg.eigvalsh(w) - 1).max())
 
 
 def frechet_to_truth(samples: np.ndarray, data: Gaussian) -> float:
@@ -90,6 +91,7 @@ def frechet_to_truth(samples: np.ndarray, data: Gaussian) -> float:
     return frechet_distance(statistics(samples), FidStats(data.mean, data.cov, -1))
 
 
-def covariance_tolerance(n: int, sigmas: float = 5.0) -> float:
-    """Bound on max |W - I| for n exact samples: ``sigmas`` standard deviations of a diagonal entry."""
-    return sigmas * math.sqrt(2 / n)
+def covariance_tolerance(n: int, dim: int, margin: float = 1.5) -> float:
+    """Bound on max |eigenvalue(W) - 1| for n samples in ``dim`` dimensions: ``margin`` times the
+    Marchenko-Pastur edge 2 sqrt(dim/n) + dim/n."""
+    return margin * (2 * math.sqrt(dim / n) + dim / n)

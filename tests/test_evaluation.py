@@ -17,7 +17,7 @@ SAMPLE = SampleConfig(n=10, sampler="ddpm", steps=50, eta=0.0, spacing="quadrati
 
 @pytest.mark.parametrize(("key", "value"), [("sampler", "ddim"), ("steps", 20), ("eta", 0.5),
                                             ("spacing", "uniform"), ("seed", 1), ("clip_x0", False),
-                                            ("compile", True)])
+                                            ("compile", True), ("batch_size", 4)])
 def test_every_sampling_setting_changes_the_cache_key(key: str, value: object) -> None:
     base = sample_cache_key("abc", SAMPLE, torch.device("cpu"))
     assert sample_cache_key("abc", dataclasses.replace(SAMPLE, **{key: value}), torch.device("cpu")) != base
@@ -26,7 +26,8 @@ def test_every_sampling_setting_changes_the_cache_key(key: str, value: object) -
 
 
 @pytest.mark.parametrize(("key", "value"), [("fid_sampler", "ddpm"), ("fid_sample_steps", 7),
-                                            ("fid_spacing", "trailing"), ("fid_samples", 9)])
+                                            ("fid_spacing", "trailing"), ("fid_samples", 9),
+                                            ("fid_batch_size", 3)])
 def test_training_fid_curve_restarts_when_its_sampler_changes(key: str, value: object) -> None:
     cfg = tiny_train(fid_sampler="dpmpp_2m", fid_spacing="quadratic")
     base = training_fid_id("inc", "ref", cfg)

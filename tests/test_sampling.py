@@ -16,8 +16,10 @@ from ddpm_cifar.sampling import (
     SPACINGS,
     FixedBatch,
     ImageNoise,
+    ddim,
     ddpm,
     denoising_frames,
+    dpmpp_2m,
     generate_images,
     spaced_timesteps,
     to_uint8,
@@ -172,7 +174,26 @@ def test_image_noise_is_standard_normal_and_independent() -> None:
         assert abs(r) < 5 / np.sqrt(a.numel()), r
 
 
-def test_image_noise_takes_large_seeds_and_any_device_dtype() -> None:
+def test_noise_hash_is_splitmix64() -> None:
+    """The int64 tensor hash against a plain-Python splitmix64 finaliser, on edge values too."""
+    from ddpm_cifar.sampling import _mix64, _mix64_int
+
+    def reference(z: int) -> int:
+        m = (1 << 64) - 1
+        z &= m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    values = [0, 1, 2**63 - 1, -(2**63), -1, 0x5EED, 123456789123456789]
+    got = _mix64(torch.tensor(values, dtype=torch.int64)).tolist()
+    for v, g in zip(values, got):
+        assert g % (1 << 64) == reference(v), v
+        assert _mix64_int(v) % (1 << 64) == reference(v), v
+    assert reference(0) == 0 and reference(1) == 0x5692161D100B05E5  # splitmix64's finaliser of 1
+
+
+def test_image_noise_takes_large_seeds() -> None:
     big = ImageNoise([2**62, 0, 2**31 - 1], (4,), "cpu").draw(0)
     assert big.shape == (3, 4) and torch.isfinite(big).all()
     assert len({tuple(r.tolist()) for r in big}) == 3
@@ -302,6 +323,17 @@ def test_clip_x0_clamps_the_estimate() -> None:
     free = list(ddpm(_Recorder(big), d, ImageNoise([0], SHAPE, "cpu"), ts, clip_x0=False))
     assert torch.equal(clipped[-1].x, torch.ones(1, *SHAPE))
     assert torch.equal(free[-1].x, big)
+
+
+@pytest.mark.parametrize("sampler", [ddim, dpmpp_2m])
+def test_clipped_x0_also_sets_the_noise_estimate(sampler) -> None:
+    """DDIM and DPM-Solver++ also use the noise estimate: it must be the one the clipped x0 implies,
+    so that a network predicting x0 = 3 everywhere still ends on x0 = 1."""
+    d = GaussianDiffusion(tiny_diffusion(objective="pred_x0"))
+    big = torch.full((1, *SHAPE), 3.0)
+    steps = list(sampler(_Recorder(big), d, ImageNoise([0], SHAPE, "cpu"), spaced_timesteps(20, 5),
+                         clip_x0=True, eta=0.0))
+    torch.testing.assert_close(steps[-1].x, torch.ones(1, *SHAPE))
 
 
 # -- quantisation --------------------------------------------------------------------------------

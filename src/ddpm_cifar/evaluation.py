@@ -98,12 +98,13 @@ def fid_report(value: float, *, n_samples: int, sample_cfg: dict[str, Any], ref_
 
 def sample_cache_key(ckpt_sha256: str, cfg: SampleConfig, device: torch.device) -> str:
     """What finished sample batches depend on; the device too, since CUDA runs under bf16."""
+    # batch_size too: the network always sees full batches of it, and its rounding depends on it
     return (f"{SAMPLING_VERSION}:{ckpt_sha256}:{cfg.sampler}:{cfg.steps}:{cfg.eta}:{cfg.spacing}:"
-            f"{cfg.seed}:{cfg.clip_x0}:{cfg.compile}:{device.type}")
+            f"{cfg.seed}:{cfg.clip_x0}:{cfg.compile}:{cfg.batch_size}:{device.type}")
 
 
 def training_fid_id(inception_sha256: str, ref_digest: str, cfg: TrainConfig) -> str:
     """What the training-time FID curve depends on besides the weights: when it changes, the curve
     already logged is dropped rather than continued with values that are not comparable."""
     return (f"{inception_sha256}:{ref_digest}:{SAMPLING_VERSION}:{cfg.fid_samples}:{cfg.fid_sampler}:"
-            f"{cfg.fid_sample_steps}:{cfg.fid_spacing}")
+            f"{cfg.fid_sample_steps}:{cfg.fid_spacing}:{cfg.fid_batch_size}")
