@@ -438,6 +438,12 @@ def test_bad_checkpoints_are_one_message_at_start_up(ckpts: tuple[Path, Path], t
     assert not launched
 
 
+def test_unknown_device_is_one_message(ckpts: tuple[Path, Path], launched: list[dict[str, Any]]) -> None:
+    with pytest.raises(UserError, match="--device must be cpu, cuda or cuda:N, got 'gpu'"):
+        app.main(["--checkpoint", str(ckpts[0]), "--device", "gpu"])
+    assert not launched
+
+
 def test_command_line_error_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "ddpm_cifar.app", "--checkpoint", str(tmp_path / "nope.pt")],
                           capture_output=True, text=True, timeout=120)

@@ -218,7 +218,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device) if args.device else default_device()
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except RuntimeError:
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is available")
     micro_batch = args.micro_batch or (64 if device.type == "cuda" else 8)

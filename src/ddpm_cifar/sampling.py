@@ -198,8 +198,8 @@ class _Chain:
 
 
 def ddpm(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timesteps: Sequence[int], *,
-         clip_x0: bool = True, eta: float = 1.0) -> Iterator[SampleStep]:
-    """DDPM ancestral sampling over the visited ``timesteps``; ``eta`` is unused.
+         clip_x0: bool = True, eta: float = 0.0) -> Iterator[SampleStep]:
+    """DDPM ancestral sampling over the visited ``timesteps``; ``eta`` is unused (it is DDIM's).
 
     Respacing follows Nichol & Dhariwal (2021): the chain visits a subset of timesteps, with betas
     recomputed from alpha_bar so the marginals of the visited timesteps are unchanged; each step
