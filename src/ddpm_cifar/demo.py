@@ -26,7 +26,7 @@ from . import checkpoint
 from .diffusion import GaussianDiffusion
 from .errors import UserError
 from .plots import image_grid
-from .sampling import SAMPLERS, SPACINGS, FixedBatch, run_sampler, to_uint8
+from .sampling import SAMPLERS, SPACINGS, FixedBatch, frame_indices, run_sampler, to_uint8
 from .unet import UNet
 
 T = TypeVar("T")
@@ -167,8 +167,7 @@ class Demo:
         start = time.perf_counter()
         total = len(self.models) * req.steps
         preview_every = max(1, req.steps // PREVIEWS)
-        n_frames = min(STRIP_FRAMES, req.steps + 1)  # x_T plus one state per step
-        frame_at = {int(round(i)) for i in np.linspace(0, req.steps, n_frames)}
+        frame_at = frame_indices(req.steps, STRIP_FRAMES)
         for m, dm in enumerate(self.models):
             frames: list[np.ndarray] = []
             x = None

@@ -390,6 +390,13 @@ def generate_images(
     return np.concatenate(out) if out else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
 
 
+def frame_indices(steps: int, frames: int) -> set[int]:
+    """SampleStep indices of ``frames`` states evenly spread from x_T (0) to x_0 (``steps``); all
+    ``steps + 1`` states when fewer are available."""
+    n_states = steps + 1  # x_T plus one state per step
+    return {int(round(i)) for i in np.linspace(0, steps, min(frames, n_states))}
+
+
 def denoising_frames(
     model: Model,
     diffusion: GaussianDiffusion,
@@ -408,8 +415,7 @@ def denoising_frames(
 
     Returns uint8 (len(seeds), frames, H, W, C) and the timestep of each frame (-1 = x_0).
     """
-    n_states = steps + 1  # x_T plus one state per step
-    wanted = {int(round(i)) for i in np.linspace(0, n_states - 1, min(frames, n_states))}
+    wanted = frame_indices(steps, frames)
     picked: list[np.ndarray] = []
     timesteps: list[int] = []
     with torch.inference_mode():
