@@ -1,19 +1,23 @@
-"""Stage evaluate: FID of the samples against the reference statistics -> metrics/fid.json."""
+"""Stage evaluate: FID of the samples against the reference statistics -> metrics/fid.json.
+
+Under torchrun (params distributed) each rank runs Inception on its share of the samples."""
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from ddpm_cifar.cli import default_device, run
+from ddpm_cifar.cli import launched_ranks, run
 from ddpm_cifar.config import load_params
-from ddpm_cifar.evaluation import check_same_inception, fid_of_images, fid_report
+from ddpm_cifar.distributed import is_main, process_group, rank_and_world, shard
+from ddpm_cifar.evaluation import check_same_inception, fid_of_shards, fid_report
 from ddpm_cifar.fid import load_inception, load_stats
 from ddpm_cifar.fileio import write_json
 
-PARAMS = ("fid.inception_weights", "fid.batch_size")
+PARAMS = ("fid.inception_weights", "fid.batch_size", "distributed")
 
 
 def main() -> None:
@@ -25,20 +29,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("metrics/fid.json"))
     args = ap.parse_args()
     params = load_params(args.params, PARAMS)
-    device = default_device()
-    inception, info = load_inception(params.key("fid.inception_weights"), device)
-    ref, ref_meta = load_stats(args.ref)
-    check_same_inception(ref_meta, info)
-    with np.load(args.samples) as f:
-        images, sample_cfg = f["images"], json.loads(str(f["config"]))
-    fid = fid_of_images(images, inception, ref, batch_size=params.key("fid.batch_size"), device=device)
-    baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
-    report = fid_report(fid, n_samples=len(images), sample_cfg=sample_cfg, ref_meta=ref_meta, info=info,
-                        baselines=baselines)
-    write_json(args.out, report)
-    reasons = report["not_comparable_because"]
-    flag = f"  (NOT comparable: {'; '.join(reasons)})" if reasons else ""
-    print(f"FID {fid:.2f} on {len(images)} samples vs {ref_meta.get('reference')}{flag}")
+    with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
+        inception, info = load_inception(params.key("fid.inception_weights"), device)
+        ref, ref_meta = load_stats(args.ref)
+        check_same_inception(ref_meta, info)
+        with np.load(args.samples) as f:
+            images, sample_cfg = f["images"], json.loads(str(f["config"]))
+        fid = fid_of_shards(shard(images, *rank_and_world()), len(images), inception, ref,
+                            batch_size=params.key("fid.batch_size"), device=device)
+        if not is_main():
+            return
+        baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
+        report = fid_report(fid, n_samples=len(images), sample_cfg=sample_cfg, ref_meta=ref_meta, info=info,
+                            baselines=baselines)
+        write_json(args.out, report)
+        reasons = report["not_comparable_because"]
+        flag = f"  (NOT comparable: {'; '.join(reasons)})" if reasons else ""
+        print(f"FID {fid:.2f} on {len(images)} samples vs {ref_meta.get('reference')}{flag}")
 
 
 if __name__ == "__main__":

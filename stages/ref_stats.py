@@ -1,16 +1,20 @@
-"""Stage ref_stats: Inception statistics of the FID reference set -> data/fid_ref.npz (cached by DVC)."""
+"""Stage ref_stats: Inception statistics of the FID reference set -> data/fid_ref.npz (cached by DVC).
+
+Under torchrun (params distributed) each rank runs Inception on its share of the images."""
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from ddpm_cifar.cli import default_device, run
+from ddpm_cifar.cli import launched_ranks, run
 from ddpm_cifar.config import load_params
 from ddpm_cifar.data import load_split
+from ddpm_cifar.distributed import process_group, rank_and_world, shard, statistics_sharded
 from ddpm_cifar.evaluation import reference_meta
-from ddpm_cifar.fid import compute_statistics, load_inception, load_stats, save_stats
+from ddpm_cifar.fid import load_inception, load_stats, save_stats
 
-PARAMS = ("fid",)
+PARAMS = ("fid", "distributed")
 
 
 def main() -> None:
@@ -19,21 +23,26 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/cifar10"))
     ap.add_argument("--out", type=Path, default=Path("data/fid_ref.npz"))
     args = ap.parse_args()
-    cfg = load_params(args.params, PARAMS).section("fid")
-    device = default_device()
-    inception, info = load_inception(cfg.inception_weights, device)
-    if cfg.reference in ("train", "test"):
-        images, _ = load_split(args.data, cfg.reference)
-        if cfg.reference_count:
-            images = images[: cfg.reference_count]
-        stats = compute_statistics(images, inception, batch_size=cfg.batch_size, device=device)
-        data_meta = json.loads((args.data / "meta.json").read_text())
-        meta = reference_meta(f"cifar10-{cfg.reference}", stats.n, data_meta, info)
-    else:  # precomputed statistics (e.g. pytorch-fid's); trusted only as far as its own meta says
-        stats, given = load_stats(cfg.reference)
-        meta = {**reference_meta(cfg.reference, stats.n, {}, info), **given, "provided": cfg.reference}
-    save_stats(args.out, stats, meta)
-    print(f"reference statistics of {meta['reference']} ({stats.n} images) -> {args.out}")
+    params = load_params(args.params, PARAMS)
+    cfg = params.section("fid")
+    with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
+        inception, info = load_inception(cfg.inception_weights, device)
+        if cfg.reference in ("train", "test"):
+            images, _ = load_split(args.data, cfg.reference)
+            if cfg.reference_count:
+                images = images[: cfg.reference_count]
+            stats = statistics_sharded(shard(images, *rank_and_world()), inception, n=len(images),
+                                       batch_size=cfg.batch_size, device=device)
+            if stats is None:
+                return  # not rank 0: its features went to rank 0, which writes the file
+            data_meta = json.loads((args.data / "meta.json").read_text())
+            meta = reference_meta(f"cifar10-{cfg.reference}", stats.n, data_meta, info)
+        else:  # precomputed statistics (e.g. pytorch-fid's); trusted only as far as its own meta says
+            stats, given = load_stats(cfg.reference)
+            meta = {**reference_meta(cfg.reference, stats.n, {}, info), **given, "provided": cfg.reference}
+        if rank_and_world()[0] == 0:
+            save_stats(args.out, stats, meta)
+            print(f"reference statistics of {meta['reference']} ({stats.n} images) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ BASE: dict[str, dict[str, Any]] = {
     "fid": {"inception_weights": "data/inception/pt_inception.pth", "reference": "train",
             "reference_count": 0, "batch_size": 200},
     "wandb": {"enabled": False, "project": "ddpm", "run_name": None, "entity": None, "mode": "online"},
+    "distributed": {"nnodes": 1, "nproc_per_node": 2, "rdzv_endpoint": "localhost:0"},
 }
 
 
@@ -279,3 +280,28 @@ def test_config_knows_the_samplers_the_library_has() -> None:
     from ddpm_cifar.sampling import SAMPLERS, SPACINGS
 
     assert tuple(SAMPLERS) == SAMPLER_NAMES and SPACINGS == SPACING_NAMES
+
+
+def test_distributed_section_checks() -> None:
+    from ddpm_cifar.config import DistributedConfig
+
+    assert DistributedConfig(nnodes=2, nproc_per_node=4, rdzv_endpoint="node0:29500").world_size == 8
+    with pytest.raises(ConfigError, match="distributed.nproc_per_node"):
+        DistributedConfig(nnodes=1, nproc_per_node=0, rdzv_endpoint="localhost:0")
+    with pytest.raises(ConfigError, match="distributed.rdzv_endpoint"):
+        DistributedConfig(nnodes=1, nproc_per_node=1, rdzv_endpoint="node0")
+
+
+def test_launched_ranks_must_match_params() -> None:
+    from ddpm_cifar.cli import launched_ranks
+    from ddpm_cifar.config import DistributedConfig
+    from ddpm_cifar.errors import UserError
+
+    two = DistributedConfig(nnodes=1, nproc_per_node=2, rdzv_endpoint="localhost:0")
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    assert launched_ranks(two, env) == (2, 1, 1)
+    one = DistributedConfig(nnodes=1, nproc_per_node=1, rdzv_endpoint="localhost:0")
+    assert launched_ranks(one, {}) == (1, 0, 0)  # plain `python stages/x.py`
+    # Started alone while params ask for 2: dvc.lock would record a world size that did not run.
+    with pytest.raises(UserError, match=r"asks for 2 processes .* this run has 1"):
+        launched_ranks(two, {})

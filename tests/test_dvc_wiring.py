@@ -144,15 +144,35 @@ def test_stage_deps_include_package_and_own_script(name: str) -> None:
     assert script in deps, f"stage {name} does not depend on its own script {script}"
 
 
+# The data-parallel stages: torchrun with the process counts from params (DDP, sharded sampling/FID).
+TORCHRUN_STAGES = {"ref_stats", "train", "sample", "evaluate"}
+TORCHRUN_ARGS = ["--nnodes", "${distributed.nnodes}", "--nproc-per-node", "${distributed.nproc_per_node}",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", "${distributed.rdzv_endpoint}"]
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_cmd_runs_own_script(name: str) -> None:
     cmd = STAGES[name]["cmd"]
     assert isinstance(cmd, str), f"stage {name}: expected one command, got {cmd!r}"
     argv = shlex.split(cmd)
     script = f"stages/{name}.py"
-    assert argv[:2] == ["python", script], f"stage {name} runs {cmd!r}, not `python {script}`"
+    if name in TORCHRUN_STAGES:
+        want = ["torchrun", *TORCHRUN_ARGS, script]
+        assert argv[: len(want)] == want, f"stage {name} runs {cmd!r}, not `{' '.join(want)}`"
+    else:
+        assert argv[:2] == ["python", script], f"stage {name} runs {cmd!r}, not `python {script}`"
     others = [a for a in argv if a.startswith("stages/") and a != script]
     assert not others, f"stage {name} also runs {others}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_interpolated_cmd_params_are_declared(name: str) -> None:
+    """The stage declares (and so its script reads and checks) every param its command uses."""
+    declared = _declared_params(STAGES[name])
+    for dotted in _INTERPOLATION.findall(STAGES[name]["cmd"]):
+        found, _ = _lookup(dotted)
+        assert found, f"stage {name}: command interpolates {dotted!r}, missing from params.yaml"
+        assert _covers(declared, dotted), f"stage {name}: command uses {dotted!r} undeclared"
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))

@@ -166,6 +166,27 @@ class WandbConfig:
         _check_choice("wandb.mode", self.mode, ("online", "offline"))
 
 
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How many processes torchrun starts for the stages that run data-parallel."""
+
+    nnodes: int  # machines
+    nproc_per_node: int  # processes per machine: one per GPU
+    rdzv_endpoint: str  # host:port where the processes meet; localhost:0 picks a free port
+
+    def __post_init__(self) -> None:
+        for name in ("nnodes", "nproc_per_node"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"distributed.{name} must be at least 1, got {getattr(self, name)}")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"distributed.rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -174,6 +195,7 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
     "fid": FidConfig,
     "wandb": WandbConfig,
+    "distributed": DistributedConfig,
 }
 
 

@@ -1,16 +1,21 @@
-"""Sharding work across the ranks of an initialised torch.distributed process group.
+"""Data parallelism over a torch.distributed process group, as torchrun sets one up.
+
+A stage joins the group with :func:`process_group` (it passes the launcher's rank facts in: the
+library reads no environment). Everything else here only uses the group, and is a no-op without
+one, so a single process runs the same code.
 
 Sampling shards by seed: rank r of w samples seeds r, r + w, r + 2w, ... and rank 0 puts the images
 back in seed order. Because every image owns its noise (a function of its seed) and the network
 always sees full batches of the same shape (:class:`~ddpm_cifar.sampling.FixedBatch`), the result
-is bit for bit the single-process one on CPU.
-
-The process group is set up by the caller (a stage launched by torchrun); this module only uses it.
+is bit for bit the single-process one on CPU. Inception features are computed by each rank for its
+own shard and gathered on rank 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,10 +25,17 @@ import torch.distributed as dist
 from torch.nn import Module
 
 from .diffusion import GaussianDiffusion, Model
-from .fid import FidStats, compute_statistics, inception_features, statistics
+from .errors import UserError
+from .fid import FidStats, inception_features, statistics
 from .sampling import generate_images
 
 T = TypeVar("T")
+S = TypeVar("S", bound=Sequence[Any] | np.ndarray)
+
+# A rank that waits longer than this in a collective gives up with an error instead of hanging
+# for PyTorch's default 10-30 minutes. Generous: a training-time FID on one rank may run while the
+# others wait at the next all-reduce.
+COLLECTIVE_TIMEOUT = timedelta(minutes=20)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -33,9 +45,47 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
-    """Items rank, rank + world, ...: interleaved, so every rank gets a near-equal share."""
-    return list(items[rank::world])
+def is_main() -> bool:
+    """True on the rank that writes files, logs and metrics (rank 0, or the only process)."""
+    return rank_and_world()[0] == 0
+
+
+@contextlib.contextmanager
+def process_group(world_size: int, rank: int, local_rank: int) -> Iterator[torch.device]:
+    """Join the launcher's process group and yield this rank's device.
+
+    ``world_size``, ``rank`` and ``local_rank`` are what torchrun exports (WORLD_SIZE, RANK,
+    LOCAL_RANK); with ``world_size`` 1 no group is made. NCCL on GPUs (one per local rank), gloo on
+    CPU. A :class:`UserError` raised inside is re-raised with the rank in front, so that the line
+    names the rank when several print at once.
+
+    The group is only torn down on success: after an error this rank exits at once, and torchrun
+    then stops the others, rather than waiting in a teardown that needs every rank.
+    """
+    if world_size <= 1:
+        yield torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"rank {rank}: local rank {local_rank} has no GPU: only "
+                            f"{torch.cuda.device_count()} visible (lower distributed.nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    try:
+        yield device
+    except UserError as exc:
+        raise UserError(f"rank {rank}: {exc}") from None
+    dist.destroy_process_group()
+
+
+def shard(items: S, rank: int, world: int) -> S:
+    """Items rank, rank + world, ... (of a list, an array, a range): interleaved, so every rank gets
+    a near-equal share. A view for arrays, so a rank's share costs no copy."""
+    return items[rank::world]  # type: ignore[return-value]
 
 
 def unshard(parts: Sequence[np.ndarray], n: int) -> np.ndarray:
@@ -57,6 +107,37 @@ def gather_to_main(local: np.ndarray, n: int) -> np.ndarray | None:
     return unshard(parts, n) if rank == 0 else None  # type: ignore[arg-type]
 
 
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's ``value`` on every rank (a small picklable object)."""
+    if rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_ranks_agree(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when every rank holds the same values, judged by per-tensor float64 sums (cheap:
+    a few hundred numbers cross the network, not the weights)."""
+    if rank_and_world()[1] == 1:
+        return True
+    sums = torch.stack([t.detach().double().sum() for t in tensors])  # (len(tensors),)
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, dist.ReduceOp.MIN)
+    dist.all_reduce(high, dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The average of a per-rank number (e.g. the loss of each rank's share of the batch)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)  # SUM: gloo has no AVG
+    return float(t.item()) / world
+
+
 def generate_images_sharded(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int],
                             **kwargs: Any) -> np.ndarray | None:
     """:func:`~ddpm_cifar.sampling.generate_images` split across the process group's ranks.
@@ -65,33 +146,30 @@ def generate_images_sharded(model: Model, diffusion: GaussianDiffusion, seeds: S
     generate_images'; its progress bar is shown on rank 0 only.
     """
     rank, world = rank_and_world()
-    kwargs["progress"] = kwargs.get("progress", True) and rank == 0
-    if kwargs.get("cache_dir") is not None and world > 1:
-        # Each rank resumes its own shard; the batch files of different shards must not mix.
-        kwargs["cache_dir"] = Path(kwargs["cache_dir"]) / f"rank{rank}-of-{world}"
-    local = generate_images(model, diffusion, shard(seeds, rank, world), **kwargs)
+    local = generate_images(model, diffusion, shard(seeds, rank, world), **_per_rank(kwargs, rank, world))
     return gather_to_main(local, len(seeds))
 
 
-def statistics_sharded(images: np.ndarray | None, model: Module, *, n: int, batch_size: int,
-                       device: torch.device | str) -> FidStats | None:
-    """FID statistics with Inception feature extraction split across ranks.
+def _per_rank(kwargs: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    kwargs = {**kwargs, "progress": kwargs.get("progress", True) and rank == 0}
+    if kwargs.get("cache_dir") is not None and world > 1:
+        # Each rank resumes its own shard; the batch files of different shards must not mix.
+        kwargs["cache_dir"] = Path(kwargs["cache_dir"]) / f"rank{rank}-of-{world}"
+    return kwargs
 
-    ``images`` (uint8 NHWC, all ``n`` of them) need only be on rank 0, which sends each rank its
-    shard; the features come back to rank 0, which returns the statistics (None elsewhere).
-    Features of a shard may differ from a single-process run in the last float32 bits (other
-    batch compositions), far below what FID resolves."""
-    rank, world = rank_and_world()
-    if world == 1:
-        assert images is not None
-        return compute_statistics(images, model, batch_size=batch_size, device=device)
-    shards: list[Any] | None = None
-    if rank == 0:
-        assert images is not None and len(images) == n
-        shards = [images[r::world] for r in range(world)]  # (n_r, H, W, 3) each
-    received: list[Any] = [None]
-    dist.scatter_object_list(received, shards, src=0)
-    local = received[0]
-    feats = inception_features(local, model, batch_size=batch_size, device=device, progress=rank == 0)
+
+def statistics_sharded(local_images: np.ndarray, model: Module, *, n: int, batch_size: int,
+                       device: torch.device | str, progress: bool = True) -> FidStats | None:
+    """FID statistics of ``n`` images of which this rank holds shard(images, rank, world).
+
+    Each rank runs Inception on its own shard (uint8 NHWC); the features meet on rank 0, which
+    returns the statistics (None elsewhere). Features of a shard may differ from a single-process
+    run in the last float32 bits (other batch compositions), far below what FID resolves.
+    """
+    rank, _ = rank_and_world()
+    if n < 2:  # fail before spending time on Inception, on every rank alike
+        raise UserError(f"FID statistics need at least 2 images, got {n}")
+    feats = inception_features(local_images, model, batch_size=batch_size, device=device,
+                               progress=progress and rank == 0)
     gathered = gather_to_main(feats, n)
     return statistics(gathered) if gathered is not None else None

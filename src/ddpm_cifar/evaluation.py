@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,8 +11,10 @@ import torch
 
 from .config import SampleConfig, TrainConfig
 from .diffusion import GaussianDiffusion
+from .distributed import broadcast_from_main, rank_and_world, shard, statistics_sharded
 from .errors import UserError
-from .fid import FidStats, InceptionInfo, compute_statistics, frechet_distance
+from .fid import FidStats, InceptionInfo, compute_statistics, frechet_distance, load_inception, load_stats
+from .fileio import file_digest
 from .sampling import SAMPLING_VERSION, for_sampling, generate_images
 from .train import FidFn
 
@@ -62,19 +65,47 @@ def fid_of_images(images: np.ndarray, inception: torch.nn.Module, ref: FidStats,
     return frechet_distance(stats, ref)
 
 
+def fid_of_shards(local_images: np.ndarray, n: int, inception: torch.nn.Module, ref: FidStats, *,
+                  batch_size: int, device: torch.device, progress: bool = True) -> float:
+    """FID of ``n`` images spread over the process group's ranks (this rank holds
+    ``shard(images, rank, world)``); every rank returns the value. Without a group, of all of them."""
+    stats = statistics_sharded(local_images, inception, n=n, batch_size=batch_size, device=device,
+                               progress=progress)
+    return broadcast_from_main(frechet_distance(stats, ref) if stats is not None else float("nan"))
+
+
 def training_fid_fn(inception: torch.nn.Module, ref: FidStats, *, n: int, sampler: str, steps: int,
                     spacing: str, batch_size: int, shape: tuple[int, int, int],
                     device: torch.device) -> FidFn:
-    """FID of the EMA model during training: the same seeds 0..n-1 every time, for a smooth curve."""
+    """FID of the EMA model during training: the same seeds 0..n-1 every time, for a smooth curve.
+
+    In a process group each rank samples and embeds its share of the seeds."""
     seeds = list(range(n))
 
     def fid(model: torch.nn.Module, diffusion: GaussianDiffusion) -> float:
-        images = generate_images(for_sampling(model, device), diffusion, seeds, sampler=sampler, steps=steps,
-                                 spacing=spacing, batch_size=batch_size, shape=shape, device=device,
-                                 amp=True, progress=False)
-        return fid_of_images(images, inception, ref, batch_size=batch_size, device=device, progress=False)
+        rank, world = rank_and_world()
+        images = generate_images(for_sampling(model, device), diffusion, shard(seeds, rank, world),
+                                 sampler=sampler, steps=steps, spacing=spacing, batch_size=batch_size,
+                                 shape=shape, device=device, amp=True, progress=False)
+        return fid_of_shards(images, n, inception, ref, batch_size=batch_size, device=device, progress=False)
 
     return fid
+
+
+def training_fid(inception_weights: str | Path, ref_path: Path, cfg: TrainConfig, shape: tuple[int, int, int],
+                 device: torch.device) -> tuple[FidFn, str, dict[str, Any]]:
+    """The training-time FID as train() takes it: the function, its id, and what it is measured
+    against, for the metrics."""
+    inception, info = load_inception(inception_weights, device)
+    ref, ref_meta = load_stats(ref_path)
+    check_same_inception(ref_meta, info)
+    fid_id = training_fid_id(info.sha256, file_digest(ref_path), cfg)
+    meta = {"fid_inception_official": info.official, "fid_reference": ref_meta.get("reference"),
+            "fid_reference_n": ref_meta.get("reference_n"), "fid_samples": cfg.fid_samples}
+    fn = training_fid_fn(inception, ref, n=cfg.fid_samples, sampler=cfg.fid_sampler,
+                         steps=cfg.fid_sample_steps, spacing=cfg.fid_spacing, batch_size=cfg.fid_batch_size,
+                         shape=shape, device=device)
+    return fn, fid_id, meta
 
 
 def fid_report(value: float, *, n_samples: int, sample_cfg: dict[str, Any], ref_meta: dict[str, Any],

@@ -3,6 +3,13 @@
 Resume is exact: the checkpoint holds the model, EMA, optimizer, loss-scaler and RNG states, and
 the data order is a pure function of (seed, position), so a run interrupted at step k and resumed
 follows the same trajectory as an uninterrupted one (bit for bit on CPU).
+
+Data parallel: inside a process group (see :mod:`ddpm_cifar.distributed`) the model is wrapped in
+DistributedDataParallel and ``train.batch_size`` stays the global micro-batch: rank r of w takes
+images [r*b, (r+1)*b) of it, b = batch_size / w. The images, their timesteps and their noise are
+drawn for the whole global batch on every rank and then sliced, so they do not depend on the world
+size; only the order of floating-point sums in the gradient all-reduce does. Rank 0 alone writes
+checkpoints, logs and W&B.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
 from .diffusion import GaussianDiffusion
+from .distributed import all_ranks_agree, broadcast_from_main, mean_over_ranks, rank_and_world
 from .ema import EMA
 from .errors import UserError
 from .fileio import atomic_path
@@ -41,6 +49,7 @@ NON_TRAJECTORY_KEYS = (
 # that old checkpoints start a fresh run instead of silently resuming under the new code.
 TRAJECTORY_VERSION = 1
 
+# Called on every rank (the FID may be computed by all of them together); returns the FID.
 FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]
 
 
@@ -57,9 +66,10 @@ class TrainResult:
     step: int
     resumed_from: int
     final_loss: float
-    images_per_second: float
+    images_per_second: float  # all ranks together
     precision: str
     parameters: int
+    world_size: int
     fids: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -103,18 +113,23 @@ class BatchSource:
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm
 
-    def batch(self, start: int, size: int) -> torch.Tensor:
-        """Images at positions [start, start + size), randomly h-flipped, float in [-1, 1]."""
+    def batch(self, start: int, size: int, part: slice = slice(None)) -> torch.Tensor:
+        """Images at positions [start, start + size), randomly h-flipped, float in [-1, 1].
+
+        ``part`` selects a rank's share of that batch; the images and flips are those of the whole
+        batch, so a share does not depend on how the batch is split.
+        """
         pos = torch.arange(start, start + size)
         epochs = pos // self.n
         idx = torch.empty(size, dtype=torch.long)
         for epoch in epochs.unique().tolist():  # one or two epochs per batch
             mask = epochs == epoch
             idx[mask] = self._permutation(epoch)[pos[mask] % self.n]
-        x = self.images[idx.to(self.images.device)].float() / 127.5 - 1  # (B, C, H, W)
         # The flip decision is seeded by position too, for the same reason.
         g = torch.Generator().manual_seed(self.seed * 7_919 + start)
-        flip = (torch.rand(size, generator=g) < 0.5).to(x.device)
+        flip = torch.rand(size, generator=g) < 0.5
+        idx, flip = idx[part], flip[part].to(self.images.device)
+        x = self.images[idx.to(self.images.device)].float() / 127.5 - 1  # (b, C, H, W)
         return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -167,6 +182,30 @@ class TsvLog:
         self.file.close()
 
 
+class NullLog:
+    """What ranks other than 0 write their logs to."""
+
+    def write(self, *values: object) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _restore_rng(states: Any, rank: int, world: int, reseed: int) -> bool:
+    """Set this rank's torch RNG from a checkpoint's per-rank states; reseed with ``reseed`` when
+    they were saved by another world size. Returns whether the saved state was used."""
+    states = [states] if isinstance(states, torch.Tensor) else states  # one-process checkpoints
+    if len(states) == world:
+        torch.set_rng_state(states[rank])
+        return True
+    torch.manual_seed(reseed)
+    return False
+
+
 def train(
     model_cfg: ModelConfig,
     diffusion_cfg: DiffusionConfig,
@@ -185,7 +224,13 @@ def train(
 
     ``fid_id`` names what the training-time FID is measured against (Inception weights and
     reference statistics); when it changed since the checkpoint, the old FID curve is dropped.
+    In a process group every rank calls this with the same arguments; ``tracker`` and ``log`` are
+    used on rank 0 only.
     """
+    rank, world = rank_and_world()
+    main = rank == 0
+    if not main:
+        tracker, log = Tracker(), lambda _: None
     expected = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
     if images.ndim != 4 or images.shape[1:] != expected:
         raise UserError(f"the data are {images.shape[1:]} images but the model expects {expected} "
@@ -193,12 +238,17 @@ def train(
     if fid_fn is not None and cfg.fid_every and cfg.fid_sample_steps > diffusion_cfg.timesteps:
         raise UserError(f"train.fid_sample_steps {cfg.fid_sample_steps} exceeds diffusion.timesteps "
                         f"{diffusion_cfg.timesteps}")
+    if cfg.batch_size % world:
+        raise UserError(f"train.batch_size {cfg.batch_size} does not divide among {world} processes: "
+                        "it is the global batch, and every rank takes an equal share")
     tracker = tracker or Tracker()
     diffusion = GaussianDiffusion(diffusion_cfg).to(device)
     fp = fingerprint(model_cfg, diffusion_cfg, cfg, data_id, device)
 
     torch.manual_seed(cfg.seed)
-    model = UNet(model_cfg).to(device)
+    model = UNet(model_cfg).to(device)  # the same initial weights on every rank
+    if rank:  # dropout masks: a stream of its own per rank; rank 0 keeps the one-process stream
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
@@ -207,51 +257,87 @@ def train(
     precision = precision_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    # Shared by all ranks (same seed, same draws): timesteps and noise are drawn for the global
+    # batch and sliced, like the images.
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     data = BatchSource(images, cfg.seed, device)
 
+    # Rank 0 decides whether to resume; the others follow, reading the same file.
     step, keep_fids = 0, False
-    if outputs.checkpoint.exists():
+    ckpt: dict[str, Any] | None = None
+    if main and outputs.checkpoint.exists():
         ckpt = checkpoint.load(outputs.checkpoint)
         why_not = _why_not_resume(ckpt, fp, cfg, model)
         if why_not is None:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            noise_gen.set_state(ckpt["rng"]["noise"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-            step = int(ckpt["step"])
-            keep_fids = ckpt.get("fid_id", "") == fid_id
-            log(f"resuming from {outputs.checkpoint} at step {step}")
-            if not keep_fids:
-                log("the FID reference or Inception weights changed: the training FID curve starts over")
+            step, keep_fids = int(ckpt["step"]), ckpt.get("fid_id", "") == fid_id
         else:
             log(f"{outputs.checkpoint} {why_not}: starting fresh")
+    step, keep_fids = broadcast_from_main((step, keep_fids))
+    if step:
+        if not main:
+            if not outputs.checkpoint.exists():
+                raise UserError(f"cannot read {outputs.checkpoint}, which rank 0 resumes from: every rank "
+                                "needs the run's files (a shared filesystem across nodes)")
+            ckpt = checkpoint.load(outputs.checkpoint)
+        assert ckpt is not None and int(ckpt["step"]) == step
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        noise_gen.set_state(ckpt["rng"]["noise"])
+        reseed = cfg.seed + 1_000_003 * rank + step
+        same_world = _restore_rng(ckpt["rng"]["torch"], rank, world, reseed)
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            cuda_states = ckpt["rng"]["cuda"]
+            cuda_states = [cuda_states] if isinstance(cuda_states, torch.Tensor) else cuda_states
+            if len(cuda_states) == world:
+                torch.cuda.set_rng_state(cuda_states[rank])
+        log(f"resuming from {outputs.checkpoint} at step {step}")
+        if not same_world:
+            log(f"the checkpoint was saved by {len(ckpt['rng']['torch'])} processes, this run has {world}: "
+                "data order and noise continue exactly, dropout masks are reseeded")
+        if not keep_fids:
+            log("the FID reference or Inception weights changed: the training FID curve starts over")
+    ckpt = None  # free the optimizer state copies before training
     resumed_from = step
     if step >= cfg.steps and step > 0:
         log(f"checkpoint is already at step {step} = train.steps: nothing to train")
 
-    fid_keep = step if step and keep_fids else None
-    fids = [(int(r[0]), float(r[1])) for r in _read_log(outputs.fid_log, fid_keep)] if fid_keep else []
-    # The running loss shown and reported spans a resume.
-    recent = [float(r[1]) for r in _read_log(outputs.loss_log, step)][-100:] if step else []
-    loss_log = TsvLog(outputs.loss_log, ["step", "loss", "lr"], step if step else None)
-    fid_log = TsvLog(outputs.fid_log, ["step", "fid"], fid_keep)
+    fids: list[tuple[int, float]] = []
+    recent: list[float] = []
+    loss_log: TsvLog | NullLog = NullLog()
+    fid_log: TsvLog | NullLog = NullLog()
+    if main:
+        fid_keep = step if step and keep_fids else None
+        fids = [(int(r[0]), float(r[1])) for r in _read_log(outputs.fid_log, fid_keep)] if fid_keep else []
+        # The running loss shown and reported spans a resume.
+        recent = [float(r[1]) for r in _read_log(outputs.loss_log, step)][-100:] if step else []
+        loss_log = TsvLog(outputs.loss_log, ["step", "loss", "lr"], step if step else None)
+        fid_log = TsvLog(outputs.fid_log, ["step", "fid"], fid_keep)
+
+    def gather_rng(state: torch.Tensor) -> list[torch.Tensor]:
+        if world == 1:
+            return [state]
+        states: list[Any] | None = [None] * world if main else None
+        torch.distributed.gather_object(state, states, dst=0)
+        return states or []
 
     def save_checkpoint() -> None:
-        rng = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state()}
+        # Every rank takes part: RNG states are gathered, and replicas are compared.
+        if not all_ranks_agree(list(ema.model.parameters())):
+            raise RuntimeError(f"step {step}: EMA weights differ across ranks")
+        rng: dict[str, Any] = {"torch": gather_rng(torch.get_rng_state()), "noise": noise_gen.get_state()}
         if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
+            rng["cuda"] = gather_rng(torch.cuda.get_rng_state())
+        if not main:
+            return
         loss_log.flush()
         fid_log.flush()
         payload = checkpoint.model_payload(model_cfg, diffusion_cfg)
         checkpoint.save(outputs.checkpoint, {
             **payload, "fingerprint": fp, "step": step, "model": model.state_dict(),
             "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng, "train_config": to_dict(cfg), "fid_id": fid_id,
+            "rng": rng, "train_config": to_dict(cfg), "fid_id": fid_id, "world_size": world,
         })
         checkpoint.save(outputs.ema, {**payload, "step": step, "ema": ema.state_dict()})
 
@@ -264,26 +350,36 @@ def train(
         tracker.log({"fid": value}, step)
         log(f"step {step}: FID {value:.2f} ({cfg.fid_samples} samples, EMA weights)")
 
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     t0, images_seen = time.perf_counter(), 0
-    micro_batch = cfg.batch_size
-    bar = tqdm(total=cfg.steps, initial=min(step, cfg.steps), desc="train", unit="step")
+    share = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    bar = tqdm(total=cfg.steps, initial=min(step, cfg.steps), desc="train", unit="step", disable=not main)
     try:
         while step < cfg.steps:
             total = 0.0
             for micro in range(cfg.grad_accum):
-                position = (step * cfg.grad_accum + micro) * micro_batch
-                x0 = data.batch(position, micro_batch)
+                position = (step * cfg.grad_accum + micro) * cfg.batch_size
+                x0 = data.batch(position, cfg.batch_size, share)  # (batch_size / world, C, H, W)
                 if device.type == "cuda":
                     x0 = x0.contiguous(memory_format=torch.channels_last)
-                t = torch.randint(0, diffusion.num_timesteps, (micro_batch,), device=device,
-                                  generator=noise_gen)
-                noise = torch.randn(x0.shape, device=device, generator=noise_gen)
+                t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), device=device,
+                                  generator=noise_gen)[share]
+                noise = torch.randn((cfg.batch_size, *x0.shape[1:]), device=device,
+                                    generator=noise_gen)[share]
                 ctx = (torch.autocast(device.type, autocast_dtype) if precision != "fp32"
                        else contextlib.nullcontext())
-                with ctx:
-                    loss = diffusion.loss(model, x0, t, noise) / cfg.grad_accum
-                scaler.scale(loss).backward()
+                # DDP averages the ranks' gradients (= the global batch mean, as the shares are
+                # equal), once per optimizer step: the other micro-steps only accumulate.
+                last = micro == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last or world == 1 else net.no_sync()  # type: ignore[operator]
+                with sync:
+                    with ctx:
+                        loss = diffusion.loss(net, x0, t, noise) / cfg.grad_accum
+                    scaler.scale(loss).backward()
                 total += loss.item()
             if cfg.max_grad_norm is not None:
                 scaler.unscale_(opt)
@@ -293,7 +389,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             step += 1
             ema.update(model, step)
-            images_seen += micro_batch * cfg.grad_accum
+            images_seen += cfg.batch_size * cfg.grad_accum
+            total = mean_over_ranks(total, device)
 
             loss_log.write(step, f"{total:.6f}", f"{cfg.lr:.3g}")
             recent = (recent + [total])[-100:]
@@ -306,7 +403,8 @@ def train(
                 run_fid()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint()
-            if cfg.sample_grid_every and step % cfg.sample_grid_every == 0 and tracker.mode != "disabled":
+            grid_due = cfg.sample_grid_every and step % cfg.sample_grid_every == 0
+            if main and grid_due and tracker.mode != "disabled":
                 from .sampling import generate_images
 
                 grid = generate_images(ema.model, diffusion, list(range(16)), sampler=cfg.fid_sampler,
@@ -315,7 +413,7 @@ def train(
                                               model_cfg.image_size), device=device, progress=False)
                 tracker.log_images("samples", grid, step)
         if resumed_from == step:
-            if fid_fn is not None and cfg.fid_every and not fids:
+            if fid_fn is not None and cfg.fid_every and not broadcast_from_main(bool(fids)):
                 run_fid()  # the curve was dropped for a new reference: measure the final weights
             save_checkpoint()  # nothing to train: rewrite ema.pt, which DVC removed before the rerun
     finally:
@@ -330,5 +428,6 @@ def train(
         images_per_second=images_seen / elapsed if images_seen else 0.0,
         precision=precision,
         parameters=count_parameters(model),
+        world_size=world,
         fids=fids,
     )
