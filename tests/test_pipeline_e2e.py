@@ -45,6 +45,7 @@ DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 STAGE_NAMES = tuple(DVC_YAML["stages"])
 # What a sampling param invalidates; everything upstream (training above all) must be skipped.
 AFTER_SAMPLING = {"sample", "evaluate", "plots"}
+DATA_PARALLEL = {"ref_stats", "train", "sample", "evaluate"}  # under torchrun, params.distributed
 TIMEOUT_S = 600
 
 # Everything the toy run changes in params.yaml; every other key keeps the project's value.
@@ -286,4 +287,23 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     assert "Data and pipelines are up to date." in status.stdout, status.stdout + status.stderr
     run.dvc("plots", "show", "-o", str(tmp_path / "dvc_plots_exp"))
     _keep_artifacts(repo, tmp_path / "dvc_plots_exp", "exp_sample_n5")
+
+    # --- two processes: the data-parallel stages rerun under torchrun, with the same results -----
+    one_proc_losses = [float(r["loss"]) for r in _read_tsv(repo / "metrics/train_loss.tsv")]
+    with np.load(repo / "data/fid_ref.npz") as f:
+        one_proc_mu = f["mu"]
+    exp = run.dvc("exp", "run", "-S", "distributed.nproc_per_node=2")
+    out = exp.stdout + exp.stderr
+    # plots reruns only if fid.json changed: the weights differ in the last float bits at most
+    assert _ran(out) - {"plots"} == DATA_PARALLEL, f"exp run ran {sorted(_ran(out))}:\n{out}"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for name in DATA_PARALLEL:
+        assert lock[name]["params"]["params.yaml"]["distributed"]["nproc_per_node"] == 2, name
+        assert "--nproc-per-node 2" in lock[name]["cmd"], lock[name]["cmd"]
+    assert json.loads((repo / "metrics/train.json").read_text())["world_size"] == 2
+    two_proc_losses = [float(r["loss"]) for r in _read_tsv(repo / "metrics/train_loss.tsv")]
+    np.testing.assert_allclose(two_proc_losses, one_proc_losses, rtol=1e-4)  # same global batches
+    with np.load(repo / "data/fid_ref.npz") as f:  # Inception features computed on two shards
+        np.testing.assert_allclose(f["mu"], one_proc_mu, rtol=1e-5, atol=1e-6)
+    assert json.loads((repo / "metrics/fid.json").read_text())["n_samples"] == 5
     print("\n".join(f"{seconds:6.1f}s  {cmd}" for cmd, seconds in run.timings))
