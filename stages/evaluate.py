@@ -12,8 +12,8 @@ import yaml
 
 from ddpm_cifar.cli import launched_ranks, run
 from ddpm_cifar.config import load_params
-from ddpm_cifar.distributed import is_main, process_group, rank_and_world, shard
-from ddpm_cifar.evaluation import check_same_inception, fid_of_shards, fid_report
+from ddpm_cifar.distributed import is_main, process_group
+from ddpm_cifar.evaluation import check_same_inception, fid_report, fid_sharded
 from ddpm_cifar.fid import load_inception, load_stats
 from ddpm_cifar.fileio import write_json
 
@@ -35,8 +35,7 @@ def main() -> None:
         check_same_inception(ref_meta, info)
         with np.load(args.samples) as f:
             images, sample_cfg = f["images"], json.loads(str(f["config"]))
-        fid = fid_of_shards(shard(images, *rank_and_world()), len(images), inception, ref,
-                            batch_size=params.key("fid.batch_size"), device=device)
+        fid = fid_sharded(images, inception, ref, batch_size=params.key("fid.batch_size"), device=device)
         if not is_main():
             return
         baselines = yaml.safe_load(args.baselines.read_text())["baselines"]

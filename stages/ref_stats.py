@@ -10,7 +10,7 @@ from pathlib import Path
 from ddpm_cifar.cli import launched_ranks, run
 from ddpm_cifar.config import load_params
 from ddpm_cifar.data import load_split
-from ddpm_cifar.distributed import process_group, rank_and_world, shard, statistics_sharded
+from ddpm_cifar.distributed import is_main, process_group, statistics_sharded
 from ddpm_cifar.evaluation import reference_meta
 from ddpm_cifar.fid import load_inception, load_stats, save_stats
 
@@ -31,8 +31,7 @@ def main() -> None:
             images, _ = load_split(args.data, cfg.reference)
             if cfg.reference_count:
                 images = images[: cfg.reference_count]
-            stats = statistics_sharded(shard(images, *rank_and_world()), inception, n=len(images),
-                                       batch_size=cfg.batch_size, device=device)
+            stats = statistics_sharded(images, inception, batch_size=cfg.batch_size, device=device)
             if stats is None:
                 return  # not rank 0: its features went to rank 0, which writes the file
             data_meta = json.loads((args.data / "meta.json").read_text())
@@ -40,7 +39,7 @@ def main() -> None:
         else:  # precomputed statistics (e.g. pytorch-fid's); trusted only as far as its own meta says
             stats, given = load_stats(cfg.reference)
             meta = {**reference_meta(cfg.reference, stats.n, {}, info), **given, "provided": cfg.reference}
-        if rank_and_world()[0] == 0:
+        if is_main():
             save_stats(args.out, stats, meta)
             print(f"reference statistics of {meta['reference']} ({stats.n} images) -> {args.out}")
 

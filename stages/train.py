@@ -51,7 +51,7 @@ def main() -> None:
                 "steps": result.step, "resumed_from_step": result.resumed_from,
                 "final_loss": round(result.final_loss, 6), "parameters": result.parameters,
                 "images_per_second": round(result.images_per_second, 2), "precision": result.precision,
-                "device": device.type, "world_size": result.world_size,
+                "device": device.type, "world_size": result.world_size, "world_history": result.world_history,
                 "last_fid": result.fids[-1][1] if result.fids else None, **fid_meta,
             })
 

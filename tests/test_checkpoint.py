@@ -88,7 +88,7 @@ def test_stored_config_is_the_config_used(trained: Trained) -> None:
     assert raw["format"] == checkpoint.FORMAT
     assert raw["model_config"] == {
         "image_size": 8, "channels": 3, "dim": 16, "dim_mults": [1, 2], "num_res_blocks": 2,
-        "full_attn": [False, True], "attn_heads": 2, "attn_dim_head": 8, "dropout": 0.0,
+        "full_attn": [False, True], "attn_heads": 2, "attn_dim_head": 8, "dropout": 0.0, "arch": "unet",
     }
     assert raw["diffusion_config"] == {
         "timesteps": 20, "beta_schedule": "cosine", "objective": "pred_v", "min_snr_gamma": 5.0,

@@ -33,7 +33,7 @@ BASE: dict[str, dict[str, Any]] = {
     "data": {"source": "official", "md5": "c58f30108f718f92721af3b95e74349a"},
     "model": {"image_size": 32, "channels": 3, "dim": 64, "dim_mults": [1, 2, 4, 8], "num_res_blocks": 2,
               "full_attn": [False, False, False, True], "attn_heads": 4, "attn_dim_head": 32,
-              "dropout": 0.0},
+              "dropout": 0.0, "arch": "unet"},
     "diffusion": {"timesteps": 1000, "beta_schedule": "sigmoid", "objective": "pred_v",
                   "min_snr_gamma": None},
     "train": {"steps": 20000, "batch_size": 64, "grad_accum": 2, "lr": 0.0001, "adam_betas": [0.9, 0.99],
@@ -48,6 +48,7 @@ BASE: dict[str, dict[str, Any]] = {
     "fid": {"inception_weights": "data/inception/pt_inception.pth", "reference": "train",
             "reference_count": 0, "batch_size": 200},
     "wandb": {"enabled": False, "project": "ddpm", "run_name": None, "entity": None, "mode": "online"},
+    "pretrained": {"enabled": False, "folder": "models/ddpm-cifar10-32"},
     "distributed": {"nnodes": 1, "nproc_per_node": 2, "rdzv_endpoint": "localhost:0"},
 }
 
@@ -290,6 +291,8 @@ def test_distributed_section_checks() -> None:
         DistributedConfig(nnodes=1, nproc_per_node=0, rdzv_endpoint="localhost:0")
     with pytest.raises(ConfigError, match="distributed.rdzv_endpoint"):
         DistributedConfig(nnodes=1, nproc_per_node=1, rdzv_endpoint="node0")
+    with pytest.raises(ConfigError, match="must name the first node's host and a fixed port"):
+        DistributedConfig(nnodes=2, nproc_per_node=1, rdzv_endpoint="localhost:0")
 
 
 def test_launched_ranks_must_match_params() -> None:

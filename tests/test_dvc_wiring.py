@@ -145,7 +145,7 @@ def test_stage_deps_include_package_and_own_script(name: str) -> None:
 
 
 # The data-parallel stages: torchrun with the process counts from params (DDP, sharded sampling/FID).
-TORCHRUN_STAGES = {"ref_stats", "train", "sample", "evaluate"}
+TORCHRUN_STAGES = {"ref_stats", "train", "sample", "evaluate", "pretrained"}
 TORCHRUN_ARGS = ["--nnodes", "${distributed.nnodes}", "--nproc-per-node", "${distributed.nproc_per_node}",
                  "--rdzv-backend", "c10d", "--rdzv-endpoint", "${distributed.rdzv_endpoint}"]
 

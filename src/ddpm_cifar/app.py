@@ -205,7 +205,9 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m ddpm_cifar.app", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint the pipeline wrote")
-    ap.add_argument("--compare", type=Path, help="a second checkpoint; it samples the same seeds")
+    ap.add_argument("--compare", type=Path,
+                    help="a second checkpoint, or a folder with the published DDPM CIFAR-10 weights "
+                         "(google/ddpm-cifar10-32, diffusers layout); it samples the same seeds")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     ap.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     ap.add_argument("--share", action="store_true", help="ask Gradio for a public share link")

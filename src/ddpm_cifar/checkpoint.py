@@ -15,7 +15,7 @@ from .config import DiffusionConfig, ModelConfig, parse_section, to_dict
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError, UserError
 from .fileio import atomic_path
-from .unet import UNet
+from .networks import build_model
 
 FORMAT = "ddpm_cifar.checkpoint/1"
 
@@ -50,7 +50,8 @@ def model_payload(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> dic
 def configs(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> tuple[ModelConfig, DiffusionConfig]:
     try:
         return (
-            parse_section("model", ckpt["model_config"], ModelConfig),
+            # Checkpoints written before model.arch existed hold the study's U-Net.
+            parse_section("model", {"arch": "unet", **ckpt["model_config"]}, ModelConfig),
             parse_section("diffusion", ckpt["diffusion_config"], DiffusionConfig),
         )
     except (KeyError, ConfigError) as exc:
@@ -59,16 +60,19 @@ def configs(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> tuple[Mode
 
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"
-) -> tuple[UNet, GaussianDiffusion, dict[str, Any]]:
-    """Rebuild the U-Net from the config stored in the checkpoint (never from params.yaml)."""
+) -> tuple[torch.nn.Module, GaussianDiffusion, dict[str, Any]]:
+    """Rebuild the network from the config stored in the checkpoint (never from params.yaml).
+
+    The model gets a ``config`` attribute: the checkpoint's ModelConfig."""
     ckpt = load(path)
     model_cfg, diffusion_cfg = configs(ckpt, path)
     if weights not in ckpt:
         raise UserError(f"{path} has no {weights!r} weights (it has: {', '.join(sorted(ckpt))})")
-    model = UNet(model_cfg)
+    model = build_model(model_cfg)
     try:
         model.load_state_dict(ckpt[weights])
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit the stored model config: {str(exc)[:200]}") from exc
     model.to(device).eval().requires_grad_(False)
+    model.config = model_cfg  # what callers read image size and channels from, whatever the network
     return model, GaussianDiffusion(diffusion_cfg).to(device), ckpt

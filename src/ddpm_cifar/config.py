@@ -27,6 +27,7 @@ T = TypeVar("T")
 # The names ddpm_cifar.sampling implements (a test keeps the two in step; config stays free of torch).
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")
 SPACING_NAMES = ("uniform", "trailing", "quadratic")
+MODEL_ARCHS = ("unet", "ddpm")
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,25 @@ class ModelConfig:
     dim: int
     dim_mults: tuple[int, ...]
     num_res_blocks: int
-    full_attn: tuple[bool, ...]  # per level: full softmax attention (True) or linear attention
+    full_attn: tuple[bool, ...]  # per level. unet: softmax (True) or linear attention; ddpm: attention or not
     attn_heads: int
-    attn_dim_head: int
+    attn_dim_head: int  # unet only: ddpm's single head spans all channels
     dropout: float
+    # "unet": the study's network (unet.py); "ddpm": Ho et al.'s CIFAR-10 network (ddpm_unet.py), the
+    # layout of the published google/ddpm-cifar10-32 weights. The default keeps configs written
+    # before this key existed (checkpoints above all) meaning what they meant.
+    arch: str = "unet"
 
     def __post_init__(self) -> None:
+        _check_choice("model.arch", self.arch, MODEL_ARCHS)
+        if self.arch == "ddpm":
+            if self.attn_heads != 1:
+                raise ConfigError(f"model.attn_heads must be 1 for model.arch ddpm (its attention has one "
+                                  f"head spanning all channels), got {self.attn_heads}")
+            odd = [self.dim * m for m in self.dim_mults if (self.dim * m) % 32]
+            if odd:
+                raise ConfigError(f"model.dim x model.dim_mults must be multiples of 32 for model.arch ddpm "
+                                  f"(GroupNorm with 32 groups), got {odd[0]} channels")
         if len(self.full_attn) != len(self.dim_mults):
             raise ConfigError(
                 f"model.full_attn has {len(self.full_attn)} entries but model.dim_mults has "
@@ -167,6 +181,14 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class PretrainedConfig:
+    """The published DDPM CIFAR-10 model, scored with our sampler, seeds, reference and Inception."""
+
+    enabled: bool
+    folder: str  # google/ddpm-cifar10-32 in diffusers' layout: config.json + weights
+
+
+@dataclass(frozen=True)
 class DistributedConfig:
     """How many processes torchrun starts for the stages that run data-parallel."""
 
@@ -181,6 +203,11 @@ class DistributedConfig:
         host, _, port = self.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"distributed.rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+        if self.nnodes > 1 and port == "0":
+            # A port picked at random on one node: the others could never find it, and every node
+            # would wait for the rendezvous timeout.
+            raise ConfigError(f"distributed.rdzv_endpoint must name the first node's host and a fixed port "
+                              f"when distributed.nnodes is {self.nnodes}, got {self.rdzv_endpoint!r}")
 
     @property
     def world_size(self) -> int:
@@ -195,6 +222,7 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
     "fid": FidConfig,
     "wandb": WandbConfig,
+    "pretrained": PretrainedConfig,
     "distributed": DistributedConfig,
 }
 

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .ddpm_unet import diffusion_config as ddpm_diffusion_config
 from .diffusion import GaussianDiffusion
 from .errors import UserError
+from .networks import load_pretrained
 from .plots import image_grid
 from .sampling import SAMPLERS, SPACINGS, FixedBatch, frame_indices, run_sampler, to_uint8
-from .unet import UNet
 
 T = TypeVar("T")
 
@@ -36,6 +37,7 @@ MAX_SEED = 2**31 - 1  # exact in a browser's float64 numbers, with room for seed
 STRIP_FRAMES = 20
 STRIP_ROW = 10  # frames per row of the strip: 20 frames of 32 px in one row are too small to see
 PREVIEWS = 10  # about this many live previews of the grid while sampling
+PUBLISHED = -1  # DemoModel.step of a model loaded from published weights, not trained here
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,9 @@ class DemoModel:
     """A model loaded once at start-up, rebuilt from the config its checkpoint carries."""
 
     path: Path
-    model: UNet
+    model: torch.nn.Module  # with a ModelConfig as .config
     diffusion: GaussianDiffusion
-    step: int  # the training step the weights are from
+    step: int  # the training step the weights are from; PUBLISHED for the published DDPM weights
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -55,11 +57,18 @@ class DemoModel:
     @property
     def label(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
-        return f"{self.path.name} · step {self.step:,} · {n / 1e6:.2f}M parameters"
+        origin = "published DDPM weights" if self.step == PUBLISHED else f"step {self.step:,}"
+        return f"{self.path.name} · {origin} · {n / 1e6:.2f}M parameters"
 
 
 def load_demo_model(path: str | Path, device: torch.device | str) -> DemoModel:
-    """Load EMA weights; a missing, foreign or mismatched file is a one-line :class:`UserError`."""
+    """Load a checkpoint's EMA weights, or a diffusers-layout folder of the published DDPM CIFAR-10
+    model (google/ddpm-cifar10-32); a missing, foreign or mismatched file is a one-line
+    :class:`UserError`."""
+    path = Path(path)
+    if path.is_dir() or (not path.exists() and not path.suffix):  # a folder, or what names one
+        net, _ = load_pretrained(path, device)
+        return DemoModel(Path(path), net, GaussianDiffusion(ddpm_diffusion_config()).to(device), PUBLISHED)
     model, diffusion, ckpt = checkpoint.load_model(path, device)
     return DemoModel(Path(path), model, diffusion, int(ckpt.get("step", 0)))
 

@@ -4,11 +4,11 @@ A stage joins the group with :func:`process_group` (it passes the launcher's ran
 library reads no environment). Everything else here only uses the group, and is a no-op without
 one, so a single process runs the same code.
 
-Sampling shards by seed: rank r of w samples seeds r, r + w, r + 2w, ... and rank 0 puts the images
-back in seed order. Because every image owns its noise (a function of its seed) and the network
-always sees full batches of the same shape (:class:`~ddpm_cifar.sampling.FixedBatch`), the result
-is bit for bit the single-process one on CPU. Inception features are computed by each rank for its
-own shard and gathered on rank 0.
+Sampling and Inception shard by whole batches: of the batches one process would run, rank r of w
+runs batches r, r + w, r + 2w, ... and the results are put back in order. Every image owns its
+noise (a function of its seed), the network always sees full batches of the same shape
+(:class:`~ddpm_cifar.sampling.FixedBatch`), and each batch holds the same images as in one process,
+so the images and features are those of a single-process run, bit for bit.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ T = TypeVar("T")
 S = TypeVar("S", bound=Sequence[Any] | np.ndarray)
 
 # A rank that waits longer than this in a collective gives up with an error instead of hanging
-# for PyTorch's default 10-30 minutes. Generous: a training-time FID on one rank may run while the
-# others wait at the next all-reduce.
+# for PyTorch's default 10-30 minutes. Generous: rank 0 alone writes checkpoints and W&B sample
+# grids while the others wait at the next collective. (On one machine torchrun stops the other
+# ranks as soon as one fails; ranks on other machines wait until this timeout.)
 COLLECTIVE_TIMEOUT = timedelta(minutes=20)
 
 
@@ -82,29 +83,54 @@ def process_group(world_size: int, rank: int, local_rank: int) -> Iterator[torch
     dist.destroy_process_group()
 
 
-def shard(items: S, rank: int, world: int) -> S:
-    """Items rank, rank + world, ... (of a list, an array, a range): interleaved, so every rank gets
-    a near-equal share. A view for arrays, so a rank's share costs no copy."""
-    return items[rank::world]  # type: ignore[return-value]
+def batch_indices(n: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """Positions of the items rank ``rank`` handles: whole batches rank, rank + world, ... of the
+    batches of ``batch_size`` that one process would make of ``n`` items.
+
+    Whole batches, not interleaved items, because on a GPU a network's output for an image can
+    depend on the other images in its batch: a rank then computes exactly what one process would.
+    """
+    starts = range(rank * batch_size, n, world * batch_size)
+    if not starts:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(s, min(s + batch_size, n)) for s in starts])
 
 
-def unshard(parts: Sequence[np.ndarray], n: int) -> np.ndarray:
-    """Inverse of :func:`shard` for arrays: parts[r][k] is item r + k * world."""
+def shard(items: S, batch_size: int, rank: int, world: int) -> S:
+    """This rank's items (a list or an array), as :func:`batch_indices` picks them."""
+    idx = batch_indices(len(items), batch_size, rank, world)
+    if isinstance(items, np.ndarray):
+        return items[idx]  # type: ignore[return-value]
+    return [items[i] for i in idx]  # type: ignore[return-value]
+
+
+def unshard(parts: Sequence[np.ndarray], n: int, batch_size: int) -> np.ndarray:
+    """Inverse of :func:`shard` for arrays: ``parts[r]`` is rank r's share, in its order."""
     world = len(parts)
     out = np.empty((n, *parts[0].shape[1:]), dtype=parts[0].dtype)
     for r, part in enumerate(parts):
-        out[r::world] = part
+        out[batch_indices(n, batch_size, r, world)] = part
     return out
 
 
-def gather_to_main(local: np.ndarray, n: int) -> np.ndarray | None:
+def gather_to_main(local: np.ndarray, n: int, batch_size: int) -> np.ndarray | None:
     """All ranks' shards, in item order, on rank 0; None on the other ranks."""
     rank, world = rank_and_world()
     if world == 1:
         return local
     parts: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(local, parts, dst=0)
-    return unshard(parts, n) if rank == 0 else None  # type: ignore[arg-type]
+    return unshard(parts, n, batch_size) if rank == 0 else None  # type: ignore[arg-type]
+
+
+def gather_to_all(local: np.ndarray, n: int, batch_size: int) -> np.ndarray:
+    """All ranks' shards, in item order, on every rank."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return local
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, local)
+    return unshard(parts, n, batch_size)
 
 
 def broadcast_from_main(value: T) -> T:
@@ -138,38 +164,34 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item()) / world
 
 
-def generate_images_sharded(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int],
-                            **kwargs: Any) -> np.ndarray | None:
-    """:func:`~ddpm_cifar.sampling.generate_images` split across the process group's ranks.
+def generate_images_sharded(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int], *,
+                            batch_size: int, everywhere: bool = False, **kwargs: Any) -> np.ndarray | None:
+    """:func:`~ddpm_cifar.sampling.generate_images` split across the process group's ranks by batch.
 
-    Returns uint8 (N, H, W, C) in seed order on rank 0 and None elsewhere. Keyword arguments are
-    generate_images'; its progress bar is shown on rank 0 only.
+    Returns uint8 (N, H, W, C) in seed order on rank 0 (on every rank with ``everywhere``) and None
+    elsewhere. Keyword arguments are generate_images'; its progress bar is shown on rank 0 only.
     """
     rank, world = rank_and_world()
-    local = generate_images(model, diffusion, shard(seeds, rank, world), **_per_rank(kwargs, rank, world))
-    return gather_to_main(local, len(seeds))
-
-
-def _per_rank(kwargs: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     kwargs = {**kwargs, "progress": kwargs.get("progress", True) and rank == 0}
     if kwargs.get("cache_dir") is not None and world > 1:
         # Each rank resumes its own shard; the batch files of different shards must not mix.
         kwargs["cache_dir"] = Path(kwargs["cache_dir"]) / f"rank{rank}-of-{world}"
-    return kwargs
+    mine = shard(list(seeds), batch_size, rank, world)
+    local = generate_images(model, diffusion, mine, batch_size=batch_size, **kwargs)
+    if everywhere:
+        return gather_to_all(local, len(seeds), batch_size)
+    return gather_to_main(local, len(seeds), batch_size)
 
 
-def statistics_sharded(local_images: np.ndarray, model: Module, *, n: int, batch_size: int,
-                       device: torch.device | str, progress: bool = True) -> FidStats | None:
-    """FID statistics of ``n`` images of which this rank holds shard(images, rank, world).
-
-    Each rank runs Inception on its own shard (uint8 NHWC); the features meet on rank 0, which
-    returns the statistics (None elsewhere). Features of a shard may differ from a single-process
-    run in the last float32 bits (other batch compositions), far below what FID resolves.
-    """
-    rank, _ = rank_and_world()
-    if n < 2:  # fail before spending time on Inception, on every rank alike
-        raise UserError(f"FID statistics need at least 2 images, got {n}")
-    feats = inception_features(local_images, model, batch_size=batch_size, device=device,
-                               progress=progress and rank == 0)
-    gathered = gather_to_main(feats, n)
+def statistics_sharded(images: np.ndarray, model: Module, *, batch_size: int, device: torch.device | str,
+                       progress: bool = True) -> FidStats | None:
+    """FID statistics of ``images`` (uint8 NHWC, the same on every rank), Inception's batches split
+    across the ranks; rank 0 gets the statistics, the others None. Each batch holds the images one
+    process would put in it, so the features, and the statistics, are the one-process ones."""
+    rank, world = rank_and_world()
+    if len(images) < 2:  # fail before spending time on Inception, on every rank alike
+        raise UserError(f"FID statistics need at least 2 images, got {len(images)}")
+    feats = inception_features(shard(images, batch_size, rank, world), model, batch_size=batch_size,
+                               device=device, progress=progress and rank == 0)
+    gathered = gather_to_main(feats, len(images), batch_size)
     return statistics(gathered) if gathered is not None else None

@@ -10,13 +10,16 @@ import numpy as np
 import torch
 
 from .config import SampleConfig, TrainConfig
-from .diffusion import GaussianDiffusion
-from .distributed import broadcast_from_main, rank_and_world, shard, statistics_sharded
+from .diffusion import GaussianDiffusion, Model
+from .distributed import broadcast_from_main, generate_images_sharded, statistics_sharded
 from .errors import UserError
 from .fid import FidStats, InceptionInfo, compute_statistics, frechet_distance, load_inception, load_stats
 from .fileio import file_digest
-from .sampling import SAMPLING_VERSION, for_sampling, generate_images
+from .sampling import SAMPLING_VERSION, for_sampling
 from .train import FidFn
+
+# The measured pretrained model's name in metrics and plots, beside the quoted baselines.
+PRETRAINED = "pretrained DDPM (measured)"
 
 
 def reference_meta(name: str, n: int, data_meta: dict[str, Any], info: InceptionInfo) -> dict[str, Any]:
@@ -65,13 +68,26 @@ def fid_of_images(images: np.ndarray, inception: torch.nn.Module, ref: FidStats,
     return frechet_distance(stats, ref)
 
 
-def fid_of_shards(local_images: np.ndarray, n: int, inception: torch.nn.Module, ref: FidStats, *,
-                  batch_size: int, device: torch.device, progress: bool = True) -> float:
-    """FID of ``n`` images spread over the process group's ranks (this rank holds
-    ``shard(images, rank, world)``); every rank returns the value. Without a group, of all of them."""
-    stats = statistics_sharded(local_images, inception, n=n, batch_size=batch_size, device=device,
-                               progress=progress)
+def fid_sharded(images: np.ndarray, inception: torch.nn.Module, ref: FidStats, *, batch_size: int,
+                device: torch.device, progress: bool = True) -> float:
+    """FID of ``images`` (the same on every rank), Inception's batches split over the process
+    group's ranks; every rank returns the value. Without a group, one process does it all."""
+    stats = statistics_sharded(images, inception, batch_size=batch_size, device=device, progress=progress)
     return broadcast_from_main(frechet_distance(stats, ref) if stats is not None else float("nan"))
+
+
+def fid_of_model(model: Model, diffusion: GaussianDiffusion, cfg: SampleConfig, inception: torch.nn.Module,
+                 ref: FidStats, *, shape: tuple[int, int, int], fid_batch_size: int, device: torch.device,
+                 cache_dir: Path | None = None, cache_key: str = "", desc: str = "sample") -> float:
+    """Sample ``cfg.n`` images (C, H, W) = ``shape`` with the sample section's settings and seeds, and
+    score them, both sharded over the process group's ranks (every rank returns the FID)."""
+    seeds = [cfg.seed + i for i in range(cfg.n)]
+    images = generate_images_sharded(model, diffusion, seeds, sampler=cfg.sampler, steps=cfg.steps,
+                                     eta=cfg.eta, spacing=cfg.spacing, shape=shape, clip_x0=cfg.clip_x0,
+                                     batch_size=cfg.batch_size, device=device, amp=True, cache_dir=cache_dir,
+                                     cache_key=cache_key, desc=desc, everywhere=True)
+    assert images is not None
+    return fid_sharded(images, inception, ref, batch_size=fid_batch_size, device=device)
 
 
 def training_fid_fn(inception: torch.nn.Module, ref: FidStats, *, n: int, sampler: str, steps: int,
@@ -79,15 +95,15 @@ def training_fid_fn(inception: torch.nn.Module, ref: FidStats, *, n: int, sample
                     device: torch.device) -> FidFn:
     """FID of the EMA model during training: the same seeds 0..n-1 every time, for a smooth curve.
 
-    In a process group each rank samples and embeds its share of the seeds."""
+    In a process group the ranks share the sampling and the Inception batches."""
     seeds = list(range(n))
 
     def fid(model: torch.nn.Module, diffusion: GaussianDiffusion) -> float:
-        rank, world = rank_and_world()
-        images = generate_images(for_sampling(model, device), diffusion, shard(seeds, rank, world),
-                                 sampler=sampler, steps=steps, spacing=spacing, batch_size=batch_size,
-                                 shape=shape, device=device, amp=True, progress=False)
-        return fid_of_shards(images, n, inception, ref, batch_size=batch_size, device=device, progress=False)
+        images = generate_images_sharded(for_sampling(model, device), diffusion, seeds, sampler=sampler,
+                                         steps=steps, spacing=spacing, batch_size=batch_size, shape=shape,
+                                         device=device, amp=True, progress=False, everywhere=True)
+        assert images is not None
+        return fid_sharded(images, inception, ref, batch_size=batch_size, device=device, progress=False)
 
     return fid
 

@@ -62,22 +62,27 @@ def save_denoising_strip(frames: np.ndarray, timesteps: Sequence[int], path: str
     _save_fig(fig, path)
 
 
-def save_fid_comparison(ours: dict[str, Any], baselines: Sequence[dict[str, Any]],
-                        path: str | Path) -> None:
-    """Horizontal bars: quoted baselines in grey, our measured FID highlighted.
+def save_fid_comparison(ours: dict[str, Any], baselines: Sequence[dict[str, Any]], path: str | Path,
+                        measured: Sequence[dict[str, Any]] = ()) -> None:
+    """Horizontal bars: quoted baselines in grey, other models we measured (``measured``: fid_report
+    dicts with a ``name``, e.g. the pretrained DDPM) in orange, our model highlighted.
 
     A non-comparable FID (unofficial Inception weights or reference) is drawn hatched and labelled
-    as such, so the figure cannot be read as a like-for-like comparison.
+    as such, so the figure cannot be read as a like-for-like comparison with the quoted numbers.
+    Measured bars share our samples count, reference and Inception, so they compare with ours.
     """
     comparable = bool(ours["comparable"])
     names = [f"{b['name']}\n(quoted, {b['samples']} samples)" for b in baselines]
+    names += [f"{m['name']}\n({m['n_samples']} samples)" for m in measured]
     names.append(f"ours, measured\n({ours['n_samples']} samples)")
-    values = [float(b["fid"]) for b in baselines] + [float(ours["fid"])]
-    colors = ["#9e9e9e"] * len(baselines) + ["#1f77b4" if comparable else "#d62728"]
+    values = [float(b["fid"]) for b in baselines] + [float(m["fid"]) for m in measured] + [float(ours["fid"])]
+    colors = (["#9e9e9e"] * len(baselines) + ["#ff7f0e"] * len(measured)
+              + ["#1f77b4" if comparable else "#d62728"])
     fig, ax = plt.subplots(figsize=(8, 0.55 * len(values) + 1.6))
     bars = ax.barh(range(len(values)), values, color=colors)
-    if not comparable:
-        bars[-1].set_hatch("//")
+    for i, m in enumerate([*measured, ours]):
+        if not m["comparable"]:
+            bars[len(baselines) + i].set_hatch("//")
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
     ax.set_yticks(range(len(values)), names, fontsize=7)
@@ -87,7 +92,8 @@ def save_fid_comparison(ours: dict[str, Any], baselines: Sequence[dict[str, Any]
     if comparable:
         ax.set_title("FID on CIFAR-10")
     else:
-        ax.set_title("FID on CIFAR-10: ours is NOT comparable to the quoted numbers", color="#d62728")
+        ax.set_title("FID on CIFAR-10: measured bars are NOT comparable to the quoted numbers",
+                     color="#d62728")
         why = "\n".join(f"- {r}" for r in ours["not_comparable_because"])
         fig.text(0.01, 0.01, "Not comparable because:\n" + why, fontsize=7, va="bottom", color="#d62728")
     fig.tight_layout(rect=(0, 0.04 + 0.035 * len(ours["not_comparable_because"]), 1, 1))

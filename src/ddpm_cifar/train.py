@@ -35,8 +35,9 @@ from .distributed import all_ranks_agree, broadcast_from_main, mean_over_ranks, 
 from .ema import EMA
 from .errors import UserError
 from .fileio import atomic_path
+from .networks import build_model
 from .tracking import Tracker
-from .unet import UNet, count_parameters
+from .unet import count_parameters
 
 # Train keys that do not change the trajectory: a checkpoint still resumes when only these differ
 # (raising ``steps`` continues a finished run).
@@ -69,7 +70,9 @@ class TrainResult:
     images_per_second: float  # all ranks together
     precision: str
     parameters: int
-    world_size: int
+    world_size: int  # processes of this run
+    world_history: list[list[int]]  # [first step, last step, processes] for every stretch of training
+    ema: torch.nn.Module  # this rank's EMA weights
     fids: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -81,7 +84,10 @@ def fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Tra
     between CPU and GPU, or between fp16 and bf16.
     """
     train = {k: v for k, v in to_dict(cfg).items() if k not in NON_TRAJECTORY_KEYS}
-    blob = json.dumps([TRAJECTORY_VERSION, to_dict(model_cfg), to_dict(diffusion_cfg), train, data_id,
+    model = to_dict(model_cfg)
+    if model["arch"] == "unet":
+        del model["arch"]  # as before model.arch existed, so that those checkpoints still resume
+    blob = json.dumps([TRAJECTORY_VERSION, model, to_dict(diffusion_cfg), train, data_id,
                        device.type, precision_for(device, cfg.amp)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -195,15 +201,9 @@ class NullLog:
         pass
 
 
-def _restore_rng(states: Any, rank: int, world: int, reseed: int) -> bool:
-    """Set this rank's torch RNG from a checkpoint's per-rank states; reseed with ``reseed`` when
-    they were saved by another world size. Returns whether the saved state was used."""
-    states = [states] if isinstance(states, torch.Tensor) else states  # one-process checkpoints
-    if len(states) == world:
-        torch.set_rng_state(states[rank])
-        return True
-    torch.manual_seed(reseed)
-    return False
+def _per_rank(states: Any) -> list[torch.Tensor]:
+    """A checkpoint's RNG states, one per rank (checkpoints from before DDP hold one tensor)."""
+    return [states] if isinstance(states, torch.Tensor) else list(states)
 
 
 def train(
@@ -246,7 +246,7 @@ def train(
     fp = fingerprint(model_cfg, diffusion_cfg, cfg, data_id, device)
 
     torch.manual_seed(cfg.seed)
-    model = UNet(model_cfg).to(device)  # the same initial weights on every rank
+    model = build_model(model_cfg).to(device)  # the same initial weights on every rank
     if rank:  # dropout masks: a stream of its own per rank; rank 0 keeps the one-process stream
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     if device.type == "cuda":
@@ -264,6 +264,7 @@ def train(
 
     # Rank 0 decides whether to resume; the others follow, reading the same file.
     step, keep_fids = 0, False
+    history: list[list[int]] = []  # [first step, last step, processes] of each stretch of training
     ckpt: dict[str, Any] | None = None
     if main and outputs.checkpoint.exists():
         ckpt = checkpoint.load(outputs.checkpoint)
@@ -285,16 +286,17 @@ def train(
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         noise_gen.set_state(ckpt["rng"]["noise"])
-        reseed = cfg.seed + 1_000_003 * rank + step
-        same_world = _restore_rng(ckpt["rng"]["torch"], rank, world, reseed)
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            cuda_states = ckpt["rng"]["cuda"]
-            cuda_states = [cuda_states] if isinstance(cuda_states, torch.Tensor) else cuda_states
-            if len(cuda_states) == world:
-                torch.cuda.set_rng_state(cuda_states[rank])
+        saved_world = len(_per_rank(ckpt["rng"]["torch"]))
+        if saved_world == world:
+            torch.set_rng_state(_per_rank(ckpt["rng"]["torch"])[rank])
+            if device.type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(_per_rank(ckpt["rng"]["cuda"])[rank])
+        else:  # the dropout streams of other ranks: reseeded, reproducibly
+            torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
+        history = [list(h) for h in ckpt.get("world_history", [[0, step, saved_world]])]
         log(f"resuming from {outputs.checkpoint} at step {step}")
-        if not same_world:
-            log(f"the checkpoint was saved by {len(ckpt['rng']['torch'])} processes, this run has {world}: "
+        if saved_world != world:
+            log(f"the checkpoint was saved by {saved_world} processes, this run has {world}: "
                 "data order and noise continue exactly, dropout masks are reseeded")
         if not keep_fids:
             log("the FID reference or Inception weights changed: the training FID curve starts over")
@@ -322,6 +324,13 @@ def train(
         torch.distributed.gather_object(state, states, dst=0)
         return states or []
 
+    def world_history() -> list[list[int]]:
+        if step == resumed_from:
+            return history
+        if history and history[-1][2] == world and history[-1][1] == resumed_from:
+            return [*history[:-1], [history[-1][0], step, world]]
+        return [*history, [resumed_from, step, world]]
+
     def save_checkpoint() -> None:
         # Every rank takes part: RNG states are gathered, and replicas are compared.
         if not all_ranks_agree(list(ema.model.parameters())):
@@ -338,6 +347,7 @@ def train(
             **payload, "fingerprint": fp, "step": step, "model": model.state_dict(),
             "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "rng": rng, "train_config": to_dict(cfg), "fid_id": fid_id, "world_size": world,
+            "world_history": world_history(),
         })
         checkpoint.save(outputs.ema, {**payload, "step": step, "ema": ema.state_dict()})
 
@@ -429,5 +439,7 @@ def train(
         precision=precision,
         parameters=count_parameters(model),
         world_size=world,
+        world_history=world_history(),
+        ema=ema.model,
         fids=fids,
     )

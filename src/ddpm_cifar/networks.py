@@ -1,0 +1,75 @@
+"""The denoising network a :class:`~ddpm_cifar.config.ModelConfig` describes.
+
+Both take ``(x, t)``, x of shape (B, C, H, W) and t of shape (B,) integer timesteps, and return a
+tensor shaped like x: what the diffusion's objective asks for. Neither knows about noise schedules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .ddpm_unet import CONFIG_NAME, DdpmUNet, DdpmUNetConfig, load_diffusers_folder, weights_file
+from .errors import ConfigError, UserError
+from .unet import UNet
+
+
+def ddpm_unet_config(cfg: ModelConfig) -> DdpmUNetConfig:
+    """ModelConfig -> the DDPM network's settings: one level per ``dim_mults`` entry, attention where
+    ``full_attn`` says, the rest as in Ho et al. (and google/ddpm-cifar10-32's config.json)."""
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.full_attn)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.full_attn))  # deepest first
+    return DdpmUNetConfig(in_channels=cfg.channels, out_channels=cfg.channels, sample_size=cfg.image_size,
+                          block_out_channels=tuple(cfg.dim * m for m in cfg.dim_mults),
+                          down_block_types=down, up_block_types=up, layers_per_block=cfg.num_res_blocks,
+                          dropout=cfg.dropout)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "ddpm":
+        return DdpmUNet(ddpm_unet_config(cfg))
+    return UNet(cfg)
+
+
+def model_config_of(settings: DdpmUNetConfig, source: str) -> ModelConfig:
+    """The ModelConfig (arch ddpm) that builds the network ``settings`` describe, e.g. one read from a
+    diffusers config.json; a setting outside what ``model.arch: ddpm`` builds is a :class:`UserError`."""
+    chans = settings.block_out_channels
+    dim = chans[0]
+    size = settings.sample_size if isinstance(settings.sample_size, int) else 32
+    try:
+        if any(c % dim for c in chans) or settings.in_channels != settings.out_channels:
+            raise ConfigError("channels")
+        cfg = ModelConfig(image_size=size, channels=settings.in_channels, dim=dim,
+                          dim_mults=tuple(c // dim for c in chans), num_res_blocks=settings.layers_per_block,
+                          full_attn=tuple(t == "AttnDownBlock2D" for t in settings.down_block_types),
+                          attn_heads=1, attn_dim_head=0, dropout=settings.dropout, arch="ddpm")
+    except ConfigError:
+        cfg = None
+    rebuilt = ddpm_unet_config(cfg) if cfg is not None else None
+    if rebuilt is None or rebuilt != dataclasses.replace(settings, sample_size=size):
+        theirs, ours = dataclasses.asdict(settings), dataclasses.asdict(rebuilt) if rebuilt else {}
+        differ = [k for k in theirs if k != "sample_size" and theirs[k] != ours.get(k)]
+        differ = differ or ["block_out_channels"]
+        raise UserError(f"{source}: {differ[0]}={theirs[differ[0]]!r} is outside what model.arch ddpm builds "
+                        "(Ho et al.'s CIFAR-10 network and its variations in size)")
+    return cfg
+
+
+def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Path]:
+    """A diffusers UNet2DModel folder (google/ddpm-cifar10-32's layout) as a model of this project,
+    and the weights file it read.
+
+    The network is in eval mode with its ``config`` attribute set to the ModelConfig that builds it,
+    as :func:`ddpm_cifar.checkpoint.load_model` leaves it. The diffusion it was trained with is
+    :func:`ddpm_cifar.ddpm_unet.diffusion_config`.
+    """
+    net = load_diffusers_folder(folder)
+    net.config = model_config_of(net.settings, str(Path(folder) / CONFIG_NAME))
+    weights = weights_file(Path(folder))
+    assert weights is not None  # load_diffusers_folder read it
+    return net.to(device).requires_grad_(False), weights

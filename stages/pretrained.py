@@ -1,0 +1,61 @@
+"""Stage pretrained: the published DDPM CIFAR-10 model, sampled and scored exactly like ours.
+
+Same sampler settings, per-image seeds and sample count (params sample), reference statistics and
+Inception weights -> metrics/pretrained_fid.json as "pretrained DDPM (measured)". Off unless
+params pretrained.enabled; the weights are not in the repository (README)."""
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from ddpm_cifar.cli import launched_ranks, run
+from ddpm_cifar.config import load_params, to_dict
+from ddpm_cifar.ddpm_unet import diffusion_config
+from ddpm_cifar.diffusion import GaussianDiffusion
+from ddpm_cifar.distributed import is_main, process_group
+from ddpm_cifar.evaluation import PRETRAINED, check_same_inception, fid_of_model, fid_report, sample_cache_key
+from ddpm_cifar.fid import load_inception, load_stats
+from ddpm_cifar.fileio import file_digest, write_json
+from ddpm_cifar.networks import load_pretrained
+from ddpm_cifar.sampling import for_sampling
+
+PARAMS = ("pretrained", "sample", "fid.inception_weights", "fid.batch_size", "distributed")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--ref", type=Path, default=Path("data/fid_ref.npz"))
+    ap.add_argument("--partial", type=Path, default=Path("samples/pretrained_partial"))
+    ap.add_argument("--out", type=Path, default=Path("metrics/pretrained_fid.json"))
+    args = ap.parse_args()
+    params = load_params(args.params, PARAMS)
+    cfg, sample = params.section("pretrained"), params.section("sample")
+    with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
+        if not cfg.enabled:
+            if is_main():
+                write_json(args.out, {PRETRAINED: {"enabled": False}})
+                print("pretrained.enabled is false: nothing to score")
+            return
+        model, weights = load_pretrained(cfg.folder, device)
+        inception, info = load_inception(params.key("fid.inception_weights"), device)
+        ref, ref_meta = load_stats(args.ref)
+        check_same_inception(ref_meta, info)
+        net, mc = for_sampling(model, device, compile=sample.compile), model.config
+        fid = fid_of_model(net, GaussianDiffusion(diffusion_config()).to(device), sample, inception, ref,
+                           shape=(mc.channels, mc.image_size, mc.image_size),
+                           fid_batch_size=params.key("fid.batch_size"), device=device, cache_dir=args.partial,
+                           cache_key=sample_cache_key(file_digest(weights), sample, device),
+                           desc="pretrained")
+        if is_main():
+            report = fid_report(fid, n_samples=sample.n, sample_cfg=to_dict(sample), ref_meta=ref_meta,
+                                info=info, baselines=[])
+            del report["baselines"]  # they are in metrics/fid.json
+            write_json(args.out, {PRETRAINED: {"enabled": True, **report, "weights": str(weights)}})
+            shutil.rmtree(args.partial, ignore_errors=True)
+            print(f"{PRETRAINED}: FID {fid:.2f} on {sample.n} samples vs {ref_meta.get('reference')}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,79 @@
+"""model.arch: the study's U-Net or Ho et al.'s DDPM network, built from params, trained, checkpointed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from factories import one_thread, random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs
+
+from ddpm_cifar import checkpoint
+from ddpm_cifar.config import ModelConfig
+from ddpm_cifar.ddpm_unet import DdpmUNet, DdpmUNetConfig, SelfAttention
+from ddpm_cifar.errors import ConfigError, UserError
+from ddpm_cifar.networks import build_model, ddpm_unet_config, model_config_of
+from ddpm_cifar.train import train
+from ddpm_cifar.unet import UNet, count_parameters
+
+# Ho et al.'s CIFAR-10 network as params.yaml writes it.
+PAPER_DDPM = ModelConfig(image_size=32, channels=3, dim=128, dim_mults=(1, 2, 2, 2), num_res_blocks=2,
+                         full_attn=(False, True, False, False), attn_heads=1, attn_dim_head=0, dropout=0.1,
+                         arch="ddpm")
+
+
+def test_params_build_the_published_network() -> None:
+    assert ddpm_unet_config(PAPER_DDPM) == DdpmUNetConfig()  # google/ddpm-cifar10-32's settings
+    net = build_model(PAPER_DDPM)
+    assert isinstance(net, DdpmUNet) and count_parameters(net) == 35_746_307
+    assert isinstance(build_model(tiny_model()), UNet)
+    assert model_config_of(DdpmUNetConfig(), "config.json") == PAPER_DDPM  # and back
+
+
+def test_attention_runs_at_16x16_on_the_way_down_and_up() -> None:
+    net = build_model(PAPER_DDPM).eval()
+    sizes: list[tuple[str, int]] = []
+    for name, m in net.named_modules():
+        if isinstance(m, SelfAttention):
+            part = name.split(".")[0]  # down_blocks, mid_block or up_blocks
+            m.register_forward_hook(lambda mod, inp, out, part=part: sizes.append((part, inp[0].shape[-1])))
+    with one_thread(), torch.no_grad():
+        net(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
+    assert sorted(set(sizes)) == [("down_blocks", 16), ("mid_block", 4), ("up_blocks", 16)]
+    assert [s for s in sizes if s[0] != "mid_block"] == [("down_blocks", 16)] * 2 + [("up_blocks", 16)] * 3
+
+
+def test_ddpm_arch_checks_its_params() -> None:
+    with pytest.raises(ConfigError, match="model.attn_heads must be 1 for model.arch ddpm"):
+        ModelConfig(**{**PAPER_DDPM.__dict__, "attn_heads": 4})
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        ModelConfig(**{**PAPER_DDPM.__dict__, "dim": 48})
+    with pytest.raises(ConfigError, match="model.arch must be one of unet, ddpm"):
+        ModelConfig(**{**PAPER_DDPM.__dict__, "arch": "dit"})
+    with pytest.raises(UserError, match="freq_shift=0"):
+        model_config_of(DdpmUNetConfig(freq_shift=0), "config.json")  # not what model.arch ddpm builds
+
+
+TINY_DDPM = dict(arch="ddpm", dim=32, dim_mults=(1, 2), attn_heads=1, full_attn=(False, True))
+
+
+def test_ddpm_arch_trains_checkpoints_and_reloads(tmp_path: Path) -> None:
+    outputs = train_outputs(tmp_path)
+    with one_thread():
+        result = train(tiny_model(**TINY_DDPM), tiny_diffusion(), tiny_train(steps=2),
+                       images=random_images(8), data_id="random", outputs=outputs, device=torch.device("cpu"),
+                       log=lambda _: None)
+    assert result.step == 2
+    model, _, ckpt = checkpoint.load_model(outputs.ema)
+    assert isinstance(model, DdpmUNet) and model.config == tiny_model(**TINY_DDPM)
+    assert ckpt["model_config"]["arch"] == "ddpm"
+
+
+def test_checkpoints_from_before_model_arch_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    net = UNet(tiny_model())
+    payload = checkpoint.model_payload(tiny_model(), tiny_diffusion())
+    del payload["model_config"]["arch"]  # as saved before the key existed
+    checkpoint.save(path, {**payload, "step": 1, "ema": net.state_dict()})
+    model, _, _ = checkpoint.load_model(path)
+    assert isinstance(model, UNet) and model.config.arch == "unet"
