@@ -39,6 +39,8 @@ def main() -> None:
                 print("pretrained.enabled is false: nothing to score")
             return
         model, weights = load_pretrained(cfg.folder, device)
+        weights_sha = file_digest(weights)  # DVC does not track the folder: the report names the files
+        digest = weights_sha + file_digest(Path(cfg.folder) / "config.json")
         inception, info = load_inception(params.key("fid.inception_weights"), device)
         ref, ref_meta = load_stats(args.ref)
         check_same_inception(ref_meta, info)
@@ -46,13 +48,14 @@ def main() -> None:
         fid = fid_of_model(net, GaussianDiffusion(diffusion_config()).to(device), sample, inception, ref,
                            shape=(mc.channels, mc.image_size, mc.image_size),
                            fid_batch_size=params.key("fid.batch_size"), device=device, cache_dir=args.partial,
-                           cache_key=sample_cache_key(file_digest(weights), sample, device),
+                           cache_key=sample_cache_key(digest, sample, device),
                            desc="pretrained")
         if is_main():
             report = fid_report(fid, n_samples=sample.n, sample_cfg=to_dict(sample), ref_meta=ref_meta,
                                 info=info, baselines=[])
             del report["baselines"]  # they are in metrics/fid.json
-            write_json(args.out, {PRETRAINED: {"enabled": True, **report, "weights": str(weights)}})
+            write_json(args.out, {PRETRAINED: {"enabled": True, **report, "weights": str(weights),
+                                               "weights_sha256": weights_sha}})
             shutil.rmtree(args.partial, ignore_errors=True)
             print(f"{PRETRAINED}: FID {fid:.2f} on {sample.n} samples vs {ref_meta.get('reference')}")
 

@@ -241,7 +241,7 @@ def test_missing_folder_names_it_and_says_where_to_get_it(tmp_path: Path) -> Non
     with pytest.raises(UserError) as info:
         load_diffusers_folder(folder)
     message = str(info.value)
-    assert str(folder) in message and HUB_URL in message and "huggingface-cli download" in message
+    assert str(folder) in message and HUB_URL in message and "hf download" in message
     assert "\n" not in message
 
 

@@ -15,12 +15,15 @@ import torch
 import yaml
 from diffusers import UNet2DModel
 from factories import one_thread, random_images, save_tiny_checkpoint
+from PIL import Image
 
 from ddpm_cifar.demo import Demo, load_demo_model
 from ddpm_cifar.errors import UserError
 from ddpm_cifar.evaluation import PRETRAINED, reference_meta
 from ddpm_cifar.fid import compute_statistics, load_inception, save_random_inception, save_stats
+from ddpm_cifar.fileio import file_digest
 from ddpm_cifar.networks import load_pretrained
+from ddpm_cifar.plots import save_fid_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model with the published network's structure (attention at the second level, DDPM's
@@ -85,6 +88,14 @@ def test_the_stage_scores_the_folder_like_our_model(workspace: Path) -> None:
     assert report["comparable"] is False
     assert any("Inception" in r for r in report["not_comparable_because"])
     assert not (workspace / "partial").exists()
+    weights = workspace / "ddpm-tiny" / "diffusion_pytorch_model.safetensors"
+    assert report["weights_sha256"] == file_digest(weights)
+    # ... and the plot draws it beside the quoted baselines and our model.
+    ours = {**report, "fid": 50.0}
+    baselines = [{"name": "BigGAN", "fid": 14.73, "samples": "unknown"}]
+    save_fid_comparison(ours, baselines, workspace / "cmp.png", measured=[{"name": PRETRAINED, **report}])
+    with Image.open(workspace / "cmp.png") as im:
+        assert im.format == "PNG" and im.height > 200
 
 
 @pytest.mark.slow

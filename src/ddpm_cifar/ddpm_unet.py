@@ -38,15 +38,18 @@ BIN_NAME = "diffusion_pytorch_model.bin"
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 
-# The training setup of the published model (Ho et al. 2020, section 4 and appendix B; the same values
-# are in the repository's scheduler_config.json). Images are scaled to [-1, 1].
+# The training setup of the published model (Ho et al. 2020, section 4 and appendix B). Images are
+# scaled to [-1, 1].
 SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "linear",
     "beta_start": 1e-4,
     "beta_end": 0.02,
     "prediction": "epsilon",
-    "variance_type": "fixed_small",  # sigma_t^2 = posterior variance (beta tilde), as the paper sampled
+    # How Ho et al. sampled CIFAR-10 (their run_cifar.py: model_var_type fixedlarge, sigma_t^2 = beta_t).
+    # This project's ddpm sampler uses the posterior variance (beta tilde, "fixed_small") for every
+    # model; the paper reports the two alike at 1000 steps.
+    "variance_type": "fixed_large",
     "clip_sample": True,  # the predicted x0 is clipped to [-1, 1] when sampling
 }
 
@@ -493,7 +496,7 @@ def _missing_files_error(folder: Path, what: str) -> UserError:
     return UserError(
         f"{folder}: {what}; expected a diffusers UNet2DModel folder with {CONFIG_NAME} and "
         f"{SAFETENSORS_NAME} (or {BIN_NAME}), e.g. from {HUB_URL}: "
-        f"huggingface-cli download google/ddpm-cifar10-32 --local-dir {folder}"
+        f"hf download google/ddpm-cifar10-32 {CONFIG_NAME} {SAFETENSORS_NAME} --local-dir {folder}"
     )
 
 
