@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ddpm_cifar import checkpoint
 from ddpm_cifar.cli import default_device, run
-from ddpm_cifar.evaluation import check_same_inception, comparability, fid_of_images
+from ddpm_cifar.evaluation import check_same_inception, comparability, fid_sharded
 from ddpm_cifar.fid import load_inception, load_stats
 from ddpm_cifar.sampling import for_sampling, generate_images
 
@@ -51,7 +51,7 @@ def main() -> None:
                                  spacing=spacing, eta=eta, batch_size=args.batch, shape=shape,
                                  device=device, amp=True, progress=False)
         seconds = time.perf_counter() - t0
-        fid = fid_of_images(images, inception, ref, batch_size=args.batch, device=device, progress=False)
+        fid = fid_sharded(images, inception, ref, batch_size=args.batch, device=device, progress=False)
         print(f"| {name} | {steps} | {spacing} | {eta} | {fid:.2f} | {seconds:.1f} s |", flush=True)
     if reasons:
         print(f"\nNOT comparable to published FIDs: {'; '.join(reasons)}")

@@ -13,7 +13,7 @@ from .config import SampleConfig, TrainConfig
 from .diffusion import GaussianDiffusion, Model
 from .distributed import broadcast_from_main, generate_images_sharded, statistics_sharded
 from .errors import UserError
-from .fid import FidStats, InceptionInfo, compute_statistics, frechet_distance, load_inception, load_stats
+from .fid import FidStats, InceptionInfo, frechet_distance, load_inception, load_stats
 from .fileio import file_digest
 from .sampling import SAMPLING_VERSION, for_sampling
 from .train import FidFn
@@ -60,12 +60,6 @@ def check_same_inception(ref_meta: dict[str, Any], info: InceptionInfo) -> None:
             f"the reference statistics were computed with Inception weights {want[:12]}, but "
             f"{info.path} is {info.sha256[:12]}: rerun the ref_stats stage (dvc repro ref_stats)"
         )
-
-
-def fid_of_images(images: np.ndarray, inception: torch.nn.Module, ref: FidStats, *, batch_size: int,
-                  device: torch.device, progress: bool = True) -> float:
-    stats = compute_statistics(images, inception, batch_size=batch_size, device=device, progress=progress)
-    return frechet_distance(stats, ref)
 
 
 def fid_sharded(images: np.ndarray, inception: torch.nn.Module, ref: FidStats, *, batch_size: int,
