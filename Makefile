@@ -1,4 +1,5 @@
 # Entry points for people: `make quick` (CPU-sized run), `make paper` (the study's run), `make test`.
+# `make quick SOURCE=path/to/cifar-10-python.tar.gz` (or SOURCE=official) picks the data.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -22,13 +23,13 @@ setup-browser:        ## Debian's Chromium, for the app's browser test (as root,
 app: setup            ## the demo app on the pipeline's model, at http://127.0.0.1:7860
 	python -m ddpm_cifar.app --checkpoint models/ema.pt
 
-quick: setup          ## the whole DAG at CPU size on real CIFAR-10 (~15 min on 2 cores)
-	bash scripts/quick_run.sh $(SOURCE)
+quick: setup          ## the whole DAG at CPU size on real CIFAR-10, as a DVC experiment (~12 min on 2 cores)
+	python scripts/run_preset.py configs/quick.yaml $(if $(SOURCE),--source $(SOURCE))
 
 paper: setup          ## the study's experiment, exactly as params.yaml says
 	dvc repro
 
-test: setup
+test: setup setup-browser   ## the suite, browser tests included (with CI set, a missing browser fails them)
 	python -m pytest -q
 
 lint: setup

@@ -24,8 +24,7 @@ import torch.multiprocessing as mp
 
 from ddpm_cifar.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.distributed import generate_images_sharded
-from ddpm_cifar.sampling import generate_images
+from ddpm_cifar.sampling import generate_images, generate_images_sharded
 from ddpm_cifar.train import TrainOutputs, train
 from ddpm_cifar.unet import UNet
 

@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 
 from ddpm_cifar.config import DiffusionConfig, ModelConfig
 from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.distributed import generate_images_sharded, statistics_sharded
-from ddpm_cifar.fid import load_inception, save_random_inception
+from ddpm_cifar.fid import load_inception, save_random_inception, statistics_sharded
+from ddpm_cifar.sampling import generate_images_sharded
 from ddpm_cifar.unet import UNet
 
 PAPER = ModelConfig(image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2,

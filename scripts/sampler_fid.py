@@ -16,8 +16,9 @@ from pathlib import Path
 
 from ddpm_cifar import checkpoint
 from ddpm_cifar.cli import default_device, run
-from ddpm_cifar.evaluation import check_same_inception, comparability, fid_sharded
+from ddpm_cifar.evaluation import fid_sharded
 from ddpm_cifar.fid import load_inception, load_stats
+from ddpm_cifar.reports import check_same_inception, comparability
 from ddpm_cifar.sampling import for_sampling, generate_images
 
 

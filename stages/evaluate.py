@@ -1,4 +1,5 @@
-"""Stage evaluate: FID of the samples against the reference statistics -> metrics/fid.json.
+"""Stage evaluate: FID of the samples against the reference statistics -> metrics/fid.json (the
+numbers) and reports/fid.json (the provenance: reference, Inception, sampler, comparability).
 
 Under torchrun (params distributed) each rank runs Inception on its share of the samples."""
 
@@ -8,14 +9,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ddpm_cifar.cli import launched_ranks, run
 from ddpm_cifar.config import load_params
 from ddpm_cifar.distributed import is_main, process_group
-from ddpm_cifar.evaluation import check_same_inception, fid_report, fid_sharded
+from ddpm_cifar.evaluation import fid_sharded
 from ddpm_cifar.fid import load_inception, load_stats
 from ddpm_cifar.fileio import write_json
+from ddpm_cifar.reports import check_same_inception, fid_report, metrics_of
 
 PARAMS = ("fid.inception_weights", "fid.batch_size", "distributed")
 
@@ -25,8 +26,8 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--samples", type=Path, default=Path("samples/samples.npz"))
     ap.add_argument("--ref", type=Path, default=Path("data/fid_ref.npz"))
-    ap.add_argument("--baselines", type=Path, default=Path("baselines.yaml"))
     ap.add_argument("--out", type=Path, default=Path("metrics/fid.json"))
+    ap.add_argument("--report", type=Path, default=Path("reports/fid.json"))
     args = ap.parse_args()
     params = load_params(args.params, PARAMS)
     with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
@@ -35,13 +36,13 @@ def main() -> None:
         check_same_inception(ref_meta, info)
         with np.load(args.samples) as f:
             images, sample_cfg = f["images"], json.loads(str(f["config"]))
+            checkpoint_step = int(f["checkpoint_step"])
         fid = fid_sharded(images, inception, ref, batch_size=params.key("fid.batch_size"), device=device)
         if not is_main():
             return
-        baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
-        report = fid_report(fid, n_samples=len(images), sample_cfg=sample_cfg, ref_meta=ref_meta, info=info,
-                            baselines=baselines)
-        write_json(args.out, report)
+        report = fid_report(fid, n_samples=len(images), sample_cfg=sample_cfg, ref_meta=ref_meta, info=info)
+        write_json(args.report, {**report, "checkpoint_step": checkpoint_step})
+        write_json(args.out, metrics_of(report))
         reasons = report["not_comparable_because"]
         flag = f"  (NOT comparable: {'; '.join(reasons)})" if reasons else ""
         print(f"FID {fid:.2f} on {len(images)} samples vs {ref_meta.get('reference')}{flag}")

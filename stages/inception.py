@@ -1,8 +1,10 @@
 """Stage inception: make sure the FID Inception weights named in params are present and valid.
 
-A missing file is downloaded when it is the official one; offline, the stage stops with one line
-that names the file and where to put it. A file already there (official or not) is kept: DVC
-records its hash, so replacing it reruns everything that scored with it.
+A missing file is downloaded when it is the official one, and made here when it is named
+inception-random-seedN.pth (random weights, for offline smoke runs: their FIDs are flagged as not
+comparable). Offline, a missing official file stops the stage with one line that names the file and
+where to put it. A file already there (official or not) is kept: DVC records its hash, so replacing
+it reruns everything that scored with it.
 """
 
 import argparse
@@ -16,6 +18,8 @@ from ddpm_cifar.fid import (
     OFFICIAL_INCEPTION_URL,
     download_official_inception,
     load_inception,
+    random_inception_seed,
+    save_random_inception,
 )
 
 PARAMS = ("fid.inception_weights",)
@@ -26,7 +30,10 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     path = Path(load_params(args.params, PARAMS).key("fid.inception_weights"))
-    if not path.is_file():
+    seed = random_inception_seed(path)
+    if not path.is_file() and seed is not None:
+        save_random_inception(path, seed=seed)  # the same bytes for the same seed, on any machine
+    elif not path.is_file():
         if path.name != OFFICIAL_INCEPTION_FILENAME:
             load_inception(path)  # raises the message that says how to make or get this file
         try:
@@ -35,8 +42,8 @@ def main() -> None:
             raise UserError(
                 f"Inception weights {path} are missing and could not be downloaded "
                 f"({exc.__cause__ or exc}). Copy {OFFICIAL_INCEPTION_FILENAME} from {OFFICIAL_INCEPTION_URL} "
-                f"to {path}; for a non-comparable smoke run, `make inception-random` and set "
-                "fid.inception_weights: data/inception/inception-random-seed0.pth"
+                f"to {path}; for a non-comparable smoke run, set "
+                "fid.inception_weights: data/inception/inception-random-seed0.pth (made by this stage)"
             ) from exc
     _, info = load_inception(path)
     kind = "official" if info.official else "NOT the official weights: FIDs will be flagged"

@@ -1,31 +1,42 @@
-"""Stage plots: our FID beside the quoted baselines (and the measured pretrained DDPM, when scored)
--> plots/fid_comparison.png."""
+"""Stage plots: the training curves as PNGs (the study's figures), and our FID beside the quoted
+baselines (and the measured pretrained DDPM, when scored), as a PNG and as CSV data for `dvc plots`.
+A FID that is not comparable with published numbers goes to a panel and a chart of its own."""
 
 import argparse
 import json
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from ddpm_cifar.cli import run
-from ddpm_cifar.plots import save_fid_comparison
+from ddpm_cifar.fileio import atomic_path
+from ddpm_cifar.plots import save_fid_comparison, save_training_curves
+from ddpm_cifar.reports import fid_tables
 
 PARAMS: tuple[str, ...] = ()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--fid", type=Path, default=Path("metrics/fid.json"))
-    ap.add_argument("--pretrained", type=Path, default=Path("metrics/pretrained_fid.json"))
+    ap.add_argument("--fid", type=Path, default=Path("reports/fid.json"))
+    ap.add_argument("--pretrained", type=Path, default=Path("reports/pretrained_fid.json"))
     ap.add_argument("--baselines", type=Path, default=Path("baselines.yaml"))
-    ap.add_argument("--out", type=Path, default=Path("plots/fid_comparison.png"))
+    ap.add_argument("--loss-log", type=Path, default=Path("metrics/train_loss.tsv"))
+    ap.add_argument("--fid-log", type=Path, default=Path("metrics/train_fid.tsv"))
+    ap.add_argument("--out", type=Path, default=Path("plots"))
     args = ap.parse_args()
     ours = json.loads(args.fid.read_text())
     baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
-    measured = [{"name": name, **report} for name, report in json.loads(args.pretrained.read_text()).items()
-                if report.get("enabled")]
-    save_fid_comparison(ours, baselines, args.out, measured=measured)
-    print(f"FID comparison -> {args.out}")
+    pretrained = json.loads(args.pretrained.read_text())
+    measured = [pretrained] if pretrained.get("enabled") else []
+    save_fid_comparison(ours, baselines, args.out / "fid_comparison.png", measured=measured)
+    for name, rows in zip(("fid_published.csv", "fid_measured.csv"), fid_tables(ours, baselines, measured),
+                          strict=True):
+        with atomic_path(args.out / name) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+    save_training_curves(args.loss_log, args.fid_log, args.out / "loss_curve.png", args.out / "fid_curve.png")
+    print(f"FID comparison, training curves -> {args.out}/")
 
 
 if __name__ == "__main__":

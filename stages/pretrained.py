@@ -1,7 +1,8 @@
 """Stage pretrained: the published DDPM CIFAR-10 model, sampled and scored exactly like ours.
 
 Same sampler settings, per-image seeds and sample count (params sample), reference statistics and
-Inception weights -> metrics/pretrained_fid.json as "pretrained DDPM (measured)". Off unless
+Inception weights -> metrics/pretrained_fid.json (the numbers) and reports/pretrained_fid.json (the
+provenance and the weights' SHA-256), as "pretrained DDPM (measured)". Off unless
 params pretrained.enabled; the weights are not in the repository (README)."""
 
 import argparse
@@ -14,11 +15,12 @@ from ddpm_cifar.config import load_params, to_dict
 from ddpm_cifar.ddpm_unet import diffusion_config
 from ddpm_cifar.diffusion import GaussianDiffusion
 from ddpm_cifar.distributed import is_main, process_group
-from ddpm_cifar.evaluation import PRETRAINED, check_same_inception, fid_of_model, fid_report, sample_cache_key
+from ddpm_cifar.evaluation import fid_of_model
 from ddpm_cifar.fid import load_inception, load_stats
 from ddpm_cifar.fileio import file_digest, write_json
 from ddpm_cifar.networks import load_pretrained
-from ddpm_cifar.sampling import for_sampling
+from ddpm_cifar.reports import PRETRAINED, check_same_inception, fid_report, metrics_of
+from ddpm_cifar.sampling import for_sampling, sample_cache_key
 
 PARAMS = ("pretrained", "sample", "fid.inception_weights", "fid.batch_size", "distributed")
 
@@ -29,13 +31,15 @@ def main() -> None:
     ap.add_argument("--ref", type=Path, default=Path("data/fid_ref.npz"))
     ap.add_argument("--partial", type=Path, default=Path("samples/pretrained_partial"))
     ap.add_argument("--out", type=Path, default=Path("metrics/pretrained_fid.json"))
+    ap.add_argument("--report", type=Path, default=Path("reports/pretrained_fid.json"))
     args = ap.parse_args()
     params = load_params(args.params, PARAMS)
     cfg, sample = params.section("pretrained"), params.section("sample")
     with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
         if not cfg.enabled:
             if is_main():
-                write_json(args.out, {PRETRAINED: {"enabled": False}})
+                write_json(args.report, {"name": PRETRAINED, "enabled": False})
+                write_json(args.out, {"enabled": False})
                 print("pretrained.enabled is false: nothing to score")
             return
         model, weights = load_pretrained(cfg.folder, device)
@@ -52,10 +56,10 @@ def main() -> None:
                            desc="pretrained")
         if is_main():
             report = fid_report(fid, n_samples=sample.n, sample_cfg=to_dict(sample), ref_meta=ref_meta,
-                                info=info, baselines=[])
-            del report["baselines"]  # they are in metrics/fid.json
-            write_json(args.out, {PRETRAINED: {"enabled": True, **report, "weights": str(weights),
-                                               "weights_sha256": weights_sha}})
+                                info=info)
+            write_json(args.report, {"name": PRETRAINED, "enabled": True, **report, "weights": str(weights),
+                                     "weights_sha256": weights_sha})
+            write_json(args.out, {"enabled": True, **metrics_of(report)})
             shutil.rmtree(args.partial, ignore_errors=True)
             print(f"{PRETRAINED}: FID {fid:.2f} on {sample.n} samples vs {ref_meta.get('reference')}")
 

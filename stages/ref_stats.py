@@ -10,9 +10,9 @@ from pathlib import Path
 from ddpm_cifar.cli import launched_ranks, run
 from ddpm_cifar.config import load_params
 from ddpm_cifar.data import load_split
-from ddpm_cifar.distributed import is_main, process_group, statistics_sharded
-from ddpm_cifar.evaluation import reference_meta
-from ddpm_cifar.fid import load_inception, load_stats, save_stats
+from ddpm_cifar.distributed import is_main, process_group
+from ddpm_cifar.fid import load_inception, load_stats, save_stats, statistics_sharded
+from ddpm_cifar.reports import reference_meta
 
 PARAMS = ("fid", "distributed")
 

@@ -14,11 +14,10 @@ import numpy as np
 from ddpm_cifar import checkpoint
 from ddpm_cifar.cli import launched_ranks, run
 from ddpm_cifar.config import load_params, to_dict
-from ddpm_cifar.distributed import generate_images_sharded, process_group
-from ddpm_cifar.evaluation import sample_cache_key
+from ddpm_cifar.distributed import process_group
 from ddpm_cifar.fileio import atomic_path, file_digest
 from ddpm_cifar.plots import save_denoising_strip, save_grid
-from ddpm_cifar.sampling import denoising_frames, for_sampling
+from ddpm_cifar.sampling import denoising_frames, for_sampling, generate_images_sharded, sample_cache_key
 
 PARAMS = ("sample", "distributed")
 

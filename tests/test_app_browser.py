@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,27 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from browser import CHROMIUM_ARGS, chromium_executable, sync_playwright_api
 from factories import save_tiny_checkpoint
 from PIL import Image
 
-playwright = pytest.importorskip("playwright.sync_api")
+# Skipped where Playwright or Chromium is missing, failed instead under CI (tests/browser.py).
+playwright = sync_playwright_api()
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-# Flags for a closed network: without the background-networking ones Chromium keeps dialling out.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAD = 2  # the grid's gap between images, in pixels
 DONE = "document.querySelector('#status').innerText.startsWith('Done')"
-
-
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        message = "Debian's chromium is not installed (make setup-browser installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI installs it: a missing browser there is a broken setup
-        pytest.skip(message)
-    return path
 
 
 def _free_port() -> int:
@@ -79,7 +66,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def page(server: str) -> Iterator[object]:
     with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=chromium_executable(), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1300, "height": 900}, accept_downloads=True)
         page.goto(server)
         page.wait_for_selector("#generate")

@@ -16,17 +16,11 @@ import torch.multiprocessing as mp
 from factories import one_thread, random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs
 
 from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.distributed import (
-    generate_images_sharded,
-    rank_and_world,
-    shard,
-    statistics_sharded,
-    unshard,
-)
+from ddpm_cifar.distributed import rank_and_world, shard, unshard
 from ddpm_cifar.ema import EMA
 from ddpm_cifar.errors import UserError
-from ddpm_cifar.fid import load_inception, save_random_inception
-from ddpm_cifar.sampling import generate_images
+from ddpm_cifar.fid import load_inception, save_random_inception, statistics_sharded
+from ddpm_cifar.sampling import generate_images, generate_images_sharded
 from ddpm_cifar.train import TrainResult, train
 from ddpm_cifar.unet import LinearAttention, ResBlock, UNet
 

@@ -7,6 +7,7 @@ be the same set or a changed hyperparameter silently fails to invalidate the sta
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import re
@@ -18,13 +19,14 @@ from typing import Any
 
 import pytest
 import yaml
+from committed import committed_yaml
 
 from ddpm_cifar import config
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = ROOT / "dvc.yaml"
-PARAMS_YAML = ROOT / "params.yaml"
-PACKAGE_DEP = "src/ddpm_cifar"
+PACKAGE = "ddpm_cifar"
+PACKAGE_DIR = ROOT / "src" / PACKAGE
 _INTERPOLATION = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 
 
@@ -34,7 +36,8 @@ def _load_yaml(path: Path) -> Any:
 
 DVC = _load_yaml(DVC_YAML)
 STAGES: dict[str, dict[str, Any]] = DVC["stages"]
-PARAMS_FILE: dict[str, Any] = config.read_yaml(PARAMS_YAML)
+# As committed: an experiment in the workspace may have rewritten params.yaml (tests/committed.py).
+PARAMS_FILE: dict[str, Any] = committed_yaml("params.yaml")
 
 
 def _stage_module(name: str) -> ModuleType:
@@ -110,6 +113,11 @@ def _covers(declared: set[str], dotted: str) -> bool:
     return any(dotted == d or dotted.startswith(d + ".") for d in declared)
 
 
+# Params a stage reads that change how it runs, never what it writes: declared by the script as
+# RUN_PARAMS and deliberately not DVC params, so that turning them on or off reruns nothing.
+RUN_PARAMS_ALLOWED = {"train": {"wandb"}}
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_params_match_script_params(name: str) -> None:
     module = _stage_module(name)
@@ -122,11 +130,16 @@ def test_stage_params_match_script_params(name: str) -> None:
         f"stage {name}: dvc.yaml params {sorted(declared)} != stages/{name}.py PARAMS {sorted(code)} "
         f"(only in dvc.yaml: {sorted(declared - code)}; only in the script: {sorted(code - declared)})"
     )
+    run_params = set(getattr(module, "RUN_PARAMS", ()))
+    assert run_params <= RUN_PARAMS_ALLOWED.get(name, set()), (
+        f"stages/{name}.py: RUN_PARAMS {sorted(run_params)} are not known to leave its outputs unchanged")
+    assert not run_params & declared, f"stage {name}: {sorted(run_params & declared)} declared twice"
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_params_exist_in_params_yaml_and_config(name: str) -> None:
-    for dotted in _stage_module(name).PARAMS:
+    module = _stage_module(name)
+    for dotted in (*module.PARAMS, *getattr(module, "RUN_PARAMS", ())):
         found, _ = _lookup(dotted)
         assert found, f"stage {name} reads {dotted!r}, which params.yaml does not have"
         section, _, key = dotted.partition(".")
@@ -136,12 +149,84 @@ def test_stage_params_exist_in_params_yaml_and_config(name: str) -> None:
             assert key in fields, f"stage {name}: {dotted!r} is not a field of {section!r}"
 
 
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node Python executes at import or call time: ``if TYPE_CHECKING:`` blocks are skipped
+    (their imports are for type checkers only and cannot change what a stage computes)."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        children = list(ast.iter_child_nodes(node))
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            children = list(node.orelse)
+        todo.extend(children)
+    return out
+
+
+def _package_imports(path: Path, *, inside_package: bool) -> set[str]:
+    """Modules of the package (``cli``, ``sampling``, ...) that the file imports anywhere in it,
+    function-level imports included."""
+    names: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == PACKAGE:
+                    names.add(parts[1] if len(parts) > 1 else "__init__")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and (node.module or "").split(".")[0] == PACKAGE:
+                parts = node.module.split(".")  # type: ignore[union-attr]
+            elif node.level == 1 and inside_package:
+                parts = [PACKAGE, *(node.module.split(".") if node.module else [])]
+            else:
+                continue
+            # ``from ddpm_cifar import checkpoint`` names a module; ``from .x import y`` names x
+            names.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+    return {n for n in names if (PACKAGE_DIR / f"{n}.py").is_file()}
+
+
+def import_closure(script: Path) -> set[str]:
+    """Repo-relative paths of the package modules a stage script runs: what it imports, what those
+    import, and so on, plus the package's ``__init__.py`` that every import runs first."""
+    seen: set[str] = set()
+    todo = list(_package_imports(script, inside_package=False))
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_package_imports(PACKAGE_DIR / f"{module}.py", inside_package=True))
+    return {f"src/{PACKAGE}/{m}.py" for m in seen | {"__init__"}}
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
-def test_stage_deps_include_package_and_own_script(name: str) -> None:
+def test_stage_deps_are_its_script_and_import_closure(name: str) -> None:
+    """DVC cannot see imports: a stage lists the package modules it runs, exactly. One too few and a
+    change to it does not rerun the stage; one too many (or the whole package) and an edit to, say,
+    the app reruns training and 10,000 samples."""
     deps = _paths(STAGES[name].get("deps"))
     script = f"stages/{name}.py"
-    assert PACKAGE_DEP in deps, f"stage {name} does not depend on {PACKAGE_DEP} (DVC cannot see imports)"
     assert script in deps, f"stage {name} does not depend on its own script {script}"
+    listed = {d for d in deps if d.startswith("src/")}
+    want = import_closure(ROOT / script)
+    assert listed == want, (
+        f"stage {name}: dvc.yaml lists {sorted(listed)}; the script imports {sorted(want)} "
+        f"(missing: {sorted(want - listed)}; not imported: {sorted(listed - want)})"
+    )
+
+
+def test_import_closure_follows_imports_transitively() -> None:
+    """The closure itself: the sample stage runs the samplers through a module it imports."""
+    closure = import_closure(ROOT / "stages/sample.py")
+    assert f"src/{PACKAGE}/sampling.py" in closure and f"src/{PACKAGE}/diffusion.py" in closure
+    assert f"src/{PACKAGE}/app.py" not in closure
+    fetch = import_closure(ROOT / "stages/fetch.py")
+    assert f"src/{PACKAGE}/sampling.py" not in fetch and f"src/{PACKAGE}/data.py" in fetch
 
 
 # The data-parallel stages: torchrun with the process counts from params (DDP, sharded sampling/FID).

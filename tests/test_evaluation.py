@@ -9,7 +9,8 @@ import torch
 from factories import tiny_train
 
 from ddpm_cifar.config import SampleConfig
-from ddpm_cifar.evaluation import sample_cache_key, training_fid_id
+from ddpm_cifar.evaluation import training_fid_id
+from ddpm_cifar.sampling import sample_cache_key
 
 SAMPLE = SampleConfig(n=10, sampler="ddpm", steps=50, eta=0.0, spacing="quadratic", compile=False,
                       batch_size=5, seed=0, clip_x0=True, grid_images=4, strip_seeds=(0,), strip_frames=5)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import yaml
+from committed import committed_text
 from PIL import Image
 
 from ddpm_cifar import config
@@ -80,7 +81,8 @@ def _git_files(*args: str) -> list[str]:
 
 
 def _copy_project(dest: Path) -> None:
-    """Tracked plus untracked-but-not-ignored files, as they are in the working tree."""
+    """The code as the working tree has it (tracked plus untracked-but-not-ignored files), but
+    params.yaml as committed: an experiment applied to the workspace must not change the test."""
     files = set(_git_files()) | set(_git_files("--others", "--exclude-standard"))
     for rel in sorted(files):
         top = rel.split("/", 1)[0]
@@ -91,6 +93,7 @@ def _copy_project(dest: Path) -> None:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel)
+    (dest / "params.yaml").write_text(committed_text("params.yaml"))
 
 
 def _env(tmp: Path, repo: Path) -> dict[str, str]:
@@ -187,6 +190,50 @@ def _keep_artifacts(repo: Path, plots_html: Path, label: str) -> None:
         shutil.copy2(metric, dest / "metrics" / metric.name)
 
 
+def _assert_metrics_are_numbers(repo: Path) -> None:
+    """What `dvc metrics show` and `dvc exp show` list: flat numbers and booleans only (provenance,
+    strings and hashes are in reports/)."""
+    for rel in _paths_of(DVC_YAML["metrics"]):
+        values = json.loads((repo / rel).read_text())
+        bad = {k: v for k, v in values.items() if not isinstance(v, (int, float, bool)) or v is None}
+        assert not bad, f"{rel} holds non-numbers {bad}"
+
+
+def _paths_of(entries: list[Any]) -> list[str]:
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def _stale(run: Runner) -> set[str]:
+    """Stages `dvc status` calls changed."""
+    out = run.dvc("status", "--json").stdout
+    return set(json.loads(out or "{}"))
+
+
+def _check_reruns_follow_imports(run: Runner, repo: Path) -> None:
+    """Each stage depends on the modules it imports, and nothing else: an edit to the app reruns
+    nothing; an edit to the samplers reruns what samples, never fetch, inception or ref_stats. A
+    run-only param (W&B) reruns nothing either."""
+    for rel, expect in (("src/ddpm_cifar/app.py", set()),
+                        ("src/ddpm_cifar/sampling.py", {"train", "sample", "evaluate", "pretrained"})):
+        path = repo / rel
+        before = path.read_bytes()
+        path.write_bytes(before + b"\n# an edit\n")
+        try:
+            assert _stale(run) == expect, f"after editing {rel}: {_stale(run)}"
+        finally:
+            path.write_bytes(before)
+    params = repo / "params.yaml"
+    before = params.read_bytes()
+    raw = config.read_yaml(params)
+    raw["wandb"]["enabled"] = True
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        assert _stale(run) == set(), "turning W&B on marks stages changed"
+    finally:
+        params.write_bytes(before)
+    assert _stale(run) == set()
+
+
 def _ran(output: str) -> set[str]:
     return {name for name in STAGE_NAMES if f"Running stage '{name}'" in output}
 
@@ -225,7 +272,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     weights = repo / INCEPTION_IN_REPO  # a file put there by hand is kept as it is
     assert weights.read_bytes() == e2e_random_inception.read_bytes(), "the Inception file was replaced"
 
-    report = json.loads((repo / "metrics/fid.json").read_text())
+    report = json.loads((repo / "reports/fid.json").read_text())
     assert isinstance(report["fid"], float) and math.isfinite(report["fid"]), report
     assert report["n_samples"] == 6
     assert report["inception_official"] is False
@@ -233,6 +280,13 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     reasons = report["not_comparable_because"]
     assert reasons and any("Inception" in r for r in reasons), reasons
     assert report["sampling_steps"] == 5 and report["sampler"] == "ddpm", report
+    _assert_metrics_are_numbers(repo)
+    assert json.loads((repo / "metrics/fid.json").read_text()) == {
+        "fid": report["fid"], "n_samples": 6, "reference_n": 12, "comparable": False}
+    # A FID that is not comparable is never on the chart of published numbers.
+    published = (repo / "plots/fid_published.csv").read_text()
+    assert "BigGAN (quoted)" in published and "ours" not in published, published
+    assert "ours" in (repo / "plots/fid_measured.csv").read_text()
 
     fid_rows = _read_tsv(repo / "metrics/train_fid.tsv")
     assert [int(r["step"]) for r in fid_rows] == [2, 4], fid_rows
@@ -240,15 +294,17 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     loss_rows = _read_tsv(repo / "metrics/train_loss.tsv")
     assert [int(r["step"]) for r in loss_rows] == [1, 2, 3, 4], loss_rows
     assert all(math.isfinite(float(r["loss"])) for r in loss_rows), loss_rows
-    train_json = json.loads((repo / "metrics/train.json").read_text())
-    assert train_json["steps"] == 4 and train_json["resumed_from_step"] == 0, train_json
+    train_json = json.loads((repo / "reports/train.json").read_text())
+    assert train_json["resumed_from_step"] == 0, train_json
+    assert json.loads((repo / "metrics/train.json").read_text())["steps"] == 4
 
     with np.load(repo / "samples/samples.npz") as f:
         assert f["images"].shape == (6, 32, 32, 3) and f["images"].dtype == np.uint8
         assert f["seeds"].tolist() == list(range(6))
         assert int(f["checkpoint_step"]) == 4
 
-    for png in ("sample_grid.png", "denoise_strip.png", "fid_comparison.png"):
+    for png in ("sample_grid.png", "denoise_strip.png", "fid_comparison.png", "loss_curve.png",
+                "fid_curve.png"):
         with Image.open(repo / "plots" / png) as im:
             im.load()
             assert im.format == "PNG" and im.width > 0 and im.height > 0, png
@@ -257,7 +313,8 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     html_dir = tmp_path / "dvc_plots"  # outside the repo: the tree stays clean for exp run
     run.dvc("plots", "show", "-o", str(html_dir))
     html = (html_dir / "index.html").read_text()
-    for title in ("Training loss", "FID during training"):
+    for title in ("Training loss", "FID during training", "FID beside published numbers",
+                  "FID measured here"):
         assert title in html, f"plot {title!r} missing from dvc plots show"
     _keep_artifacts(repo, html_dir, "repro")
 
@@ -274,6 +331,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     status = run.dvc("status")
     assert "Data and pipelines are up to date." in status.stdout, status.stdout + status.stderr
     assert ckpt.stat().st_mtime_ns == ckpt_mtime
+    _check_reruns_follow_imports(run, repo)
 
     # --- an experiment on a sampling param reruns only sample -> evaluate -> plots ---------------
     exp = run.dvc("exp", "run", "-S", "sample.n=5")
@@ -282,6 +340,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     assert ckpt.stat().st_mtime_ns == ckpt_mtime, "exp run touched the training checkpoint"
     assert json.loads((repo / "metrics/fid.json").read_text())["n_samples"] == 5
     assert config.read_yaml(repo / "params.yaml")["sample"]["n"] == 5
+    _assert_metrics_are_numbers(repo)
     with Image.open(repo / "plots/fid_comparison.png") as im:
         im.load()
     status = run.dvc("status")
@@ -302,7 +361,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     for name in DATA_PARALLEL:
         assert lock[name]["params"]["params.yaml"]["distributed"]["nproc_per_node"] == 2, name
         assert "--nproc-per-node 2" in lock[name]["cmd"], lock[name]["cmd"]
-    train_json = json.loads((repo / "metrics/train.json").read_text())
+    train_json = json.loads((repo / "reports/train.json").read_text())
     assert train_json["resumed_from_step"] == 4, train_json
     assert train_json["world_history"] == [[0, 4, 1], [4, 6, 2]], train_json
     losses = [float(r["loss"]) for r in _read_tsv(repo / "metrics/train_loss.tsv")]

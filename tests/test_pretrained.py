@@ -19,11 +19,11 @@ from PIL import Image
 
 from ddpm_cifar.demo import Demo, load_demo_model
 from ddpm_cifar.errors import UserError
-from ddpm_cifar.evaluation import PRETRAINED, reference_meta
 from ddpm_cifar.fid import compute_statistics, load_inception, save_random_inception, save_stats
 from ddpm_cifar.fileio import file_digest
 from ddpm_cifar.networks import load_pretrained
 from ddpm_cifar.plots import save_fid_comparison
+from ddpm_cifar.reports import PRETRAINED, reference_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model with the published network's structure (attention at the second level, DDPM's
@@ -62,7 +62,8 @@ def _run(root: Path, *, enabled: bool, folder: str) -> subprocess.CompletedProce
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     stage = str(ROOT / "stages" / "pretrained.py")
     return subprocess.run([sys.executable, stage, "--ref", str(root / "ref.npz"),
-                           "--out", str(root / "out.json"), "--partial", str(root / "partial")],
+                           "--out", str(root / "out.json"), "--report", str(root / "report.json"),
+                           "--partial", str(root / "partial")],
                           cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -82,8 +83,12 @@ def test_loads_as_a_model_of_this_project(workspace: Path) -> None:
 def test_the_stage_scores_the_folder_like_our_model(workspace: Path) -> None:
     proc = _run(workspace, enabled=True, folder=str(workspace / "ddpm-tiny"))
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((workspace / "out.json").read_text())[PRETRAINED]
+    report = json.loads((workspace / "report.json").read_text())
+    assert report["name"] == PRETRAINED
     assert report["enabled"] is True and math.isfinite(report["fid"]) and report["fid"] > 0
+    # The metrics file holds the numbers only: what `dvc metrics show` lists.
+    assert json.loads((workspace / "out.json").read_text()) == {
+        "enabled": True, "fid": report["fid"], "n_samples": 6, "reference_n": 8, "comparable": False}
     assert report["n_samples"] == 6 and report["sampler"] == "ddim" and report["sampling_steps"] == 3
     assert report["comparable"] is False
     assert any("Inception" in r for r in report["not_comparable_because"])
@@ -93,7 +98,7 @@ def test_the_stage_scores_the_folder_like_our_model(workspace: Path) -> None:
     # ... and the plot draws it beside the quoted baselines and our model.
     ours = {**report, "fid": 50.0}
     baselines = [{"name": "BigGAN", "fid": 14.73, "samples": "unknown"}]
-    save_fid_comparison(ours, baselines, workspace / "cmp.png", measured=[{"name": PRETRAINED, **report}])
+    save_fid_comparison(ours, baselines, workspace / "cmp.png", measured=[report])
     with Image.open(workspace / "cmp.png") as im:
         assert im.format == "PNG" and im.height > 200
 
@@ -111,8 +116,8 @@ def test_missing_weights_name_the_folder(workspace: Path) -> None:
 def test_disabled_writes_a_placeholder_and_samples_nothing(workspace: Path) -> None:
     proc = _run(workspace, enabled=False, folder="nowhere")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((workspace / "out.json").read_text()) == {PRETRAINED: {"enabled": False}}
-
+    assert json.loads((workspace / "out.json").read_text()) == {"enabled": False}
+    assert json.loads((workspace / "report.json").read_text()) == {"name": PRETRAINED, "enabled": False}
 
 
 def test_the_app_takes_the_folder_as_the_comparison_side(workspace: Path, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""Data parallelism over a torch.distributed process group, as torchrun sets one up.
+"""The torch.distributed process group, as torchrun sets one up, and its collectives.
 
 A stage joins the group with :func:`process_group` (it passes the launcher's rank facts in: the
 library reads no environment). Everything else here only uses the group, and is a no-op without
-one, so a single process runs the same code.
+one, so a single process runs the same code. What is sharded lives beside what it shards:
+``sampling.generate_images_sharded`` and ``fid.statistics_sharded``.
 
 Sampling and Inception shard by whole batches: of the batches one process would run, rank r of w
 runs batches r, r + w, r + 2w, ... and the results are put back in order. Every image owns its
@@ -16,18 +17,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn import Module
 
-from .diffusion import GaussianDiffusion, Model
 from .errors import UserError
-from .fid import FidStats, inception_features, statistics
-from .sampling import generate_images
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Sequence[Any] | np.ndarray)
@@ -162,36 +158,3 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)  # SUM: gloo has no AVG
     return float(t.item()) / world
-
-
-def generate_images_sharded(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int], *,
-                            batch_size: int, everywhere: bool = False, **kwargs: Any) -> np.ndarray | None:
-    """:func:`~ddpm_cifar.sampling.generate_images` split across the process group's ranks by batch.
-
-    Returns uint8 (N, H, W, C) in seed order on rank 0 (on every rank with ``everywhere``) and None
-    elsewhere. Keyword arguments are generate_images'; its progress bar is shown on rank 0 only.
-    """
-    rank, world = rank_and_world()
-    kwargs = {**kwargs, "progress": kwargs.get("progress", True) and rank == 0}
-    if kwargs.get("cache_dir") is not None and world > 1:
-        # Each rank resumes its own shard; the batch files of different shards must not mix.
-        kwargs["cache_dir"] = Path(kwargs["cache_dir"]) / f"rank{rank}-of-{world}"
-    mine = shard(list(seeds), batch_size, rank, world)
-    local = generate_images(model, diffusion, mine, batch_size=batch_size, **kwargs)
-    if everywhere:
-        return gather_to_all(local, len(seeds), batch_size)
-    return gather_to_main(local, len(seeds), batch_size)
-
-
-def statistics_sharded(images: np.ndarray, model: Module, *, batch_size: int, device: torch.device | str,
-                       progress: bool = True) -> FidStats | None:
-    """FID statistics of ``images`` (uint8 NHWC, the same on every rank), Inception's batches split
-    across the ranks; rank 0 gets the statistics, the others None. Each batch holds the images one
-    process would put in it, so the features, and the statistics, are the one-process ones."""
-    rank, world = rank_and_world()
-    if len(images) < 2:  # fail before spending time on Inception, on every rank alike
-        raise UserError(f"FID statistics need at least 2 images, got {len(images)}")
-    feats = inception_features(shard(images, batch_size, rank, world), model, batch_size=batch_size,
-                               device=device, progress=progress and rank == 0)
-    gathered = gather_to_main(feats, len(images), batch_size)
-    return statistics(gathered) if gathered is not None else None

@@ -1,8 +1,9 @@
-"""FID of generated images against cached reference statistics, and what makes it comparable."""
+"""FID of generated images against cached reference statistics: of a sample set, of a model (sampled
+with the sample section's settings) and during training. What makes an FID comparable: reports.py."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,55 +12,15 @@ import torch
 
 from .config import SampleConfig, TrainConfig
 from .diffusion import GaussianDiffusion, Model
-from .distributed import broadcast_from_main, generate_images_sharded, statistics_sharded
-from .errors import UserError
-from .fid import FidStats, InceptionInfo, frechet_distance, load_inception, load_stats
+from .distributed import broadcast_from_main
+from .fid import FidStats, frechet_distance, load_inception, load_stats, statistics_sharded
 from .fileio import file_digest
-from .sampling import SAMPLING_VERSION, for_sampling
-from .train import FidFn
+from .reports import check_same_inception
+from .sampling import SAMPLING_VERSION, for_sampling, generate_images_sharded
 
-# The measured pretrained model's name in metrics and plots, beside the quoted baselines.
-PRETRAINED = "pretrained DDPM (measured)"
-
-
-def reference_meta(name: str, n: int, data_meta: dict[str, Any], info: InceptionInfo) -> dict[str, Any]:
-    """What a set of reference statistics was computed from."""
-    official_data = bool(data_meta.get("official", False))
-    return {
-        "reference": name,
-        "reference_n": n,
-        "reference_official": official_data and name == "cifar10-train" and n == 50000,
-        "data_official": official_data,
-        "data_source": data_meta.get("source"),
-        "inception_sha256": info.sha256,
-        "inception_official": info.official,
-    }
-
-
-def comparability(ref_meta: dict[str, Any], info: InceptionInfo, n_samples: int) -> list[str]:
-    """Reasons an FID cannot be compared with published CIFAR-10 numbers (empty if it can)."""
-    reasons = []
-    if not info.official:
-        reasons.append("Inception weights are not the official pt_inception-2015-12-05 file")
-    if not ref_meta.get("reference_official", False):
-        name, n = ref_meta.get("reference"), ref_meta.get("reference_n")
-        if not ref_meta.get("data_official", False):
-            reasons.append(f"reference {name} is not from the official CIFAR-10 archive "
-                           f"(source: {ref_meta.get('data_source')})")
-        if name != "cifar10-train" or n != 50000:
-            reasons.append(f"reference is {name} with {n} images, not the 50,000-image train set")
-    if n_samples < 10000:
-        reasons.append(f"only {n_samples} samples (published FIDs use 10k-50k)")
-    return reasons
-
-
-def check_same_inception(ref_meta: dict[str, Any], info: InceptionInfo) -> None:
-    want = ref_meta.get("inception_sha256")
-    if want and want != info.sha256:
-        raise UserError(
-            f"the reference statistics were computed with Inception weights {want[:12]}, but "
-            f"{info.path} is {info.sha256[:12]}: rerun the ref_stats stage (dvc repro ref_stats)"
-        )
+# What train() calls for the training-time FID: (EMA model, diffusion) -> FID. The same alias as
+# train.FidFn, written out so that the stages that only sample and score need not import training.
+FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]
 
 
 def fid_sharded(images: np.ndarray, inception: torch.nn.Module, ref: FidStats, *, batch_size: int,
@@ -116,32 +77,6 @@ def training_fid(inception_weights: str | Path, ref_path: Path, cfg: TrainConfig
                          steps=cfg.fid_sample_steps, spacing=cfg.fid_spacing, batch_size=cfg.fid_batch_size,
                          shape=shape, device=device)
     return fn, fid_id, meta
-
-
-def fid_report(value: float, *, n_samples: int, sample_cfg: dict[str, Any], ref_meta: dict[str, Any],
-               info: InceptionInfo, baselines: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    reasons = comparability(ref_meta, info, n_samples)
-    return {
-        "fid": round(float(value), 4),
-        "n_samples": n_samples,
-        "reference": ref_meta.get("reference"),
-        "reference_n": ref_meta.get("reference_n"),
-        "reference_official": bool(ref_meta.get("reference_official")),
-        "inception_sha256": info.sha256,
-        "inception_official": info.official,
-        "comparable": not reasons,
-        "not_comparable_because": reasons,
-        "sampler": sample_cfg.get("sampler"),
-        "sampling_steps": sample_cfg.get("steps"),
-        "baselines": {b["name"]: b["fid"] for b in baselines},
-    }
-
-
-def sample_cache_key(ckpt_sha256: str, cfg: SampleConfig, device: torch.device) -> str:
-    """What finished sample batches depend on; the device too, since CUDA runs under bf16."""
-    # batch_size too: the network always sees full batches of it, and its rounding depends on it
-    return (f"{SAMPLING_VERSION}:{ckpt_sha256}:{cfg.sampler}:{cfg.steps}:{cfg.eta}:{cfg.spacing}:"
-            f"{cfg.seed}:{cfg.clip_x0}:{cfg.compile}:{cfg.batch_size}:{device.type}")
 
 
 def training_fid_id(inception_sha256: str, ref_digest: str, cfg: TrainConfig) -> str:

@@ -15,6 +15,7 @@ matrix square root are computed in float64.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from torch import nn
 from torchvision.models.inception import Inception3
 from tqdm import tqdm
 
+from .distributed import gather_to_main, rank_and_world, shard
 from .errors import UserError
 from .fileio import atomic_path, download, file_digest, verify_checksum
 
@@ -197,6 +199,13 @@ def load_inception(
     )
     model.requires_grad_(False)
     return model.eval().to(device), info
+
+
+def random_inception_seed(path: str | Path) -> int | None:
+    """The seed N when ``path`` is named ``inception-random-seedN.pth`` (a random-weight file that the
+    inception stage makes itself), else None."""
+    match = re.fullmatch(r"inception-random-seed(\d+)\.pth", Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def save_random_inception(path: str | Path, seed: int = 0) -> None:
@@ -372,3 +381,17 @@ def load_stats(path: str | Path) -> tuple[FidStats, dict[str, Any]]:
     except Exception as exc:  # zip, pickle and JSON errors all mean a bad file
         raise UserError(f"{path} is not a readable FID statistics .npz: {exc}") from exc
     return FidStats(mu=mu, sigma=sigma, n=n), meta
+
+
+def statistics_sharded(images: np.ndarray, model: nn.Module, *, batch_size: int, device: torch.device | str,
+                       progress: bool = True) -> FidStats | None:
+    """FID statistics of ``images`` (uint8 NHWC, the same on every rank), Inception's batches split
+    across the ranks; rank 0 gets the statistics, the others None. Each batch holds the images one
+    process would put in it, so the features, and the statistics, are the one-process ones."""
+    rank, world = rank_and_world()
+    if len(images) < 2:  # fail before spending time on Inception, on every rank alike
+        raise UserError(f"FID statistics need at least 2 images, got {len(images)}")
+    feats = inception_features(shard(images, batch_size, rank, world), model, batch_size=batch_size,
+                               device=device, progress=progress and rank == 0)
+    gathered = gather_to_main(feats, len(images), batch_size)
+    return statistics(gathered) if gathered is not None else None

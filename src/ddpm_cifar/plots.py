@@ -1,4 +1,4 @@
-"""Figures: sample grids, the denoising strip and our FID beside the baselines."""
+"""Figures: sample grids, the denoising strip, the training curves and our FID beside the baselines."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .fileio import atomic_path  # noqa: E402
@@ -64,40 +65,87 @@ def save_denoising_strip(frames: np.ndarray, timesteps: Sequence[int], path: str
 
 def save_fid_comparison(ours: dict[str, Any], baselines: Sequence[dict[str, Any]], path: str | Path,
                         measured: Sequence[dict[str, Any]] = ()) -> None:
-    """Horizontal bars: quoted baselines in grey, other models we measured (``measured``: fid_report
-    dicts with a ``name``, e.g. the pretrained DDPM) in orange, our model highlighted.
+    """Horizontal bars: quoted baselines in grey, other models we measured (``measured``: reports
+    with a ``name``, e.g. the pretrained DDPM) in orange, our model in blue.
 
-    A non-comparable FID (unofficial Inception weights or reference) is drawn hatched and labelled
-    as such, so the figure cannot be read as a like-for-like comparison with the quoted numbers.
-    Measured bars share our samples count, reference and Inception, so they compare with ours.
+    A measured FID that is not comparable with published numbers (unofficial Inception weights or
+    reference, too few samples) never shares an axis with them: it goes to a second panel, hatched,
+    with the reasons printed under it.
     """
-    comparable = bool(ours["comparable"])
-    names = [f"{b['name']}\n(quoted, {b['samples']} samples)" for b in baselines]
-    names += [f"{m['name']}\n({m['n_samples']} samples)" for m in measured]
-    names.append(f"ours, measured\n({ours['n_samples']} samples)")
-    values = [float(b["fid"]) for b in baselines] + [float(m["fid"]) for m in measured] + [float(ours["fid"])]
-    colors = (["#9e9e9e"] * len(baselines) + ["#ff7f0e"] * len(measured)
-              + ["#1f77b4" if comparable else "#d62728"])
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(values) + 1.6))
-    bars = ax.barh(range(len(values)), values, color=colors)
-    for i, m in enumerate([*measured, ours]):
-        if not m["comparable"]:
-            bars[len(baselines) + i].set_hatch("//")
+    ours_named = {**ours, "name": "ours, measured"}
+    mine = [*measured, ours_named]
+    same_axis = [m for m in mine if m["comparable"]]
+    apart = [m for m in mine if not m["comparable"]]
+    panels = [("FID on CIFAR-10 (lower is better)", _quoted_bars(baselines) + _measured_bars(same_axis))]
+    if apart:
+        panels.append(("Measured here: NOT comparable with the numbers on the left", _measured_bars(apart)))
+    height = 0.55 * max(len(bars) for _, bars in panels) + 1.6
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels) ** 0.5 + 1, height), squeeze=False)
+    for ax, (title, bars) in zip(axes[0], panels, strict=True):
+        _draw_bars(ax, bars, title)
+    reasons = list(dict.fromkeys(r for m in apart for r in m["not_comparable_because"]))
+    if reasons:
+        fig.text(0.01, 0.01, "Not comparable because:\n" + "\n".join(f"- {r}" for r in reasons),
+                 fontsize=7, va="bottom", color="#d62728")
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * len(reasons), 1, 1))
+    _save_fig(fig, path)
+
+
+# (label, value, colour, hatched) of one bar
+_Bar = tuple[str, float, str, bool]
+
+
+def _quoted_bars(baselines: Sequence[dict[str, Any]]) -> list[_Bar]:
+    return [(f"{b['name']}\n(quoted, {b['samples']} samples)", float(b["fid"]), "#9e9e9e", False)
+            for b in baselines]
+
+
+def _measured_bars(reports: Sequence[dict[str, Any]]) -> list[_Bar]:
+    bars = []
+    for m in reports:
+        colour = "#1f77b4" if m["name"].startswith("ours") else "#ff7f0e"
+        label = f"{m['name']}\n({m['n_samples']} samples)"
+        bars.append((label, float(m["fid"]), colour, not m["comparable"]))
+    return bars
+
+
+def _draw_bars(ax: Any, bars: Sequence[_Bar], title: str) -> None:
+    labels, values, colours, hatched = zip(*bars, strict=True)
+    drawn = ax.barh(range(len(values)), values, color=colours)
+    for bar, hatch in zip(drawn, hatched, strict=True):
+        if hatch:
+            bar.set_hatch("//")
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
-    ax.set_yticks(range(len(values)), names, fontsize=7)
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("FID (lower is better)")
     ax.set_xlim(0, max(values) * 1.2)
-    if comparable:
-        ax.set_title("FID on CIFAR-10")
-    else:
-        ax.set_title("FID on CIFAR-10: measured bars are NOT comparable to the quoted numbers",
-                     color="#d62728")
-        why = "\n".join(f"- {r}" for r in ours["not_comparable_because"])
-        fig.text(0.01, 0.01, "Not comparable because:\n" + why, fontsize=7, va="bottom", color="#d62728")
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * len(ours["not_comparable_because"]), 1, 1))
-    _save_fig(fig, path)
+    ax.set_title(title, fontsize=9, color="#d62728" if any(hatched) else "black")
+
+
+def save_training_curves(loss_log: str | Path, fid_log: str | Path, loss_png: str | Path,
+                         fid_png: str | Path) -> None:
+    """The study's two figures from the training logs (TSVs with a ``step`` column): the loss, raw and
+    smoothed, and the training-time FID of the EMA weights."""
+    loss = pd.read_csv(loss_log, sep="\t")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(loss["step"], loss["loss"], color="#9ecae1", linewidth=0.6, label="loss")
+    window = max(1, len(loss) // 50)
+    ax.plot(loss["step"], loss["loss"].rolling(window, min_periods=1).mean(), color="#1f77b4",
+            label=f"mean of {window} steps")
+    ax.set(xlabel="step", ylabel="loss", title="Training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, loss_png)
+    fid = pd.read_csv(fid_log, sep="\t")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(fid["step"], fid["fid"], marker="o", color="#1f77b4")
+    ax.set(xlabel="step", ylabel="FID", title="FID during training (EMA weights)")
+    if fid.empty:
+        ax.text(0.5, 0.5, "no training-time FID (train.fid_every: 0)", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    _save_fig(fig, fid_png)
 
 
 def _save_fig(fig: Any, path: str | Path) -> None:

@@ -27,14 +27,19 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .diffusion import GaussianDiffusion, Model
+from .distributed import gather_to_all, gather_to_main, rank_and_world, shard
 from .errors import UserError
 from .fileio import atomic_path
+
+if TYPE_CHECKING:  # a type only: the sampling code does not depend on the config module
+    from .config import SampleConfig
 
 # Bump when the same seeds and settings would give other images (the noise generator, a sampler's
 # arithmetic), so that cached sample batches and the training-time FID curve are not reused.
@@ -425,3 +430,29 @@ def denoising_frames(
                 picked.append(to_uint8(s.x))
                 timesteps.append(s.t)
     return np.stack(picked, axis=1), timesteps  # (B, F, H, W, C)
+
+
+def generate_images_sharded(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int], *,
+                            batch_size: int, everywhere: bool = False, **kwargs: Any) -> np.ndarray | None:
+    """:func:`generate_images` split across the process group's ranks by batch.
+
+    Returns uint8 (N, H, W, C) in seed order on rank 0 (on every rank with ``everywhere``) and None
+    elsewhere. Keyword arguments are generate_images'; its progress bar is shown on rank 0 only.
+    """
+    rank, world = rank_and_world()
+    kwargs = {**kwargs, "progress": kwargs.get("progress", True) and rank == 0}
+    if kwargs.get("cache_dir") is not None and world > 1:
+        # Each rank resumes its own shard; the batch files of different shards must not mix.
+        kwargs["cache_dir"] = Path(kwargs["cache_dir"]) / f"rank{rank}-of-{world}"
+    mine = shard(list(seeds), batch_size, rank, world)
+    local = generate_images(model, diffusion, mine, batch_size=batch_size, **kwargs)
+    if everywhere:
+        return gather_to_all(local, len(seeds), batch_size)
+    return gather_to_main(local, len(seeds), batch_size)
+
+
+def sample_cache_key(ckpt_sha256: str, cfg: SampleConfig, device: torch.device) -> str:
+    """What finished sample batches depend on; the device too, since CUDA runs under bf16."""
+    # batch_size too: the network always sees full batches of it, and its rounding depends on it
+    return (f"{SAMPLING_VERSION}:{ckpt_sha256}:{cfg.sampler}:{cfg.steps}:{cfg.eta}:{cfg.spacing}:"
+            f"{cfg.seed}:{cfg.clip_x0}:{cfg.compile}:{cfg.batch_size}:{device.type}")
