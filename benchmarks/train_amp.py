@@ -41,7 +41,8 @@ def main() -> None:
     for amp in ((False, True) if args.fp32_first else (True, False)):
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch, grad_accum=args.accum, lr=8e-5,
                           adam_betas=(0.9, 0.99), max_grad_norm=1.0, ema_decay=0.995, ema_update_every=10,
-                          ema_start_step=100, amp=amp, seed=0, checkpoint_every=args.steps, fid_every=0,
+                          ema_start_step=100, ema_inv_gamma=1.0, ema_power=2 / 3, amp=amp, seed=0,
+                          checkpoint_every=args.steps, fid_every=0,
                           fid_samples=0, fid_sampler="ddpm", fid_sample_steps=1, fid_spacing="uniform",
                           fid_batch_size=1, sample_grid_every=0)
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,13 +1,15 @@
-"""Stage train: U-Net + Gaussian diffusion with EMA, gradient accumulation, AMP and exact resume.
+"""Stage train: U-Net + Gaussian diffusion with EMA, gradient accumulation, AMP and exact resume ->
+models/, metrics/train.json (the numbers) and reports/train.json (how the run went).
 
 Runs data-parallel under torchrun when params ask for more than one process (dvc.yaml's command)."""
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 from ddpm_cifar.cli import launched_ranks, run
-from ddpm_cifar.config import load_params, to_dict
+from ddpm_cifar.config import load_params
 from ddpm_cifar.data import load_split
 from ddpm_cifar.distributed import is_main, process_group
 from ddpm_cifar.evaluation import training_fid
@@ -15,7 +17,9 @@ from ddpm_cifar.fileio import file_digest, write_json
 from ddpm_cifar.tracking import Tracker, make_tracker
 from ddpm_cifar.train import TrainOutputs, train
 
-PARAMS = ("model", "diffusion", "train", "wandb", "fid.inception_weights", "distributed")
+PARAMS = ("model", "diffusion", "train", "fid.inception_weights", "distributed")
+# Read but deliberately not DVC params: they change how the stage runs, never what it computes.
+RUN_PARAMS = ("wandb",)
 
 
 def main() -> None:
@@ -25,10 +29,11 @@ def main() -> None:
     ap.add_argument("--ref", type=Path, default=Path("data/fid_ref.npz"))
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--metrics", type=Path, default=Path("metrics"))
+    ap.add_argument("--reports", type=Path, default=Path("reports"))
     args = ap.parse_args()
-    params = load_params(args.params, PARAMS)
+    params = load_params(args.params, PARAMS + RUN_PARAMS)
     model_cfg, diffusion_cfg = params.section("model"), params.section("diffusion")
-    cfg, wandb_cfg = params.section("train"), params.section("wandb")
+    cfg = params.section("train")
     with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
         images, _ = load_split(args.data, "train")
         fid_fn, fid_id, fid_meta = None, "", {}
@@ -36,8 +41,11 @@ def main() -> None:
             shape = (model_cfg.channels, model_cfg.image_size, model_cfg.image_size)
             fid_fn, fid_id, fid_meta = training_fid(params.key("fid.inception_weights"), args.ref, cfg, shape,
                                                     device)
-        config = {"model": to_dict(model_cfg), "diffusion": to_dict(diffusion_cfg), "train": to_dict(cfg)}
-        tracker = make_tracker(wandb_cfg, config, run_dir=args.models / "wandb") if is_main() else Tracker()
+        meta = args.data / "meta.json"  # the data set's provenance, written by the fetch stage
+        config = {**params.as_dict(), "dataset": json.loads(meta.read_text()) if meta.is_file() else None}
+        # `dvc exp run` names the experiment in DVC_EXP_NAME: the W&B run's name unless params give one.
+        tracker = (make_tracker(params.section("wandb"), config, args.models / "wandb",
+                                default_name=os.environ.get("DVC_EXP_NAME")) if is_main() else Tracker())
         outputs = TrainOutputs(args.models / "checkpoint.pt", args.models / "ema.pt",
                                args.metrics / "train_loss.tsv", args.metrics / "train_fid.tsv")
         try:
@@ -47,13 +55,9 @@ def main() -> None:
         finally:
             tracker.finish()
         if is_main():
-            write_json(args.metrics / "train.json", {
-                "steps": result.step, "resumed_from_step": result.resumed_from,
-                "final_loss": round(result.final_loss, 6), "parameters": result.parameters,
-                "images_per_second": round(result.images_per_second, 2), "precision": result.precision,
-                "device": device.type, "world_size": result.world_size, "world_history": result.world_history,
-                "last_fid": result.fids[-1][1] if result.fids else None, **fid_meta,
-            })
+            write_json(args.metrics / "train.json", result.metrics())
+            write_json(args.reports / "train.json",
+                       {**result.report(), "device": device.type, **fid_meta, **tracker.info()})
 
 
 if __name__ == "__main__":

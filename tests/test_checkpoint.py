@@ -66,7 +66,7 @@ def test_load_model_gives_the_trained_ema_weights(trained: Trained) -> None:
         with torch.no_grad():
             assert torch.equal(manual(x, t), got), path
 
-    # The EMA really differs from the raw weights (ema_start_step=2 < 3 steps, decay 0.9).
+    # The EMA really differs from the raw weights (it averages after ema_start_step=1 of the 3 steps).
     raw = torch.load(trained.outputs.checkpoint, weights_only=True)
     assert any(not torch.equal(raw["model"][k], raw["ema"][k]) for k in raw["ema"])
     assert not model.training

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from committed import committed_text
 
 from ddpm_cifar.config import (
     SECTIONS,
@@ -25,7 +26,8 @@ from ddpm_cifar.config import (
 )
 from ddpm_cifar.errors import ConfigError, UserError
 
-REPO_PARAMS = Path(__file__).parents[1] / "params.yaml"
+# As committed, not as an experiment in the workspace may have left it (tests/committed.py).
+REPO_PARAMS_TEXT = committed_text("params.yaml")
 
 # A complete, valid params file, written out by the tests (the repo's file may be changed by a
 # running experiment while the tests run).
@@ -41,7 +43,7 @@ BASE: dict[str, dict[str, Any]] = {
               "amp": True, "seed": 0, "checkpoint_every": 1000, "fid_every": 0,
               "fid_samples": 1000, "fid_sampler": "dpmpp_2m", "fid_sample_steps": 20,
               "fid_spacing": "quadratic", "fid_batch_size": 250,
-              "sample_grid_every": 0},
+              "sample_grid_every": 0, "ema_inv_gamma": 1.0, "ema_power": 0.6666666666666666},
     "sample": {"n": 10000, "sampler": "ddpm", "steps": 1000, "eta": 0.0, "spacing": "quadratic",
                "compile": True, "batch_size": 250, "seed": 0,
                "clip_x0": True, "grid_images": 64, "strip_seeds": [0, 1, 2, 3], "strip_frames": 20},
@@ -75,9 +77,10 @@ def _load_all(path: Path) -> dict[str, Any]:
 
 # -- the repo's params.yaml ----------------------------------------------------------------------
 
-def test_repo_params_yaml_parses_fully() -> None:
-    # Only parsing is asserted: a running `dvc exp run -S ...` may temporarily rewrite the values.
-    sections = _load_all(REPO_PARAMS)
+def test_repo_params_yaml_parses_fully(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(REPO_PARAMS_TEXT)
+    sections = _load_all(path)
     for name, cls in SECTIONS.items():
         assert isinstance(sections[name], cls)
     model = sections["model"]
@@ -117,7 +120,9 @@ def _error(path: Path) -> str:
 
 
 @pytest.mark.parametrize(("section", "key"), [("train", "lr"), ("model", "dim_mults"),
-                                              ("data", "md5"), ("wandb", "run_name")])
+                                              ("data", "md5"), ("wandb", "run_name"),
+                                              # defaults for code only: params.yaml must name them
+                                              ("train", "ema_power"), ("train", "ema_inv_gamma")])
 def test_missing_key_names_it(write_params, section: str, key: str) -> None:
     message = _error(write_params(lambda raw: raw[section].pop(key)))
     assert f"{section}.{key}" in message
@@ -145,6 +150,8 @@ def test_unknown_key_names_it(write_params, section: str, key: str) -> None:
         ("train", "amp", "yes please", "train.amp"),
         ("data", "source", 5, "data.source"),  # int for str
         ("train", "max_grad_norm", "none", "train.max_grad_norm"),  # optional float
+        ("train", "ema_power", "2/3", "train.ema_power"),
+        ("train", "ema_inv_gamma", None, "train.ema_inv_gamma"),  # null only where documented
         ("model", "dim_mults", 4, "model.dim_mults"),  # scalar for list
         ("model", "dim_mults", [1, "2"], "model.dim_mults[1]"),  # bad element
         ("train", "adam_betas", [0.9], "train.adam_betas"),  # fixed-length pair
@@ -236,6 +243,22 @@ def test_post_init_checks(write_params) -> None:
     assert "diffusion.timesteps" in _error(write_params(lambda raw: raw["diffusion"].update(timesteps=1)))
 
 
+@pytest.mark.parametrize(("key", "value"), [("ema_power", 0.0), ("ema_power", -0.5),
+                                            ("ema_power", float("nan")), ("ema_inv_gamma", 0.0),
+                                            ("ema_inv_gamma", -1.0), ("ema_inv_gamma", float("inf")),
+                                            ("ema_start_step", -1)])
+def test_ema_warm_up_ranges(write_params, key: str, value: float) -> None:
+    message = _error(write_params(lambda raw: raw["train"].update({key: value})))
+    assert message.startswith(f"train.{key} must be")
+
+
+def test_ema_power_null_turns_the_warm_up_off(write_params) -> None:
+    train = _load_all(write_params(lambda raw: raw["train"].update(ema_power=None)))["train"]
+    assert train.ema_power is None and train.ema_inv_gamma == 1.0
+    train = _load_all(write_params(lambda raw: raw["train"].update(ema_power=1, ema_start_step=0)))["train"]
+    assert train.ema_power == 1.0 and isinstance(train.ema_power, float) and train.ema_start_step == 0
+
+
 # -- declared params -----------------------------------------------------------------------------
 
 def test_params_refuses_undeclared_sections_and_keys(write_params) -> None:
@@ -268,6 +291,15 @@ def test_params_key_is_type_checked(write_params) -> None:
     path = write_params(lambda raw: raw["fid"].pop("inception_weights"))
     with pytest.raises(ConfigError, match="fid.inception_weights"):
         load_params(path, ["fid.inception_weights"]).key("fid.inception_weights")
+
+
+def test_params_as_dict_holds_what_was_declared(write_params) -> None:
+    params = load_params(write_params(), ["train", "fid.inception_weights", "wandb"])
+    assert params.as_dict() == {"train": BASE["train"], "wandb": BASE["wandb"],
+                                "fid": {"inception_weights": "data/inception/pt_inception.pth"}}
+    bad = load_params(write_params(lambda raw: raw["train"].update(lr="fast")), ["train"])
+    with pytest.raises(ConfigError, match="train.lr"):
+        bad.as_dict()  # checked like section()
 
 
 def test_params_key_must_be_a_field() -> None:

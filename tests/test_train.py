@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from factories import one_thread, random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs
+import yaml
+from factories import (
+    FakeWandb,
+    one_thread,
+    random_images,
+    tiny_diffusion,
+    tiny_model,
+    tiny_train,
+    train_outputs,
+)
 
-from ddpm_cifar.config import TrainConfig
-from ddpm_cifar.tracking import Tracker
+from ddpm_cifar.config import TrainConfig, WandbConfig
+from ddpm_cifar.tracking import Tracker, make_tracker
 from ddpm_cifar.train import BatchSource, TrainOutputs, TrainResult, train
 
 IMAGES = random_images(n=12, size=8, seed=3)
@@ -114,6 +127,46 @@ def test_interrupted_run_resumes_exactly(straight: Run, tmp_path: Path) -> None:
     assert resumed.result.final_loss == pytest.approx(straight.result.final_loss, abs=1e-6)
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    wandb_cfg = WandbConfig(enabled=True, project="p", run_name=None, entity=None, mode="online")
+
+    def tracked(cfg: TrainConfig) -> Run:
+        tracker = make_tracker(wandb_cfg, {}, tmp_path / "wandb")
+        try:
+            return _train(tmp_path, cfg, tracker=tracker)
+        finally:
+            tracker.finish()
+
+    def stored_id() -> str | None:
+        return torch.load(tmp_path / "checkpoint.pt", weights_only=True).get("wandb_run_id")
+
+    tracked(tiny_train(steps=3))
+    assert fake.inits[-1]["id"] is None and fake.inits[-1]["resume"] is None  # a new run...
+    assert stored_id() == "new-1"  # ...whose id the checkpoint keeps
+    resumed = tracked(tiny_train(steps=5))
+    assert resumed.result.resumed_from == 3
+    assert fake.inits[-1]["id"] == "new-1" and fake.inits[-1]["resume"] == "allow"
+    assert [step for _, step in fake.logged][-2:] == [4, 5]  # the run goes on where it stopped
+    assert stored_id() == "new-1"
+    fresh = tracked(tiny_train(steps=5, seed=1))  # a new trajectory: a new W&B run
+    assert fresh.result.resumed_from == 0 and fake.inits[-1]["id"] is None and stored_id() == "new-3"
+    _train(tmp_path, tiny_train(steps=6, seed=1))  # W&B off: no run, no id
+    assert stored_id() is None and len(fake.inits) == 3
+
+
+def test_metrics_hold_numbers_and_the_report_the_rest(straight: Run) -> None:
+    metrics, report = straight.result.metrics(), straight.result.report()
+    assert set(metrics) == {"steps", "final_loss", "images_per_second", "parameters"}  # no FID measured
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    assert metrics["steps"] == 6 and metrics["parameters"] == straight.result.parameters
+    assert report == {"resumed_from_step": 0, "precision": "fp32", "world_size": 1,
+                      "world_history": [[0, 6, 1]], "last_fid": None}
+    with_fid = replace(straight.result, fids=[(3, 50.0), (6, 40.0)])
+    assert with_fid.metrics()["fid"] == 40.0 and with_fid.report()["last_fid"] == 40.0
+
+
 def test_raising_steps_continues_a_finished_run(straight: Run, tmp_path: Path) -> None:
     first = _train(tmp_path, tiny_train(steps=3))
     assert first.result.step == 3
@@ -160,7 +213,8 @@ def test_changed_lr_starts_fresh(tmp_path: Path, tmp_path_factory: pytest.TempPa
     _assert_same_state(changed.outputs, fresh.outputs)
 
 
-@pytest.mark.parametrize("change", [{"seed": 1}, {"ema_decay": 0.5}, {"grad_accum": 1}])
+@pytest.mark.parametrize("change", [{"seed": 1}, {"ema_decay": 0.5}, {"grad_accum": 1}, {"ema_power": None},
+                                    {"ema_power": 0.75}, {"ema_inv_gamma": 2.0}])
 def test_other_trajectory_keys_start_fresh(tmp_path: Path, change: dict) -> None:
     _train(tmp_path, tiny_train(steps=2))
     again = _train(tmp_path, tiny_train(steps=3, **change))
@@ -318,3 +372,44 @@ def test_a_finished_run_with_a_new_fid_reference_measures_its_final_weights(tmp_
     result, outputs = _retrain_with_new_fid_reference(tmp_path, second_steps=2)
     assert result.resumed_from == 2 and result.fids == [(2, 1.0)]
     assert _rows(outputs.fid_log) == ["step\tfid", "2\t1.0000"]
+
+
+# -- the train stage -----------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stage_splits_metrics_from_report_and_continues_its_wandb_run(tmp_path: Path) -> None:
+    data = tmp_path / "data" / "cifar10"
+    data.mkdir(parents=True)
+    np.savez(data / "train.npz", images=random_images(n=8, size=32), labels=np.zeros(8, np.int64))
+    (data / "meta.json").write_text(json.dumps({"source": "random", "official": False}))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"].update(arch="unet", image_size=32, channels=3, dim=8, dim_mults=[1, 2], num_res_blocks=1,
+                        full_attn=[False, True], attn_heads=1, attn_dim_head=8)
+    raw["diffusion"]["timesteps"] = 20
+    raw["train"].update(steps=2, batch_size=4, grad_accum=1, checkpoint_every=1, fid_every=0, amp=False)
+    raw["wandb"].update(enabled=True, mode="offline", run_name=None)
+    raw["distributed"].update(nnodes=1, nproc_per_node=1)
+
+    def stage(steps: int) -> tuple[dict, dict]:
+        raw["train"]["steps"] = steps
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "WANDB_SILENT": "true",
+               "DVC_EXP_NAME": "exp-tiny"}
+        for name in ("WANDB_MODE", "WANDB_API_KEY", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            env.pop(name, None)
+        done = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return (json.loads((tmp_path / "metrics" / "train.json").read_text()),
+                json.loads((tmp_path / "reports" / "train.json").read_text()))
+
+    metrics, report = stage(2)
+    assert set(metrics) == {"steps", "final_loss", "images_per_second", "parameters"}
+    assert metrics["steps"] == 2
+    assert report["resumed_from_step"] == 0 and report["device"] == "cpu"
+    assert report["wandb_mode"] == "offline" and report["wandb_run_name"] == "exp-tiny"
+    metrics, again = stage(3)
+    assert again["resumed_from_step"] == 2 and metrics["steps"] == 3
+    assert again["wandb_run_id"] == report["wandb_run_id"]  # the same W&B run, continued

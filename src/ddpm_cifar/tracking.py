@@ -2,6 +2,9 @@
 
 Disabled by default. When enabled it runs online if it can and falls back to offline mode (no
 key, no network) with a warning; offline runs can be uploaded later with ``wandb sync``.
+
+A tracker is made before training and started by :func:`ddpm_cifar.train.train` once it knows
+whether it resumes: a resumed run continues the W&B run whose id its checkpoint holds.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ class Tracker:
     """The no-op tracker; :class:`WandbTracker` overrides what it logs."""
 
     mode = "disabled"
+    run_id: str | None = None  # the W&B run, once started
+
+    def start(self, resume_id: str | None = None) -> None:
+        """Begin the run; ``resume_id`` names an earlier run to continue (None: a new one)."""
+
+    def info(self) -> dict[str, Any]:
+        """What the run was, for the training report (nothing when disabled)."""
+        return {}
 
     def log(self, values: dict[str, float], step: int) -> None:
         pass
@@ -31,8 +42,38 @@ class Tracker:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, run: Any, wandb: Any, mode: str):
-        self.run, self.wandb, self.mode = run, wandb, mode
+    def __init__(self, cfg: WandbConfig, config: dict[str, Any], run_dir: Path, name: str | None):
+        self.cfg, self.config, self.run_dir, self.name = cfg, config, run_dir, name
+        self.mode = "not started"
+        self.run: Any = None
+        self.wandb: Any = None
+
+    def start(self, resume_id: str | None = None) -> None:
+        import wandb
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # resume "allow": continue the run with this id, or start it under this id if W&B has none.
+        kwargs = dict(project=self.cfg.project, name=self.name, entity=self.cfg.entity, config=self.config,
+                      dir=str(self.run_dir), id=resume_id, resume="allow" if resume_id else None)
+        self.wandb = wandb
+        if self.cfg.mode == "online":
+            try:
+                self._started(wandb.init(mode="online", settings=wandb.Settings(init_timeout=30), **kwargs),
+                              "online")
+                return
+            except Exception as exc:  # noqa: BLE001 - any login/network failure falls back to offline
+                warnings.warn(f"W&B online init failed ({str(exc).splitlines()[0][:120]}); "
+                              "logging offline instead (upload later with `wandb sync`)", stacklevel=2)
+        self._started(wandb.init(mode="offline", **kwargs), "offline")
+
+    def _started(self, run: Any, mode: str) -> None:
+        # Read now: the report is written after the run is finished.
+        self.run, self.mode, self.run_id, self.run_name = run, mode, run.id, run.name
+
+    def info(self) -> dict[str, Any]:
+        if self.run is None:
+            return {}
+        return {"wandb_run_id": self.run_id, "wandb_mode": self.mode, "wandb_run_name": self.run_name}
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -41,24 +82,15 @@ class WandbTracker(Tracker):
         self.run.log({key: [self.wandb.Image(im) for im in images]}, step=step)
 
     def finish(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()
 
 
 def make_tracker(cfg: WandbConfig, config: dict[str, Any], run_dir: str | Path,
-                 resume_id: str | None = None) -> Tracker:
+                 default_name: str | None = None) -> Tracker:
+    """A tracker for ``cfg``, not yet started. ``default_name`` names the run when
+    ``wandb.run_name`` is null (the train stage passes the DVC experiment's name)."""
     if not cfg.enabled:
         return Tracker()
-    import wandb
-
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    kwargs = dict(project=cfg.project, name=cfg.run_name, entity=cfg.entity, config=config,
-                  dir=str(run_dir), id=resume_id, resume="allow" if resume_id else None)
-    if cfg.mode == "online":
-        try:
-            run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=30), **kwargs)
-            return WandbTracker(run, wandb, "online")
-        except Exception as exc:  # noqa: BLE001 - any login/network failure falls back to offline
-            warnings.warn(f"W&B online init failed ({str(exc).splitlines()[0][:120]}); "
-                          "logging offline instead (upload later with `wandb sync`)", stacklevel=2)
-    run = wandb.init(mode="offline", **kwargs)
-    return WandbTracker(run, wandb, "offline")
+    name = cfg.run_name if cfg.run_name is not None else default_name
+    return WandbTracker(cfg, config, Path(run_dir), name)

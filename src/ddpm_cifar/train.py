@@ -48,7 +48,8 @@ NON_TRAJECTORY_KEYS = (
 
 # Bump when a code change alters what a checkpoint means (network layout, loss, data order), so
 # that old checkpoints start a fresh run instead of silently resuming under the new code.
-TRAJECTORY_VERSION = 1
+# 2: the EMA counts steps like ema-pytorch (one step later than before) and may warm up.
+TRAJECTORY_VERSION = 2
 
 # Called on every rank (the FID may be computed by all of them together); returns the FID.
 FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]
@@ -74,6 +75,21 @@ class TrainResult:
     world_history: list[list[int]]  # [first step, last step, processes] for every stretch of training
     ema: torch.nn.Module  # this rank's EMA weights
     fids: list[tuple[int, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        """The numbers that can differ between experiments (DVC metrics); ``fid`` only when measured."""
+        out: dict[str, Any] = {"steps": self.step, "final_loss": round(self.final_loss, 6),
+                               "images_per_second": round(self.images_per_second, 2),
+                               "parameters": self.parameters}
+        if self.fids:
+            out["fid"] = self.fids[-1][1]
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """How the run went: provenance beside the metrics."""
+        return {"resumed_from_step": self.resumed_from, "precision": self.precision,
+                "world_size": self.world_size, "world_history": self.world_history,
+                "last_fid": self.fids[-1][1] if self.fids else None}
 
 
 def fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig,
@@ -225,7 +241,8 @@ def train(
     ``fid_id`` names what the training-time FID is measured against (Inception weights and
     reference statistics); when it changed since the checkpoint, the old FID curve is dropped.
     In a process group every rank calls this with the same arguments; ``tracker`` and ``log`` are
-    used on rank 0 only.
+    used on rank 0 only. The tracker is started here, continuing the W&B run that the checkpoint
+    resumed from names; the caller finishes it.
     """
     rank, world = rank_and_world()
     main = rank == 0
@@ -252,8 +269,8 @@ def train(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
-    ema = EMA(model, decay=cfg.ema_decay, update_every=cfg.ema_update_every,
-              start_step=cfg.ema_start_step)
+    ema = EMA(model, decay=cfg.ema_decay, update_every=cfg.ema_update_every, start_step=cfg.ema_start_step,
+              inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power)
     precision = precision_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -274,6 +291,8 @@ def train(
         else:
             log(f"{outputs.checkpoint} {why_not}: starting fresh")
     step, keep_fids = broadcast_from_main((step, keep_fids))
+    # A resumed run continues its W&B run (tracker is the no-op one on other ranks).
+    tracker.start(ckpt.get("wandb_run_id") if step and ckpt is not None else None)
     if step:
         if not main:
             if not outputs.checkpoint.exists():
@@ -348,6 +367,7 @@ def train(
             "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "rng": rng, "train_config": to_dict(cfg), "fid_id": fid_id, "world_size": world,
             "world_history": world_history(),
+            **({"wandb_run_id": tracker.run_id} if tracker.run_id else {}),
         })
         checkpoint.save(outputs.ema, {**payload, "step": step, "ema": ema.state_dict()})
 
