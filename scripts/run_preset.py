@@ -1,6 +1,7 @@
 """Run a preset, a YAML overlay of params.yaml such as configs/quick.yaml, as one DVC experiment.
 
     python scripts/run_preset.py configs/quick.yaml [--source official|PATH] [--name NAME]
+                                 [-S section.key=value ...]
 
 The experiment runs in a temporary copy of the checkout (`dvc exp run --temp`): params.yaml,
 dvc.lock and the workspace's outputs stay as committed, and the results live in DVC's experiment
@@ -72,13 +73,16 @@ def main() -> None:
     ap.add_argument("preset", type=Path, help="YAML overlay of params.yaml, e.g. configs/quick.yaml")
     ap.add_argument("--source", help="CIFAR-10: 'official', or a local archive or image folder")
     ap.add_argument("--name", help="experiment name (default: the preset's name and the time)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more param on top of the preset, as for `dvc exp run -S` (repeatable)")
     args = ap.parse_args()
     overlay = yaml.safe_load(args.preset.read_text()) or {}
     source, md5, why = data_source(args.source)
     overlay["data"] = {**overlay.get("data", {}), "source": source, "md5": md5}
     name = args.name or f"{args.preset.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"data: {source} ({why})", flush=True)
-    cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(overlay)]
+    extra = [a for kv in args.set for a in ("-S", kv)]
+    cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(overlay), *extra]
     print("$ " + " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode:
         sys.exit(f"error: experiment {name} failed (see above); params.yaml is unchanged")
