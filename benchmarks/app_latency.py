@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from playwright.sync_api import Page, sync_playwright
 
-from ddpm_cifar.app import DEFAULT_SAMPLER
-from ddpm_cifar.sampling import SAMPLERS
+from ddpm_cifar.app.ui import DEFAULT_SAMPLER
+from ddpm_cifar.samplers import SAMPLERS
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -40,6 +40,7 @@ LOAD_ONLY = "import sys; from ddpm_cifar import checkpoint; checkpoint.load_mode
 DIRECT = """
 import sys, time
 from ddpm_cifar import checkpoint
+from ddpm_cifar.samplers import SamplerSpec
 from ddpm_cifar.sampling import generate_images
 model, diffusion, _ = checkpoint.load_model(sys.argv[1])
 c = model.config
@@ -47,8 +48,9 @@ seeds, sampler, steps = list(range(int(sys.argv[2]))), sys.argv[3], int(sys.argv
 # the app's default timestep spacing, quadratic
 for _ in range(2):
     t0 = time.perf_counter()
-    generate_images(model, diffusion, seeds, sampler=sampler, steps=steps, spacing="quadratic", batch_size=8,
-                    shape=(c.channels, c.image_size, c.image_size), device="cpu", progress=False)
+    generate_images(model, diffusion, seeds, SamplerSpec(sampler, steps, "quadratic", precision="fp32"),
+                    batch_size=8, shape=(c.channels, c.image_size, c.image_size), device="cpu",
+                    progress=False)
     print(time.perf_counter() - t0)
 """
 

@@ -26,6 +26,7 @@ from denoising_diffusion_pytorch import Unet as TheirUnet
 
 from ddpm_cifar.config import DiffusionConfig, ModelConfig
 from ddpm_cifar.diffusion import GaussianDiffusion
+from ddpm_cifar.samplers import SamplerSpec
 from ddpm_cifar.sampling import for_sampling, generate_images
 from ddpm_cifar.unet import UNet, count_parameters
 
@@ -80,9 +81,9 @@ def main() -> None:
     seeds = list(range(args.batch))
 
     def ours(sampler: str, steps: int) -> Callable[[], object]:
-        return lambda: generate_images(net, ours_diff, seeds, sampler=sampler, steps=steps,
-                                       spacing="quadratic", batch_size=args.batch, shape=(3, 32, 32),
-                                       device=device, amp=True, progress=False)
+        spec = SamplerSpec(sampler, steps, "quadratic")  # bf16 autocast on CUDA, as the sample stage
+        return lambda: generate_images(net, ours_diff, seeds, spec, batch_size=args.batch, shape=(3, 32, 32),
+                                       device=device, progress=False)
 
     runs = {
         "ours DDPM, 1000 steps": ours("ddpm", 1000),

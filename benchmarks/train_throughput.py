@@ -29,7 +29,7 @@ from denoising_diffusion_pytorch import Unet as TheirUnet
 
 from ddpm_cifar.config import DiffusionConfig, ModelConfig
 from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.train import precision_for
+from ddpm_cifar.train_state import precision_for
 from ddpm_cifar.unet import UNet, count_parameters
 
 # The study's settings (Adam as in train.py / params.yaml; the reference Trainer's betas).

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from ddpm_cifar import checkpoint
+from ddpm_cifar.app.engine import Demo, TorchWorker, load_demo_model
 from ddpm_cifar.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm_cifar.demo import Demo, TorchWorker, load_demo_model
+from ddpm_cifar.samplers import SamplerSpec
 from ddpm_cifar.sampling import FixedBatch, generate_images
 from ddpm_cifar.tracking import Tracker
 from ddpm_cifar.train import TrainOutputs, train
@@ -87,15 +88,15 @@ def check_training(root: Path, images: np.ndarray, label: str) -> Path:
 
 def check_sampling(ema: Path) -> None:
     model, diffusion, _ = checkpoint.load_model(ema, DEV)
-    common = dict(sampler="ddpm", steps=20, shape=(3, 32, 32), device=DEV, progress=False, amp=True)
-    many = generate_images(model, diffusion, list(range(100, 116)), batch_size=16, **common)
-    alone = generate_images(model, diffusion, [105], batch_size=16, **common)
-    other = generate_images(model, diffusion, list(range(100, 116)), batch_size=4, **common)
+    spec, common = SamplerSpec("ddpm", 20), dict(shape=(3, 32, 32), device=DEV, progress=False)
+    many = generate_images(model, diffusion, list(range(100, 116)), spec, batch_size=16, **common)
+    alone = generate_images(model, diffusion, [105], spec, batch_size=16, **common)
+    other = generate_images(model, diffusion, list(range(100, 116)), spec, batch_size=4, **common)
     print(f"[sampling] image 5 alone vs among 16 (same batch shape): "
           f"{int((alone[0] != many[5]).sum())} differing values of {alone[0].size}")
     d = np.abs(other.astype(int) - many)
     print(f"[sampling] batch 4 vs batch 16: {int((d > 0).sum())} differing values of {d.size}, max {d.max()}")
-    again = generate_images(model, diffusion, list(range(100, 116)), batch_size=16, **common)
+    again = generate_images(model, diffusion, list(range(100, 116)), spec, batch_size=16, **common)
     print(f"[sampling] same call twice identical: {np.array_equal(again, many)}")
 
 
@@ -124,11 +125,11 @@ def time_paper_sampling(root: Path) -> None:
     checkpoint.save(path, {**checkpoint.model_payload(PAPER, DIFF), "step": 0, "ema": net.state_dict()})
     model, diffusion, _ = checkpoint.load_model(path, DEV)
     n, steps = 256, 20
-    common = dict(sampler="ddpm", steps=steps, shape=(3, 32, 32), device=DEV, progress=False, amp=True)
-    generate_images(model, diffusion, list(range(n)), batch_size=n, **dict(common, steps=2))  # warm-up
+    common = dict(batch_size=n, shape=(3, 32, 32), device=DEV, progress=False)
+    generate_images(model, diffusion, list(range(n)), SamplerSpec("ddpm", 2), **common)  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    generate_images(model, diffusion, list(range(n)), batch_size=n, **common)
+    generate_images(model, diffusion, list(range(n)), SamplerSpec("ddpm", steps), **common)
     torch.cuda.synchronize()
     total = time.perf_counter() - t0
     x = torch.randn(n, 3, 32, 32, device=DEV)

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 from ddpm_cifar.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_cifar.diffusion import GaussianDiffusion
+from ddpm_cifar.samplers import SamplerSpec
 from ddpm_cifar.sampling import generate_images, generate_images_sharded
 from ddpm_cifar.train import TrainOutputs, train
 from ddpm_cifar.unet import UNet
@@ -34,8 +35,8 @@ SMALL = ModelConfig(image_size=32, channels=3, dim=32, dim_mults=(1, 2, 2), num_
 DIFF = DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_v", min_snr_gamma=None)
 IMAGES = np.random.default_rng(0).integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)
 SEEDS = list(range(37))
-SAMPLE = dict(sampler="dpmpp_2m", steps=10, batch_size=8, shape=(3, 32, 32), device=DEV, amp=True,
-              progress=False)
+SPEC = SamplerSpec("dpmpp_2m", 10)  # bf16 autocast on CUDA
+SAMPLE = dict(batch_size=8, shape=(3, 32, 32), device=DEV, progress=False)
 
 
 def cfg(steps: int) -> TrainConfig:
@@ -68,7 +69,7 @@ def worker(rank: int, root: str) -> None:
     run(base / "ddp-resumed", 20)
     torch.manual_seed(0)
     net = UNet(SMALL).to(DEV).eval()
-    images = generate_images_sharded(net, GaussianDiffusion(DIFF).to(DEV), SEEDS, **SAMPLE)
+    images = generate_images_sharded(net, GaussianDiffusion(DIFF).to(DEV), SEEDS, SPEC, **SAMPLE)
     if rank == 0:
         np.save(base / "sharded.npy", images)
     dist.barrier()
@@ -104,7 +105,7 @@ def main() -> None:
     print("checkpoint RNG states per rank:", len(ckpt["rng"]["torch"]), len(ckpt["rng"].get("cuda", [])))
     torch.manual_seed(0)
     net = UNet(SMALL).to(DEV).eval()
-    one = generate_images(net, GaussianDiffusion(DIFF).to(DEV), SEEDS, **SAMPLE)
+    one = generate_images(net, GaussianDiffusion(DIFF).to(DEV), SEEDS, SPEC, **SAMPLE)
     sharded = np.load(root / "sharded.npy")
     print("sharded sampling on CUDA equals one process:", np.array_equal(one, sharded),
           f"({int((one != sharded).sum())} of {one.size} values differ)")

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from ddpm_cifar.config import DiffusionConfig, ModelConfig
 from ddpm_cifar.diffusion import GaussianDiffusion
 from ddpm_cifar.fid import load_inception, save_random_inception, statistics_sharded
+from ddpm_cifar.samplers import SamplerSpec
 from ddpm_cifar.sampling import generate_images_sharded
 from ddpm_cifar.unet import UNet
 
@@ -36,8 +37,8 @@ def worker(rank: int, world: int, root: str) -> None:
     with torch.no_grad():  # random weights, nudged so that the outputs are not trivially small
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    images = generate_images_sharded(net, GaussianDiffusion(DIFF).to(dev), list(range(1000)), sampler="ddim",
-                                     steps=3, batch_size=500, shape=(3, 32, 32), device=dev, amp=True,
+    images = generate_images_sharded(net, GaussianDiffusion(DIFF).to(dev), list(range(1000)),
+                                     SamplerSpec("ddim", 3), batch_size=500, shape=(3, 32, 32), device=dev,
                                      progress=False)
     inception, _ = load_inception(Path(root) / "inception.pth", dev)
     pictures = np.random.default_rng(0).integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8)

@@ -25,9 +25,10 @@ from typing import Any
 
 import yaml
 
+from ddpm_cifar.cifar_archive import CIFAR10_MD5, CIFAR10_URL
+
 ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # as in ddpm_cifar.data
-OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+OFFICIAL_URL, OFFICIAL_MD5 = CIFAR10_URL, CIFAR10_MD5
 LOCAL_COPY = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 

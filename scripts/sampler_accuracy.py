@@ -21,7 +21,7 @@ from gaussian_oracle import Gaussian, GaussianOracle, frechet_to_truth  # noqa: 
 
 from ddpm_cifar.config import DiffusionConfig  # noqa: E402
 from ddpm_cifar.diffusion import GaussianDiffusion  # noqa: E402
-from ddpm_cifar.sampling import final, run_sampler  # noqa: E402
+from ddpm_cifar.samplers import SamplerSpec, final, run_sampler  # noqa: E402
 
 SHAPE = (3, 2, 2)  # 12 dimensions
 SAMPLERS = [  # (label, sampler, eta, spacing)
@@ -55,8 +55,8 @@ def main() -> None:
     for label, name, eta, spacing in SAMPLERS:
         cells = []
         for steps in args.steps:
-            x = final(run_sampler(name, oracle, diffusion, list(range(args.n)), shape=SHAPE, steps=steps,
-                                  device="cpu", clip_x0=False, eta=eta, spacing=spacing))
+            spec = SamplerSpec(name, steps, spacing, eta, clip_x0=False)
+            x = final(run_sampler(oracle, diffusion, list(range(args.n)), spec, shape=SHAPE, device="cpu"))
             cells.append(f"{frechet_to_truth(x.double().reshape(args.n, -1).numpy(), data):.4f}")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 

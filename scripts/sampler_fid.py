@@ -19,6 +19,7 @@ from ddpm_cifar.cli import default_device, run
 from ddpm_cifar.evaluation import fid_sharded
 from ddpm_cifar.fid import load_inception, load_stats
 from ddpm_cifar.reports import check_same_inception, comparability
+from ddpm_cifar.samplers import SamplerSpec
 from ddpm_cifar.sampling import for_sampling, generate_images
 
 
@@ -42,18 +43,17 @@ def main() -> None:
     shape = (model.config.channels, model.config.image_size, model.config.image_size)
     print(f"| sampler | steps | spacing | eta | FID@{args.n} | sampling time |")
     print("|---|---:|---|---:|---:|---:|")
-    for spec in args.specs:
-        parts = spec.split(":")
-        name, steps = parts[0], int(parts[1])
-        spacing = parts[2] if len(parts) > 2 else "quadratic"
-        eta = float(parts[3]) if len(parts) > 3 else 0.0
+    for text in args.specs:
+        parts = text.split(":")
+        spec = SamplerSpec(parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "quadratic",
+                           float(parts[3]) if len(parts) > 3 else 0.0)
         t0 = time.perf_counter()
-        images = generate_images(net, diffusion, list(range(args.n)), sampler=name, steps=steps,
-                                 spacing=spacing, eta=eta, batch_size=args.batch, shape=shape,
-                                 device=device, amp=True, progress=False)
+        images = generate_images(net, diffusion, list(range(args.n)), spec, batch_size=args.batch,
+                                 shape=shape, device=device, progress=False)
         seconds = time.perf_counter() - t0
         fid = fid_sharded(images, inception, ref, batch_size=args.batch, device=device, progress=False)
-        print(f"| {name} | {steps} | {spacing} | {eta} | {fid:.2f} | {seconds:.1f} s |", flush=True)
+        print(f"| {spec.name} | {spec.steps} | {spec.spacing} | {spec.eta} | {fid:.2f} | {seconds:.1f} s |",
+              flush=True)
     if reasons:
         print(f"\nNOT comparable to published FIDs: {'; '.join(reasons)}")
 

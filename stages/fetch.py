@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ddpm_cifar.cli import run
 from ddpm_cifar.config import load_params
-from ddpm_cifar.data import fetch_cifar10
+from ddpm_cifar.fetch import fetch_cifar10
 
 PARAMS = ("data",)
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_cifar import checkpoint
+from ddpm_cifar import checkpoint, sampling
 from ddpm_cifar.cli import launched_ranks, run
 from ddpm_cifar.config import load_params, to_dict
 from ddpm_cifar.distributed import process_group
 from ddpm_cifar.fileio import atomic_path, file_digest
 from ddpm_cifar.plots import save_denoising_strip, save_grid
-from ddpm_cifar.sampling import denoising_frames, for_sampling, generate_images_sharded, sample_cache_key
 
 PARAMS = ("sample", "distributed")
 
@@ -34,14 +33,13 @@ def main() -> None:
     cfg = params.section("sample")
     with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
         model, diffusion, ckpt = checkpoint.load_model(args.checkpoint, device)
-        mc = model.config
-        net = for_sampling(model, device, compile=cfg.compile)
-        common = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, spacing=cfg.spacing,
-                      shape=(mc.channels, mc.image_size, mc.image_size), device=device, clip_x0=cfg.clip_x0)
+        net, mc = sampling.for_sampling(model, device, compile=cfg.compile), model.config
+        spec = sampling.SamplerSpec.from_sample(cfg)
+        where = dict(shape=(mc.channels, mc.image_size, mc.image_size), device=device)
         seeds = [cfg.seed + i for i in range(cfg.n)]
-        key = sample_cache_key(file_digest(args.checkpoint), cfg, device)
-        images = generate_images_sharded(net, diffusion, seeds, batch_size=cfg.batch_size, amp=True,
-                                         cache_dir=args.partial, cache_key=key, **common)
+        key = sampling.sample_cache_key(file_digest(args.checkpoint), cfg, device)
+        images = sampling.generate_images_sharded(net, diffusion, seeds, spec, batch_size=cfg.batch_size,
+                                                  cache_dir=args.partial, cache_key=key, **where)
         if images is None:
             return  # not rank 0: its share is with rank 0, which writes everything
         with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
@@ -49,8 +47,10 @@ def main() -> None:
                      checkpoint_step=int(ckpt["step"]))
         shutil.rmtree(args.partial, ignore_errors=True)  # the finished batches now live in --out
         save_grid(images[: cfg.grid_images], args.plots / "sample_grid.png")
-        frames, timesteps = denoising_frames(net, diffusion, list(cfg.strip_seeds), frames=cfg.strip_frames,
-                                             **common)
+        # The strip has always been sampled without autocast, also where the images use bf16.
+        strip_spec = sampling.SamplerSpec.from_sample(cfg, precision="fp32")
+        frames, timesteps = sampling.denoising_frames(net, diffusion, list(cfg.strip_seeds), strip_spec,
+                                                      frames=cfg.strip_frames, **where)
         save_denoising_strip(frames, timesteps, args.plots / "denoise_strip.png")
         print(f"{len(images)} samples ({cfg.sampler}, {cfg.steps} steps) -> {args.out}")
 

@@ -1,5 +1,5 @@
-"""Tests for the demo app without a browser: the engine (ddpm_cifar.demo), the handlers, the Blocks
-layout and the command line."""
+"""Tests for the demo app without a browser: the engine (ddpm_cifar.app.engine), the handlers and
+the Blocks layout (ddpm_cifar.app.ui), and the command line (ddpm_cifar.app.serve)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ import torch
 from factories import one_thread, save_tiny_checkpoint, tiny_model
 from PIL import Image
 
-from ddpm_cifar import app, checkpoint
-from ddpm_cifar.demo import MAX_IMAGES, Demo, DemoModel, Progress, Result, TorchWorker, load_demo_model
+from ddpm_cifar import checkpoint
+from ddpm_cifar.app import serve, ui
+from ddpm_cifar.app.engine import MAX_IMAGES, Demo, DemoModel, Progress, Result, TorchWorker, load_demo_model
 from ddpm_cifar.errors import UserError
 from ddpm_cifar.plots import image_grid
+from ddpm_cifar.samplers import SamplerSpec
 
 MICRO_BATCH = 8  # the app's default on CPU
 
@@ -169,21 +171,21 @@ class Gate:
 
 
 @pytest.fixture
-def gated(ckpts: tuple[Path, Path], tmp_path: Path) -> Iterator[tuple[app.Handlers, TorchWorker, Gate]]:
+def gated(ckpts: tuple[Path, Path], tmp_path: Path) -> Iterator[tuple[ui.Handlers, TorchWorker, Gate]]:
     worker = TorchWorker()
     dm = worker.call(load_demo_model, ckpts[0], "cpu")
     gate = Gate()
     hook = dm.model.register_forward_pre_hook(gate)
     demo = Demo([dm], device="cpu", micro_batch=MICRO_BATCH)
     try:
-        yield app.Handlers(demo, tmp_path, worker=worker, update_every=0), worker, gate
+        yield ui.Handlers(demo, tmp_path, worker=worker, update_every=0), worker, gate
     finally:
         gate.release()
         hook.remove()
         worker.close()
 
 
-def test_sampling_runs_on_the_worker_thread_only(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+def test_sampling_runs_on_the_worker_thread_only(gated: tuple[ui.Handlers, TorchWorker, Gate]) -> None:
     handlers, _, gate = gated
     # Gradio resumes a handler on whichever of its pool threads is free: do the same.
     with ThreadPoolExecutor(4) as pool:
@@ -197,7 +199,7 @@ def test_sampling_runs_on_the_worker_thread_only(gated: tuple[app.Handlers, Torc
                                   image_grid(_images(handlers.demo, 3, seed=0, steps=5)))
 
 
-def test_stop_ends_the_request_and_the_worker(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+def test_stop_ends_the_request_and_the_worker(gated: tuple[ui.Handlers, TorchWorker, Gate]) -> None:
     handlers, worker, gate = gated
     gate.hold(at=5)  # 16 images are 2 calls a step: the sampler waits in its 3rd step
     handlers.begin("alice")
@@ -213,7 +215,7 @@ def test_stop_ends_the_request_and_the_worker(gated: tuple[app.Handlers, TorchWo
     assert gate.calls <= 8  # the 3rd step, and at most one more before the worker saw the stop
 
 
-def test_closing_the_handler_ends_the_worker(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+def test_closing_the_handler_ends_the_worker(gated: tuple[ui.Handlers, TorchWorker, Gate]) -> None:
     handlers, worker, gate = gated  # the page went away: Gradio closes the handler
     gate.hold(at=5)
     gen = handlers.generate(16, "ddpm", 20, 0)
@@ -225,7 +227,7 @@ def test_closing_the_handler_ends_the_worker(gated: tuple[app.Handlers, TorchWor
     assert gate.calls <= 8
 
 
-def test_stop_before_the_request_starts(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+def test_stop_before_the_request_starts(gated: tuple[ui.Handlers, TorchWorker, Gate]) -> None:
     handlers, worker, gate = gated
     handlers.begin("s")  # clicked Generate; the request waits behind another session's
     handlers.stop("s")
@@ -237,7 +239,7 @@ def test_stop_before_the_request_starts(gated: tuple[app.Handlers, TorchWorker, 
     assert list(handlers.generate(2, "ddpm", 3, 0, session="s"))[-1]["status"].startswith("Done")
 
 
-def test_closing_the_worker_ends_a_running_request(gated: tuple[app.Handlers, TorchWorker, Gate]) -> None:
+def test_closing_the_worker_ends_a_running_request(gated: tuple[ui.Handlers, TorchWorker, Gate]) -> None:
     handlers, worker, gate = gated  # Ctrl-C on the server in the middle of a request
     gate.hold(at=5)
     gen = handlers.generate(16, "ddpm", 20, 0)
@@ -295,13 +297,22 @@ def test_ddim_eta_reaches_the_sampler(demo: Demo) -> None:
     assert np.abs(deterministic.astype(int) - noisy).mean() > 1
 
 
+def test_a_request_is_a_checked_sampler_spec(ckpts: tuple[Path, Path]) -> None:
+    req = _demo(ckpts[0]).check(3, "ddim", 7, 0, "trailing", 0.25)
+    assert req.spec == SamplerSpec("ddim", 7, "trailing", 0.25, clip_x0=True, precision="auto")
+    fp32 = Demo([load_demo_model(ckpts[0], "cpu")], device="cpu", micro_batch=2, precision="fp32")
+    assert fp32.check(3, "ddim", 7, 0).spec.precision == "fp32"
+    with pytest.raises(UserError, match="unknown timestep spacing 'log'"):
+        fp32.check(3, "ddim", 7, 0, "log")
+
+
 def test_whole_floats_from_the_ui_are_accepted(demo: Demo) -> None:
     req = demo.check(4.0, "ddpm", 5.0, "12")
-    assert (req.n, req.steps, req.seed) == (4, 5, 12) and req.seeds == [12, 13, 14, 15]
+    assert (req.n, req.spec.steps, req.seed) == (4, 5, 12) and req.seeds == [12, 13, 14, 15]
 
 
 def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
-    blocks = app.build_app(_demo(ckpts[0]), tmp_path)
+    blocks = ui.build_app(_demo(ckpts[0]), tmp_path)
     fn = next(d for d in blocks.fns.values() if d.name == "on_generate").fn
     request = SimpleNamespace(session_hash="s1")  # what Gradio passes as gr.Request
     with pytest.raises(gr.Error, match="number of images must be from 1 to 100, got 500"):
@@ -313,7 +324,7 @@ def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Pat
 # -- the handlers as the UI calls them -------------------------------------------------------------
 
 def test_generate_handler_outputs(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
-    handlers = app.Handlers(_demo(*ckpts), tmp_path, update_every=0)
+    handlers = ui.Handlers(_demo(*ckpts), tmp_path, update_every=0)
     outs = list(handlers.generate(6, "ddpm", 5, 3))
     assert outs[0] == {"status": "Sampling…", "png0": None, "png1": None}
     assert all("status" in o for o in outs[1:6]) and "step 5/5" in outs[5]["status"]
@@ -335,7 +346,7 @@ def test_generate_handler_outputs(ckpts: tuple[Path, Path], tmp_path: Path) -> N
 
 
 def test_progress_updates_are_rate_limited(demo: Demo, tmp_path: Path) -> None:
-    outs = list(app.Handlers(demo, tmp_path, update_every=3600).generate(2, "ddpm", 10, 0))
+    outs = list(ui.Handlers(demo, tmp_path, update_every=3600).generate(2, "ddpm", 10, 0))
     # The first step (an hour is not yet up), the last step, the result, and "Done".
     assert ["step 1/10" in o["status"] for o in outs[1:3]] == [True, False]
     assert "step 10/10" in outs[2]["status"]
@@ -344,7 +355,7 @@ def test_progress_updates_are_rate_limited(demo: Demo, tmp_path: Path) -> None:
 
 
 def test_blocks_build_without_launching(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
-    blocks = app.build_app(_demo(*ckpts), tmp_path)
+    blocks = ui.build_app(_demo(*ckpts), tmp_path)
     assert isinstance(blocks, gr.Blocks) and not blocks.is_running
     ids = {b.elem_id for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
     assert {"n-images", "sampler", "steps", "seed", "generate", "stop", "status"} <= ids
@@ -374,10 +385,10 @@ def launched(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 def test_binds_localhost_without_a_share_link_by_default(ckpts: tuple[Path, Path],
                                                          launched: list[dict[str, Any]]) -> None:
-    app.main(["--checkpoint", str(ckpts[0])])
+    serve.main(["--checkpoint", str(ckpts[0])])
     (call,) = launched
     assert call["server_name"] == "127.0.0.1" and call["server_port"] == 7860 and call["share"] is False
-    app.main(["--checkpoint", str(ckpts[0]), "--host", "0.0.0.0", "--port", "9001", "--share"])
+    serve.main(["--checkpoint", str(ckpts[0]), "--host", "0.0.0.0", "--port", "9001", "--share"])
     second = launched[1]
     assert (second["server_name"], second["server_port"], second["share"]) == ("0.0.0.0", 9001, True)
 
@@ -398,10 +409,10 @@ def test_models_load_once_from_their_own_config(ckpts: tuple[Path, Path], launch
 
     monkeypatch.setattr(checkpoint.torch, "load", counting_load)
     built: list[Demo] = []
-    real_build = app.build_app
-    monkeypatch.setattr(app, "build_app",
+    real_build = serve.build_app
+    monkeypatch.setattr(serve, "build_app",
                         lambda demo, *a, **kw: built.append(demo) or real_build(demo, *a, **kw))
-    app.main(["--checkpoint", str(ckpts[0]), "--compare", str(ckpts[1])])
+    serve.main(["--checkpoint", str(ckpts[0]), "--compare", str(ckpts[1])])
     assert loads == 2
     (demo,) = built
     assert [m.model.config for m in demo.models] == [tiny_model(), tiny_model()]
@@ -434,13 +445,13 @@ def test_bad_checkpoints_are_one_message_at_start_up(ckpts: tuple[Path, Path], t
                                                       match: str) -> None:
     bad = make(tmp_path / "bad.pt", ckpts)
     with pytest.raises(UserError, match=match):
-        app.main(["--checkpoint", str(ckpts[0]), "--compare", str(bad)])
+        serve.main(["--checkpoint", str(ckpts[0]), "--compare", str(bad)])
     assert not launched
 
 
 def test_unknown_device_is_one_message(ckpts: tuple[Path, Path], launched: list[dict[str, Any]]) -> None:
     with pytest.raises(UserError, match="--device must be cpu, cuda or cuda:N, got 'gpu'"):
-        app.main(["--checkpoint", str(ckpts[0]), "--device", "gpu"])
+        serve.main(["--checkpoint", str(ckpts[0]), "--device", "gpu"])
     assert not launched
 
 

@@ -310,8 +310,7 @@ def test_params_key_must_be_a_field() -> None:
 
 def test_config_knows_the_samplers_the_library_has() -> None:
     from ddpm_cifar.config import SAMPLER_NAMES, SPACING_NAMES
-    from ddpm_cifar.sampling import SAMPLERS, SPACINGS
-
+    from ddpm_cifar.samplers import SAMPLERS, SPACINGS
     assert tuple(SAMPLERS) == SAMPLER_NAMES and SPACINGS == SPACING_NAMES
 
 

@@ -1,4 +1,5 @@
-"""Tests for ddpm_cifar.data: fetching CIFAR-10 and image folders into .npz splits."""
+"""Tests for fetching CIFAR-10 and image folders into .npz splits (ddpm_cifar.fetch and the readers
+it uses) and for loading them back (ddpm_cifar.data)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_cifar import data, fileio
+from ddpm_cifar import cifar_archive, data, fileio
 from ddpm_cifar.errors import UserError
+from ddpm_cifar.fetch import fetch_cifar10
 
 if TYPE_CHECKING:  # fixtures hand these over; conftest is not imported at run time
     from conftest import TinyCifarArchive, TinyImageFolder
@@ -32,8 +34,8 @@ def _chw_rows_to_nhwc(rows: np.ndarray) -> np.ndarray:
 
 
 def _fetch(source: str | Path, tmp_path: Path, **kwargs: object) -> dict:
-    return data.fetch_cifar10(str(source), tmp_path / "out", cache_dir=tmp_path / "cache",
-                              **kwargs)  # type: ignore[arg-type]
+    return fetch_cifar10(str(source), tmp_path / "out", cache_dir=tmp_path / "cache",
+                         **kwargs)  # type: ignore[arg-type]
 
 
 # --- official python format ---------------------------------------------------------------
@@ -46,7 +48,7 @@ def test_official_format_round_trips_pixels_and_labels(
 
     assert meta == {
         "source": str(arc.path), "format": "cifar10-python", "official": False,
-        "archive_md5": arc.md5, "classes": list(data.CIFAR10_CLASSES),
+        "archive_md5": arc.md5, "classes": list(cifar_archive.CIFAR10_CLASSES),
         "n_train": 20, "n_test": 4,
     }
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
@@ -81,7 +83,7 @@ def test_official_format_reads_numpy1_pickles(
     np.testing.assert_array_equal(labels, arc.labels_test)
 
 
-@pytest.mark.parametrize("md5", ["0" * 32, data.CIFAR10_MD5])
+@pytest.mark.parametrize("md5", ["0" * 32, cifar_archive.CIFAR10_MD5])
 def test_official_format_with_wrong_md5_is_rejected(
         tiny_cifar_archive: TinyCifarArchive, tmp_path: Path, md5: str) -> None:
     with pytest.raises(UserError) as info:
@@ -125,10 +127,10 @@ def _assert_matches(out_dir: Path, folder: TinyImageFolder) -> None:
 
 def test_image_folder_tarball_and_directory_load_identically(
         tiny_imagefolder: TinyImageFolder, tiny_imagefolder_tarball: Path, tmp_path: Path) -> None:
-    meta_tar = data.fetch_cifar10(str(tiny_imagefolder_tarball), tmp_path / "from_tar",
-                                  cache_dir=tmp_path / "cache")
-    meta_dir = data.fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "from_dir",
-                                  cache_dir=tmp_path / "cache")
+    meta_tar = fetch_cifar10(str(tiny_imagefolder_tarball), tmp_path / "from_tar",
+                             cache_dir=tmp_path / "cache")
+    meta_dir = fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "from_dir",
+                             cache_dir=tmp_path / "cache")
     for meta in (meta_tar, meta_dir):
         assert meta["format"] == "image-folder" and meta["official"] is False
         assert meta["classes"] == ["ant", "moose", "zebra"]
@@ -145,7 +147,7 @@ def test_image_folder_rgb_png_pixels_are_exact(
     with Image.open(tiny_imagefolder.root / "train" / "ant" / "b.png") as img:
         assert img.mode == "RGB"
         pixels = np.asarray(img)
-    data.fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "out", cache_dir=tmp_path / "c")
+    fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "out", cache_dir=tmp_path / "c")
     images, labels = data.load_split(tmp_path / "out", "train")
     np.testing.assert_array_equal(images[1], pixels)
     assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -153,8 +155,8 @@ def test_image_folder_rgb_png_pixels_are_exact(
 
 def test_image_folder_without_splits_is_all_train(
         tiny_imagefolder: TinyImageFolder, tmp_path: Path) -> None:
-    meta = data.fetch_cifar10(str(tiny_imagefolder.root / "train"), tmp_path / "out",
-                              cache_dir=tmp_path / "c")
+    meta = fetch_cifar10(str(tiny_imagefolder.root / "train"), tmp_path / "out",
+                         cache_dir=tmp_path / "c")
     assert (meta["n_train"], meta["n_test"]) == (9, 0)
     _, labels = data.load_split(tmp_path / "out", "train")
     np.testing.assert_array_equal(labels, tiny_imagefolder.expected["train"][1])
@@ -165,7 +167,7 @@ def test_image_folder_without_splits_is_all_train(
 def test_image_folder_ignores_default_md5(
         tiny_imagefolder_tarball: Path, tmp_path: Path) -> None:
     # data.md5 defaults to the official hash; it must not block an image-folder source.
-    meta = _fetch(tiny_imagefolder_tarball, tmp_path, md5=data.CIFAR10_MD5)
+    meta = _fetch(tiny_imagefolder_tarball, tmp_path, md5=cifar_archive.CIFAR10_MD5)
     assert meta["format"] == "image-folder"
 
 
@@ -174,7 +176,7 @@ def test_wrong_size_image_is_rejected_naming_the_file(
     bad = tiny_imagefolder.root / "test" / "moose" / "big.png"
     Image.new("RGB", (64, 64)).save(bad)
     with pytest.raises(UserError, match=r"test/moose/big\.png.*64x64"):
-        data.fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "out", cache_dir=tmp_path / "c")
+        fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "out", cache_dir=tmp_path / "c")
     assert not (tmp_path / "out" / "train.npz").exists()
 
 
@@ -195,10 +197,10 @@ def test_image_outside_layout_is_rejected_naming_the_file(
     (tiny_imagefolder.root / "val" / "ant").mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(tiny_imagefolder.root / "val" / "ant" / "v.png")
     with pytest.raises(UserError, match=r"val/ant/v\.png"):
-        data.fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "out", cache_dir=tmp_path / "c")
+        fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "out", cache_dir=tmp_path / "c")
 
 
-# --- unsafe archives -----------------------------------------------------------------------
+# --- archives: unsafe members, links, damage ------------------------------------------------
 
 
 def _reg(name: str) -> tarfile.TarInfo:
@@ -216,6 +218,8 @@ def _unsafe_cases(tmp_path: Path) -> dict[str, list[tarfile.TarInfo]]:
     """Each case's last member is the one that must be named as unsafe."""
     fifo = tarfile.TarInfo("train/cat/pipe")
     fifo.type = tarfile.FIFOTYPE
+    device = tarfile.TarInfo("train/cat/dev")
+    device.type = tarfile.CHRTYPE
     return {
         "dotdot": [_reg("train/cat/ok.txt"), _reg("../evil.txt")],
         "absolute": [_reg(str(tmp_path / "abs_evil.txt"))],
@@ -223,74 +227,98 @@ def _unsafe_cases(tmp_path: Path) -> dict[str, list[tarfile.TarInfo]]:
         "symlink_abs": [_link("link", str(tmp_path))],
         # `b -> .` is harmless alone, but b/../evil.txt then escapes although it looks inside.
         "through_link": [_link("b", "."), _reg("b/../evil.txt")],
+        # Where b/x.png lands depends on b's target, which a lexical check cannot follow.
+        "below_link": [_link("b", "train"), _reg("b/cat/x.png")],
         "link_chain": [_link("b", "."), _link("c", "b/..")],
         "hardlink_out": [_link("h", "../evil.txt", tarfile.LNKTYPE)],
+        "hardlink_abs": [_link("h", str(tmp_path / "x"), tarfile.LNKTYPE)],
         "fifo": [fifo],
+        "device": [device],
     }
 
 
-CASES = ["dotdot", "absolute", "symlink_out", "symlink_abs", "through_link", "link_chain",
-         "hardlink_out", "fifo"]
-
-
-def _outside_files(tmp_path: Path, dest: Path) -> set[Path]:
-    return {p for p in tmp_path.rglob("*") if dest not in p.parents and p != dest}
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_safe_extract_rejects_unsafe_members(
-        case: str, make_tarball: Callable[[str, list[tarfile.TarInfo]], Path],
-        tmp_path: Path) -> None:
-    members = _unsafe_cases(tmp_path)[case]
-    tarball = make_tarball(f"{case}.tar.gz", members)
-    dest = tmp_path / "sandbox" / "dest"
-    dest.mkdir(parents=True)
-    before = _outside_files(tmp_path, dest)
-    with tarfile.open(tarball) as tar:
-        if case == "absolute":
-            assert tar.getnames()[0].startswith("/")  # the header really holds an absolute name
-        with pytest.raises(UserError) as info:
-            data.safe_extract(tar, dest)
-    bad_name = members[-1].name
-    assert f"member {bad_name!r}" in str(info.value)
-    assert _outside_files(tmp_path, dest) == before
-    assert list(dest.iterdir()) == []  # every member is checked before anything is written
+CASES = ["dotdot", "absolute", "symlink_out", "symlink_abs", "through_link", "below_link",
+         "link_chain", "hardlink_out", "hardlink_abs", "fifo", "device"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_fetch_rejects_unsafe_tarball(
         case: str, make_tarball: Callable[[str, list[tarfile.TarInfo]], Path],
         tmp_path: Path) -> None:
-    tarball = make_tarball(f"{case}.tar.gz", _unsafe_cases(tmp_path)[case])
+    members = _unsafe_cases(tmp_path)[case]
+    tarball = make_tarball(f"{case}.tar.gz", members)
+    with tarfile.open(tarball) as tar:
+        if case == "absolute":
+            assert tar.getnames()[0].startswith("/")  # the header really holds an absolute name
     before = set(tmp_path.rglob("*"))
-    with pytest.raises(UserError, match="refusing unsafe archive member"):
+    with pytest.raises(UserError, match="refusing unsafe archive member") as info:
         _fetch(tarball, tmp_path)
+    msg = str(info.value)
+    assert f"member {members[-1].name!r}" in msg and "\n" not in msg
     assert set(tmp_path.rglob("*")) == before
 
 
-def test_safe_extract_extracts_a_normal_archive(
-        make_tarball: Callable[[str, list[tarfile.TarInfo]], Path], tmp_path: Path) -> None:
-    tarball = make_tarball("ok.tar.gz", [_reg("a/b.txt"), _link("a/c", "b.txt"),
-                                         _link("d", "a/b.txt", tarfile.LNKTYPE)])
-    dest = tmp_path / "dest"
-    with tarfile.open(tarball) as tar:
-        data.safe_extract(tar, dest)
-    assert (dest / "a" / "b.txt").read_bytes() == b"x"
-    assert (dest / "a" / "c").is_symlink() and (dest / "a" / "c").read_bytes() == b"x"
-    assert (dest / "d").read_bytes() == b"x"
+def _image_tarball(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, payload in members:
+            if payload is None:
+                tar.addfile(info)
+            else:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
 
 
-def test_safe_extract_rejects_escape_through_existing_symlink(
-        make_tarball: Callable[[str, list[tarfile.TarInfo]], Path], tmp_path: Path) -> None:
-    dest = tmp_path / "dest"
-    outside = tmp_path / "outside"
-    dest.mkdir()
-    outside.mkdir()
-    (dest / "sub").symlink_to(outside)
-    tarball = make_tarball("t.tar.gz", [_reg("sub/evil.txt")])
-    with tarfile.open(tarball) as tar, pytest.raises(UserError, match="sub/evil.txt"):
-        data.safe_extract(tar, dest)
-    assert list(outside.iterdir()) == []
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_fetch_reads_links_that_stay_inside_the_archive(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    tarball = _image_tarball(tmp_path / "links.tar.gz", [
+        (_reg("train/cat/a.png"), _png_bytes(pixels)),
+        (_link("train/dog/b.png", "../cat/a.png"), None),
+        (_link("test/cat/c.png", "train/cat/a.png", tarfile.LNKTYPE), None),
+    ])
+    meta = _fetch(tarball, tmp_path)
+    assert (meta["classes"], meta["n_train"], meta["n_test"]) == (["cat", "dog"], 2, 1)
+    for split, n in (("train", 2), ("test", 1)):
+        images, _ = data.load_split(tmp_path / "out", split)
+        np.testing.assert_array_equal(images, np.stack([pixels] * n))
+
+
+def test_fetch_refuses_link_to_a_missing_member_in_one_line(tmp_path: Path) -> None:
+    tarball = _image_tarball(tmp_path / "dangling.tar.gz",
+                             [(_link("train/cat/a.png", "gone.png"), None)])
+    with pytest.raises(UserError, match=r"train/cat/a\.png.*gone\.png") as info:
+        _fetch(tarball, tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupt_image_is_rejected_in_one_line(
+        tiny_imagefolder: TinyImageFolder, tmp_path: Path) -> None:
+    bad = tiny_imagefolder.root / "train" / "ant" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff" + bytes(40))
+    with pytest.raises(UserError, match=r"train/ant/broken\.jpg: cannot decode") as info:
+        fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "out", cache_dir=tmp_path / "c")
+    assert "\n" not in str(info.value)
+    tarball = _image_tarball(tmp_path / "bad.tar.gz", [(_reg("train/cat/x.jpg"), bad.read_bytes())])
+    with pytest.raises(UserError, match=r"train/cat/x\.jpg: cannot decode") as info:
+        _fetch(tarball, tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_archive_is_rejected_in_one_line(
+        tiny_imagefolder_tarball: Path, tmp_path: Path) -> None:
+    whole = tiny_imagefolder_tarball.read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match="cut.tar.gz: cannot read the archive") as info:
+        _fetch(cut, tmp_path)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 # --- sources and errors --------------------------------------------------------------------
@@ -332,11 +360,13 @@ def test_missing_source_path_names_it(tmp_path: Path) -> None:
         _fetch(missing, tmp_path)
 
 
-def test_non_tar_file_is_rejected(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"this is not a tar archive" * 10, b""])
+def test_non_tar_file_is_rejected_in_one_line(tmp_path: Path, content: bytes) -> None:
     junk = tmp_path / "junk.tar.gz"
-    junk.write_bytes(b"this is not a tar archive" * 10)
-    with pytest.raises(UserError, match="junk.tar.gz"):
+    junk.write_bytes(content)
+    with pytest.raises(UserError, match="junk.tar.gz: not a readable") as info:
         _fetch(junk, tmp_path)
+    assert "\n" not in str(info.value)
 
 
 def test_load_split_missing_dir_tells_to_fetch(tmp_path: Path) -> None:
@@ -345,7 +375,7 @@ def test_load_split_missing_dir_tells_to_fetch(tmp_path: Path) -> None:
 
 
 def test_class_list_is_official_order() -> None:
-    assert data.CIFAR10_CLASSES == ("airplane", "automobile", "bird", "cat", "deer",
+    assert cifar_archive.CIFAR10_CLASSES == ("airplane", "automobile", "bird", "cat", "deer",
                                     "dog", "frog", "horse", "ship", "truck")
 
 

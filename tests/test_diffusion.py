@@ -10,7 +10,7 @@ import pytest
 import torch
 from factories import one_thread, tiny_diffusion, tiny_model
 
-from ddpm_cifar.diffusion import GaussianDiffusion
+from ddpm_cifar.diffusion import GaussianDiffusion, posterior_coefficients
 from ddpm_cifar.unet import UNet
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
@@ -58,7 +58,6 @@ def test_schedule_is_valid(schedule: str, T: int) -> None:
     assert (ac > 0).all() and (ac < 1).all()
     assert (np.diff(ac) < 0).all(), "alpha_bar must be strictly decreasing"
     np.testing.assert_allclose(ac, _abar(d), rtol=1e-12, atol=0)
-    np.testing.assert_allclose(_np(d.alphas_cumprod_prev), np.concatenate(([1.0], ac[:-1])), rtol=1e-12)
     # Every schedule ends (almost) at pure noise and starts (almost) at the data.
     assert ac[-1] < 1e-3
     assert ac[0] > 0.9
@@ -133,26 +132,26 @@ def test_q_sample_at_zero_noise_and_zero_image() -> None:
 
 @pytest.mark.parametrize("T", [1000, 20])
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_q_posterior_matches_closed_forms(schedule: str, T: int) -> None:
+def test_posterior_matches_closed_forms(schedule: str, T: int) -> None:
+    """Between consecutive timesteps (abar_prev = abar_{t-1}, 1 at t = 0), as the full chain uses it."""
     d = _diffusion(schedule, T)
     betas, abar = _np(d.betas), _abar(d)
     abar_prev = np.concatenate(([1.0], abar[:-1]))
+    ac = _np(d.alphas_cumprod)
+    coefs = [posterior_coefficients(float(ac[t]), float(ac[t - 1]) if t else 1.0) for t in range(T)]
+    got_x0, got_xt, var = (np.array(c) for c in zip(*coefs))
     g = torch.Generator().manual_seed(1)
     ts = np.arange(T)
-    x0 = torch.randn(T, 2, 3, 3, generator=g, dtype=torch.float64)
-    xt = torch.randn(T, 2, 3, 3, generator=g, dtype=torch.float64)
-    mean, var, log_var = d.q_posterior(x0, xt, torch.from_numpy(ts))
+    x0 = _np(torch.randn(T, 2, 3, 3, generator=g, dtype=torch.float64))
+    xt = _np(torch.randn(T, 2, 3, 3, generator=g, dtype=torch.float64))
+    mean = _col(got_x0, ts) * x0 + _col(got_xt, ts) * xt
 
     # DDPM eq. 7: tilde beta_t and the two mean coefficients.
     tilde_beta = betas * (1 - abar_prev) / (1 - abar)
     coef1 = betas * np.sqrt(abar_prev) / (1 - abar)
     coef2 = (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar)
-    np.testing.assert_allclose(_np(var)[:, 0, 0, 0], tilde_beta, rtol=1e-9, atol=1e-300)
-    np.testing.assert_allclose(_np(mean), _col(coef1, ts) * _np(x0) + _col(coef2, ts) * _np(xt),
-                               rtol=1e-9, atol=1e-12)
-    # The log variance is clipped at t = 0 (where the variance is 0) to the t = 1 value.
-    np.testing.assert_allclose(_np(log_var)[:, 0, 0, 0],
-                               np.log(np.concatenate((tilde_beta[1:2], tilde_beta[1:]))), rtol=1e-9)
+    np.testing.assert_allclose(var, tilde_beta, rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(mean, _col(coef1, ts) * x0 + _col(coef2, ts) * xt, rtol=1e-9, atol=1e-12)
 
     # Independently by Bayes: x_{t-1} | x0 ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) and
     # x_t | x_{t-1} ~ N(sqrt(alpha_t) x_{t-1}, beta_t) give a Gaussian conditional whose precision
@@ -161,15 +160,15 @@ def test_q_posterior_matches_closed_forms(schedule: str, T: int) -> None:
     alpha = 1 - betas[s]
     precision = 1 / (1 - abar_prev[s]) + alpha / betas[s]
     bayes_var = 1 / precision
-    np.testing.assert_allclose(_np(var)[1:, 0, 0, 0], bayes_var, rtol=1e-8)
+    np.testing.assert_allclose(var[1:], bayes_var, rtol=1e-8)
     bayes_mean = _col(bayes_var, s - 1) * (
-        _col(np.sqrt(abar_prev[s]) / (1 - abar_prev[s]), s - 1) * _np(x0)[1:]
-        + _col(np.sqrt(alpha) / betas[s], s - 1) * _np(xt)[1:]
+        _col(np.sqrt(abar_prev[s]) / (1 - abar_prev[s]), s - 1) * x0[1:]
+        + _col(np.sqrt(alpha) / betas[s], s - 1) * xt[1:]
     )
-    np.testing.assert_allclose(_np(mean)[1:], bayes_mean, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(mean[1:], bayes_mean, rtol=1e-8, atol=1e-10)
     # At t = 0 the posterior is a point mass at x0.
-    assert float(var[0].max()) == 0.0
-    np.testing.assert_allclose(_np(mean)[0], _np(x0)[0], rtol=1e-12, atol=1e-12)
+    assert var[0] == 0.0
+    np.testing.assert_allclose(mean[0], x0[0], rtol=1e-12, atol=1e-12)
 
 
 # -- parameterisations ---------------------------------------------------------------------------

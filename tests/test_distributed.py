@@ -20,12 +20,14 @@ from ddpm_cifar.distributed import rank_and_world, shard, unshard
 from ddpm_cifar.ema import EMA
 from ddpm_cifar.errors import UserError
 from ddpm_cifar.fid import load_inception, save_random_inception, statistics_sharded
+from ddpm_cifar.samplers import SamplerSpec
 from ddpm_cifar.sampling import generate_images, generate_images_sharded
 from ddpm_cifar.train import TrainResult, train
 from ddpm_cifar.unet import LinearAttention, ResBlock, UNet
 
 SEEDS = list(range(100, 111))  # 11 images: the ranks get 6 and 5, so batches are padded too
-OPTIONS = dict(sampler="dpmpp_2m", steps=4, batch_size=4, shape=(3, 8, 8), device="cpu", progress=False)
+SPEC = SamplerSpec("dpmpp_2m", 4)
+OPTIONS = dict(batch_size=4, shape=(3, 8, 8), device="cpu", progress=False)
 IMAGES = random_images(n=12, size=8, seed=3)
 CPU = torch.device("cpu")
 LR, STEPS = 1e-3, 4  # tiny_train's learning rate; steps of the compared runs
@@ -63,7 +65,7 @@ def _join(rank: int, world: int, init_file: str) -> None:
 
 def _sample_worker(rank: int, world: int, init_file: str, out: str, inception: str) -> None:
     _join(rank, world, init_file)
-    images = generate_images_sharded(_model(), GaussianDiffusion(tiny_diffusion()), SEEDS, **OPTIONS)
+    images = generate_images_sharded(_model(), GaussianDiffusion(tiny_diffusion()), SEEDS, SPEC, **OPTIONS)
     net, _ = load_inception(inception)
     stats = statistics_sharded(np.load(Path(out).parent / "all.npy"), net, batch_size=4, device="cpu",
                                progress=False)
@@ -79,7 +81,7 @@ def test_sharded_sampling_and_fid_match_the_single_process_run(tmp_path: Path) -
     inception = tmp_path / "inception.pth"
     save_random_inception(inception, seed=0)
     with one_thread():
-        single = generate_images(_model(), GaussianDiffusion(tiny_diffusion()), SEEDS, **OPTIONS)
+        single = generate_images(_model(), GaussianDiffusion(tiny_diffusion()), SEEDS, SPEC, **OPTIONS)
     np.save(tmp_path / "all.npy", single)  # what the FID half embeds
     # Both runs in fresh processes: a process's earlier convolutions (other thread counts, other
     # shapes) can change oneDNN's choice of kernels, and with it the last bits of the features.

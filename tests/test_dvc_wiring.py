@@ -169,39 +169,56 @@ def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
     return out
 
 
-def _package_imports(path: Path, *, inside_package: bool) -> set[str]:
-    """Modules of the package (``cli``, ``sampling``, ...) that the file imports anywhere in it,
-    function-level imports included."""
+def _module_file(dotted: str) -> Path | None:
+    """The file of a module of the package (``ddpm_cifar.app.engine`` -> src/ddpm_cifar/app/engine.py,
+    a subpackage -> its ``__init__.py``); None for anything else."""
+    base = ROOT / "src" / Path(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _package_imports(path: Path, module: str | None) -> set[str]:
+    """Dotted names of the package's modules that the file imports anywhere in it, function-level
+    imports included. ``module`` is the file's own dotted name (None for a stage script), against
+    which relative imports resolve."""
+    if module is None:
+        package: list[str] = []
+    else:
+        package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     names: set[str] = set()
     for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == PACKAGE:
-                    names.add(parts[1] if len(parts) > 1 else "__init__")
+            names.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
         elif isinstance(node, ast.ImportFrom):
-            if node.level == 0 and (node.module or "").split(".")[0] == PACKAGE:
-                parts = node.module.split(".")  # type: ignore[union-attr]
-            elif node.level == 1 and inside_package:
-                parts = [PACKAGE, *(node.module.split(".") if node.module else [])]
+            if node.level:
+                up = package[: len(package) - node.level + 1]
+                parts = up + (node.module.split(".") if node.module else [])
             else:
+                parts = (node.module or "").split(".")
+            base = ".".join(parts)
+            if parts[0] != PACKAGE:
                 continue
-            # ``from ddpm_cifar import checkpoint`` names a module; ``from .x import y`` names x
-            names.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
-    return {n for n in names if (PACKAGE_DIR / f"{n}.py").is_file()}
+            names.add(base)
+            # ``from ddpm_cifar import checkpoint``: the name may be a module of its own
+            names.update(f"{base}.{a.name}" for a in node.names if _module_file(f"{base}.{a.name}"))
+    # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
+    return {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)}
 
 
 def import_closure(script: Path) -> set[str]:
-    """Repo-relative paths of the package modules a stage script runs: what it imports, what those
-    import, and so on, plus the package's ``__init__.py`` that every import runs first."""
+    """Repo-relative paths of the package files a stage script runs: what it imports, what those
+    import, and so on, with every package's ``__init__.py`` on the way."""
     seen: set[str] = set()
-    todo = list(_package_imports(script, inside_package=False))
+    todo = list(_package_imports(script, None))
     while todo:
         module = todo.pop()
-        if module not in seen:
+        path = _module_file(module)
+        if module not in seen and path is not None:
             seen.add(module)
-            todo.extend(_package_imports(PACKAGE_DIR / f"{module}.py", inside_package=True))
-    return {f"src/{PACKAGE}/{m}.py" for m in seen | {"__init__"}}
+            todo.extend(_package_imports(path, module))
+    return {_module_file(m).relative_to(ROOT).as_posix() for m in seen}  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -220,13 +237,28 @@ def test_stage_deps_are_its_script_and_import_closure(name: str) -> None:
     )
 
 
-def test_import_closure_follows_imports_transitively() -> None:
-    """The closure itself: the sample stage runs the samplers through a module it imports."""
+def test_import_closure_follows_imports_transitively(tmp_path: Path) -> None:
+    """The closure itself: the sample stage runs the samplers through a module it imports, and a
+    stage that imported the app would pull in the subpackage's files."""
     closure = import_closure(ROOT / "stages/sample.py")
-    assert f"src/{PACKAGE}/sampling.py" in closure and f"src/{PACKAGE}/diffusion.py" in closure
-    assert f"src/{PACKAGE}/app.py" not in closure
+    assert {f"src/{PACKAGE}/{m}.py" for m in ("__init__", "sampling", "samplers", "diffusion")} <= closure
     fetch = import_closure(ROOT / "stages/fetch.py")
     assert f"src/{PACKAGE}/sampling.py" not in fetch and f"src/{PACKAGE}/data.py" in fetch
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from ddpm_cifar.app.engine import Demo\n")
+    app = import_closure(probe)
+    assert {f"src/{PACKAGE}/{m}.py" for m in ("app/__init__", "app/engine", "checkpoint")} <= app
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_no_stage_imports_the_app_and_only_train_imports_training(name: str) -> None:
+    """The app changes often and computes nothing the pipeline records; training code changes must
+    not rerun sampling or scoring."""
+    closure = import_closure(ROOT / "stages" / f"{name}.py")
+    assert not any(p.startswith(f"src/{PACKAGE}/app/") for p in closure), f"stage {name} imports the app"
+    if name != "train":
+        training = {f"src/{PACKAGE}/{m}.py" for m in ("train", "train_state", "runlog", "ema", "tracking")}
+        assert not closure & training, f"stage {name} imports training code: {sorted(closure & training)}"
 
 
 # The data-parallel stages: torchrun with the process counts from params (DDP, sharded sampling/FID).

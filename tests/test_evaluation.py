@@ -10,13 +10,14 @@ from factories import tiny_train
 
 from ddpm_cifar.config import SampleConfig
 from ddpm_cifar.evaluation import training_fid_id
+from ddpm_cifar.samplers import SAMPLING_VERSION
 from ddpm_cifar.sampling import sample_cache_key
 
-SAMPLE = SampleConfig(n=10, sampler="ddpm", steps=50, eta=0.0, spacing="quadratic", compile=False,
+SAMPLE = SampleConfig(n=10, sampler="ddim", steps=50, eta=0.0, spacing="quadratic", compile=False,
                       batch_size=5, seed=0, clip_x0=True, grid_images=4, strip_seeds=(0,), strip_frames=5)
 
 
-@pytest.mark.parametrize(("key", "value"), [("sampler", "ddim"), ("steps", 20), ("eta", 0.5),
+@pytest.mark.parametrize(("key", "value"), [("sampler", "ddpm"), ("steps", 20), ("eta", 0.5),
                                             ("spacing", "uniform"), ("seed", 1), ("clip_x0", False),
                                             ("compile", True), ("batch_size", 4)])
 def test_every_sampling_setting_changes_the_cache_key(key: str, value: object) -> None:
@@ -24,6 +25,14 @@ def test_every_sampling_setting_changes_the_cache_key(key: str, value: object) -
     assert sample_cache_key("abc", dataclasses.replace(SAMPLE, **{key: value}), torch.device("cpu")) != base
     assert sample_cache_key("abd", SAMPLE, torch.device("cpu")) != base
     assert sample_cache_key("abc", SAMPLE, torch.device("cuda")) != base
+
+
+def test_the_cache_key_ignores_what_does_not_change_the_images() -> None:
+    def key(**changes: object) -> str:
+        return sample_cache_key("abc", dataclasses.replace(SAMPLE, **changes), torch.device("cpu"))
+
+    assert key(sampler="ddpm", eta=0.5) == key(sampler="ddpm")  # only DDIM reads eta
+    assert key(n=99, grid_images=2, strip_frames=3) == key()  # more or fewer images: same batches
 
 
 @pytest.mark.parametrize(("key", "value"), [("fid_sampler", "ddpm"), ("fid_sample_steps", 7),
@@ -35,3 +44,11 @@ def test_training_fid_curve_restarts_when_its_sampler_changes(key: str, value: o
     assert training_fid_id("inc", "ref", dataclasses.replace(cfg, **{key: value})) != base
     assert training_fid_id("inc", "ref", dataclasses.replace(cfg, lr=0.5)) == base  # not an FID setting
     assert training_fid_id("inc2", "ref", cfg) != base and training_fid_id("inc", "ref2", cfg) != base
+
+
+def test_training_fid_id_of_existing_checkpoints_still_matches() -> None:
+    """Checkpoints store the id; a resumed run keeps its FID curve only if the id is unchanged, so
+    the id's text must stay what it was before the sampler settings became a SamplerSpec."""
+    cfg = tiny_train(fid_sampler="dpmpp_2m", fid_sample_steps=20, fid_spacing="quadratic", fid_samples=8,
+                     fid_batch_size=4)
+    assert training_fid_id("inc", "ref", cfg) == f"inc:ref:{SAMPLING_VERSION}:8:dpmpp_2m:20:quadratic:4"

@@ -213,8 +213,9 @@ def _check_reruns_follow_imports(run: Runner, repo: Path) -> None:
     """Each stage depends on the modules it imports, and nothing else: an edit to the app reruns
     nothing; an edit to the samplers reruns what samples, never fetch, inception or ref_stats. A
     run-only param (W&B) reruns nothing either."""
-    for rel, expect in (("src/ddpm_cifar/app.py", set()),
-                        ("src/ddpm_cifar/sampling.py", {"train", "sample", "evaluate", "pretrained"})):
+    for rel, expect in (("src/ddpm_cifar/app/ui.py", set()),
+                        ("src/ddpm_cifar/sampling.py", {"train", "sample", "evaluate", "pretrained"}),
+                        ("src/ddpm_cifar/samplers.py", {"train", "sample", "evaluate", "pretrained"})):
         path = repo / rel
         before = path.read_bytes()
         path.write_bytes(before + b"\n# an edit\n")

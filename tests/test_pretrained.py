@@ -17,7 +17,7 @@ from diffusers import UNet2DModel
 from factories import one_thread, random_images, save_tiny_checkpoint
 from PIL import Image
 
-from ddpm_cifar.demo import Demo, load_demo_model
+from ddpm_cifar.app.engine import Demo, load_demo_model
 from ddpm_cifar.errors import UserError
 from ddpm_cifar.fid import compute_statistics, load_inception, save_random_inception, save_stats
 from ddpm_cifar.fileio import file_digest

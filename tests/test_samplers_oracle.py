@@ -29,7 +29,7 @@ from scipy import stats
 
 from ddpm_cifar.config import DiffusionConfig
 from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.sampling import ImageNoise, final, run_sampler, spaced_timesteps
+from ddpm_cifar.samplers import ImageNoise, SamplerSpec, final, run_sampler, spaced_timesteps
 
 SHAPE = (3, 2, 2)  # 12-dimensional "images"
 N = 10_000
@@ -56,8 +56,8 @@ def _sample(sampler: str, steps: int, spacing: str, *, objective: str = "pred_no
             n: int = N, model: Callable | None = None, schedule: str = "linear") -> np.ndarray:
     d = _diffusion(objective, schedule)
     net = model or GaussianOracle(DATA, d, SHAPE)
-    x = final(run_sampler(sampler, net, d, list(range(n)), shape=SHAPE, steps=steps, device="cpu",
-                          clip_x0=False, eta=eta, spacing=spacing))
+    spec = SamplerSpec(sampler, steps, spacing, eta, clip_x0=False)
+    x = final(run_sampler(net, d, list(range(n)), spec, shape=SHAPE, device="cpu"))
     return x.double().reshape(n, -1).numpy()  # (n, 12)
 
 

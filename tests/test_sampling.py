@@ -1,4 +1,5 @@
-"""Tests for ddpm_cifar.sampling: per-image seeds, the DDPM posterior step, quantisation, caching."""
+"""Tests for ddpm_cifar.sampling: the sampler spec, per-image seeds, the DDPM posterior step,
+quantisation, caching."""
 
 from __future__ import annotations
 
@@ -8,22 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import one_thread, tiny_diffusion, tiny_model
+from factories import one_thread, tiny_diffusion, tiny_model, tiny_train
 
+from ddpm_cifar.config import SampleConfig
 from ddpm_cifar.diffusion import GaussianDiffusion
 from ddpm_cifar.errors import UserError
-from ddpm_cifar.sampling import (
+from ddpm_cifar.samplers import (
+    SAMPLERS,
     SPACINGS,
-    FixedBatch,
     ImageNoise,
+    SamplerSpec,
     ddim,
     ddpm,
-    denoising_frames,
     dpmpp_2m,
-    generate_images,
+    final,
+    run_sampler,
     spaced_timesteps,
-    to_uint8,
 )
+from ddpm_cifar.sampling import FixedBatch, denoising_frames, generate_images, to_uint8
 from ddpm_cifar.unet import UNet
 
 SHAPE = (3, 8, 8)
@@ -48,7 +51,7 @@ def diffusion() -> GaussianDiffusion:
 
 
 def _generate(model, diffusion, seeds, *, steps: int = 20, batch_size: int = 8, **kw) -> np.ndarray:
-    return generate_images(model, diffusion, seeds, sampler="ddpm", steps=steps, batch_size=batch_size,
+    return generate_images(model, diffusion, seeds, SamplerSpec("ddpm", steps), batch_size=batch_size,
                            shape=SHAPE, device="cpu", progress=False, **kw)
 
 
@@ -56,6 +59,98 @@ def _draws(seed: int, n: int, shape: tuple[int, ...] = SHAPE) -> list[torch.Tens
     """Draws 0 .. n-1 of the noise of an image with this seed, computed for that image alone."""
     noise = ImageNoise([seed], shape, "cpu")
     return [noise.draw(k)[0] for k in range(n)]
+
+
+# -- the sampler spec ----------------------------------------------------------------------------
+
+SAMPLE = SampleConfig(n=10, sampler="ddim", steps=50, eta=0.5, spacing="quadratic", compile=False,
+                      batch_size=5, seed=0, clip_x0=False, grid_images=4, strip_seeds=(0,), strip_frames=5)
+
+
+def test_spec_from_the_params_sections() -> None:
+    assert SamplerSpec.from_sample(SAMPLE) == SamplerSpec("ddim", 50, "quadratic", 0.5, False, "auto")
+    assert SamplerSpec.from_sample(SAMPLE, precision="fp32").precision == "fp32"
+    train = tiny_train(fid_sampler="ddim", fid_sample_steps=7, fid_spacing="trailing")
+    # The training-time FID samples DDIM deterministically, with x0 clipped, under autocast on CUDA.
+    assert SamplerSpec.from_train(train) == SamplerSpec("ddim", 7, "trailing", 0.0, True, "auto")
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    (dict(name="euler"), r"^unknown sampler 'euler'; choose one of: ddpm, ddim, dpmpp_2m$"),
+    (dict(spacing="log"), r"^unknown timestep spacing 'log'; choose one of: uniform, trailing, quadratic$"),
+    (dict(steps=0), r"^sampling steps must be a whole number of at least 1, got 0$"),
+    (dict(steps=2.0), r"got 2\.0$"),
+    (dict(steps=True), r"got True$"),
+    (dict(eta=-0.1), r"^DDIM eta must be from 0 to 1, got -0\.1$"),
+    (dict(eta=1.5), r"from 0 to 1, got 1\.5$"),
+    (dict(eta=float("nan")), r"got nan$"),
+    (dict(eta="0.5"), r"^DDIM eta must be a number from 0 to 1, got '0\.5'$"),
+    (dict(precision="bf16"), r"^unknown precision 'bf16'; choose one of: auto, fp32$"),
+])
+def test_spec_refuses_bad_settings_in_one_line(kw: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        SamplerSpec(**{"name": "ddim", "steps": 5, **kw})
+
+
+def test_spec_steps_are_checked_against_the_diffusion(tmp_path: Path) -> None:
+    spec = SamplerSpec("ddpm", 21)
+    spec.check(21)
+    message = r"^sampling steps must be in \[1, 20\] \(the model's diffusion.timesteps\), got 21$"
+    with pytest.raises(UserError, match=message):
+        spec.check(20)
+    d = GaussianDiffusion(tiny_diffusion())
+    with pytest.raises(UserError, match=message):
+        run_sampler(_pointwise, d, [0], spec, shape=SHAPE, device="cpu")
+    with pytest.raises(UserError, match=message):  # before it touches the cache of the run it replaces
+        generate_images(_pointwise, d, [], spec, batch_size=2, shape=SHAPE, device="cpu", progress=False,
+                        cache_dir=tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()
+    assert SamplerSpec("ddpm", 5, "quadratic").timesteps(20) == spaced_timesteps(20, 5, "quadratic")
+
+
+def test_every_setting_that_changes_the_images_changes_the_key() -> None:
+    base = SamplerSpec("ddim", 10, "uniform", 0.5, True, "auto")
+    others = [SamplerSpec("dpmpp_2m", 10, "uniform", 0.5), SamplerSpec("ddim", 11, "uniform", 0.5),
+              SamplerSpec("ddim", 10, "trailing", 0.5), SamplerSpec("ddim", 10, "uniform", 0.25),
+              SamplerSpec("ddim", 10, "uniform", 0.0), SamplerSpec("ddim", 10, "uniform", 0.5, False),
+              SamplerSpec("ddim", 10, "uniform", 0.5, precision="fp32")]
+    keys = {spec.key() for spec in others}
+    assert len(keys) == len(others) and base.key() not in keys
+    # Only DDIM reads eta: for the others it changes nothing, in the images or the key.
+    assert SamplerSpec("ddpm", 10, eta=0.7).key() == SamplerSpec("ddpm", 10).key()
+    assert SamplerSpec("ddim", 10, eta=1).key() == SamplerSpec("ddim", 10, eta=1.0).key()
+    # At the defaults, the key is what the training-time FID ids of existing checkpoints hold.
+    assert SamplerSpec("dpmpp_2m", 20, "quadratic").key() == "dpmpp_2m:20:quadratic"
+
+
+def test_bf16_only_where_asked_and_supported(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto, fp32 = SamplerSpec("ddpm", 5), SamplerSpec("ddpm", 5, precision="fp32")
+    assert not auto.bf16(cpu) and not fp32.bf16(cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert auto.bf16(cuda) and not fp32.bf16(cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert not auto.bf16(cuda)
+
+
+def test_the_spec_reaches_the_sampler(model: UNet, diffusion: GaussianDiffusion) -> None:
+    """Each field the key holds changes the images (eta through DDIM), and no field is dropped on
+    the way from generate_images to the sampler."""
+    def run(spec: SamplerSpec) -> np.ndarray:
+        return generate_images(model, diffusion, SEEDS[:3], spec, batch_size=3, shape=SHAPE, device="cpu",
+                               progress=False)
+
+    base = run(SamplerSpec("ddim", 6, "uniform", 0.0))
+    for other in (SamplerSpec("ddim", 6, "uniform", 1.0), SamplerSpec("ddim", 5, "uniform", 0.0),
+                  SamplerSpec("ddim", 6, "quadratic", 0.0), SamplerSpec("ddpm", 6, "uniform", 0.0),
+                  SamplerSpec("dpmpp_2m", 6, "uniform", 0.0)):
+        assert (run(other) != base).any(), other
+    d = GaussianDiffusion(tiny_diffusion(objective="pred_x0"))
+    for clip_x0, end in ((True, 1.0), (False, 3.0)):  # a network that predicts x0 = 3 everywhere
+        spec = SamplerSpec("ddim", 5, clip_x0=clip_x0)
+        x = final(run_sampler(lambda x, t: torch.full_like(x, 3.0), d, [0], spec, shape=SHAPE, device="cpu"))
+        torch.testing.assert_close(x, torch.full((1, *SHAPE), end))
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m"}
 
 
 # -- per-image seeds -----------------------------------------------------------------------------
@@ -176,8 +271,7 @@ def test_image_noise_is_standard_normal_and_independent() -> None:
 
 def test_noise_hash_is_splitmix64() -> None:
     """The int64 tensor hash against a plain-Python splitmix64 finaliser, on edge values too."""
-    from ddpm_cifar.sampling import _mix64, _mix64_int
-
+    from ddpm_cifar.samplers import _mix64, _mix64_int
     def reference(z: int) -> int:
         m = (1 << 64) - 1
         z &= m
@@ -260,7 +354,8 @@ class _Recorder:
         return self.out
 
 
-def test_first_step_with_steps_equal_T_is_the_q_posterior() -> None:
+def test_first_step_with_steps_equal_T_is_ddpms_posterior() -> None:
+    """On the full chain, DDPM eq. 7 with the schedule's own betas (not the ratio of alpha_bars)."""
     d = GaussianDiffusion(tiny_diffusion(objective="pred_noise", beta_schedule="linear"))
     seeds = [4, 9]
     eps = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(99))
@@ -272,11 +367,13 @@ def test_first_step_with_steps_equal_T_is_the_q_posterior() -> None:
     assert first.index == 0 and first.x0 is None
     assert torch.equal(first.x, x_T)
 
-    t = torch.full((2,), 19)
-    abar = float(np.prod(1 - d.betas.numpy()))
+    betas = d.betas.numpy()
+    abar, abar_prev = float(np.prod(1 - betas)), float(np.prod(1 - betas[:-1]))
+    beta = float(betas[-1])
     x0 = ((x_T.double() - np.sqrt(1 - abar) * eps.double()) / np.sqrt(abar)).clamp(-1, 1)
-    mean, var, _ = d.q_posterior(x0, x_T.double(), t)
-    expected = mean + var.sqrt() * z.double()
+    mean = (beta * np.sqrt(abar_prev) / (1 - abar) * x0
+            + (1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar) * x_T.double())
+    expected = mean + np.sqrt(beta * (1 - abar_prev) / (1 - abar)) * z.double()
     assert second.index == 1 and second.t == 18
     torch.testing.assert_close(second.x0.double(), x0, rtol=0, atol=1e-5)
     torch.testing.assert_close(second.x.double(), expected, rtol=0, atol=1e-5)
@@ -356,7 +453,7 @@ def test_to_uint8() -> None:
 
 def test_denoising_frames(model: UNet, diffusion: GaussianDiffusion) -> None:
     seeds = [3, 8]
-    frames, timesteps = denoising_frames(model, diffusion, seeds, sampler="ddpm", steps=20, frames=5,
+    frames, timesteps = denoising_frames(model, diffusion, seeds, SamplerSpec("ddpm", 20), frames=5,
                                          shape=SHAPE, device="cpu")
     assert frames.shape == (2, 5, 8, 8, 3) and frames.dtype == np.uint8
     assert len(timesteps) == 5
@@ -371,7 +468,7 @@ def test_denoising_frames(model: UNet, diffusion: GaussianDiffusion) -> None:
 
 
 def test_denoising_frames_with_more_frames_than_states(model: UNet, diffusion: GaussianDiffusion) -> None:
-    frames, timesteps = denoising_frames(model, diffusion, [1], sampler="ddpm", steps=3, frames=10,
+    frames, timesteps = denoising_frames(model, diffusion, [1], SamplerSpec("ddpm", 3), frames=10,
                                          shape=SHAPE, device="cpu")
     assert frames.shape == (1, 4, 8, 8, 3)  # x_T and one state per step
     assert timesteps[-1] == -1 and len(timesteps) == 4
@@ -430,6 +527,6 @@ def test_generate_images_ignores_a_cache_of_another_run(model: UNet, diffusion: 
 
 
 def test_generate_images_with_no_seeds() -> None:
-    out = generate_images(lambda x, t: x, GaussianDiffusion(tiny_diffusion()), [], sampler="ddpm",
-                          steps=5, batch_size=4, shape=SHAPE, device="cpu", progress=False)
+    out = generate_images(lambda x, t: x, GaussianDiffusion(tiny_diffusion()), [], SamplerSpec("ddpm", 5),
+                          batch_size=4, shape=SHAPE, device="cpu", progress=False)
     assert out.shape == (0, 8, 8, 3) and out.dtype == np.uint8

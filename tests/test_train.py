@@ -24,9 +24,10 @@ from factories import (
     train_outputs,
 )
 
+from ddpm_cifar.batches import BatchSource
 from ddpm_cifar.config import TrainConfig, WandbConfig
 from ddpm_cifar.tracking import Tracker, make_tracker
-from ddpm_cifar.train import BatchSource, TrainOutputs, TrainResult, train
+from ddpm_cifar.train import TrainOutputs, TrainResult, train
 
 IMAGES = random_images(n=12, size=8, seed=3)
 CPU = torch.device("cpu")
@@ -154,6 +155,21 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, monkeypatch: pyte
     assert fresh.result.resumed_from == 0 and fake.inits[-1]["id"] is None and stored_id() == "new-3"
     _train(tmp_path, tiny_train(steps=6, seed=1))  # W&B off: no run, no id
     assert stored_id() is None and len(fake.inits) == 3
+
+
+def test_wandb_gets_sample_grids_of_the_ema_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeWandb()
+    fake.Image = lambda image: image  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    tracker = make_tracker(WandbConfig(enabled=True, project="p", run_name=None, entity=None, mode="offline"),
+                           {}, tmp_path / "wandb")
+    try:
+        _train(tmp_path, tiny_train(steps=4, sample_grid_every=2, fid_sample_steps=3), tracker=tracker)
+    finally:
+        tracker.finish()
+    grids = [(values["samples"], step) for values, step in fake.logged if "samples" in values]
+    assert [step for _, step in grids] == [2, 4]
+    assert len(grids[0][0]) == 16 and grids[0][0][0].shape == (8, 8, 3) and grids[0][0][0].dtype == np.uint8
 
 
 def test_metrics_hold_numbers_and_the_report_the_rest(straight: Run) -> None:

@@ -59,6 +59,17 @@ def _extract(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return a.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def posterior_coefficients(abar_t: float, abar_prev: float) -> tuple[float, float, float]:
+    """(c_x0, c_xt, var) of the posterior q(x_prev | x_t, x0) = N(c_x0 x0 + c_xt x_t, var I) between
+    two noise levels of the chain, given by their alpha_bar: consecutive timesteps, or the visited
+    ones of a respaced chain (Nichol & Dhariwal 2021), whose beta is 1 - abar_t / abar_prev; below
+    t = 0, abar_prev = 1 and the variance is 0. DDPM eq. 7, in float64 Python numbers."""
+    beta = 1 - abar_t / abar_prev
+    coef_x0 = beta * math.sqrt(abar_prev) / (1 - abar_t)
+    coef_xt = (1 - abar_prev) * math.sqrt(1 - beta) / (1 - abar_t)
+    return coef_x0, coef_xt, beta * (1 - abar_prev) / (1 - abar_t)
+
+
 class GaussianDiffusion:
     def __init__(self, cfg: DiffusionConfig):
         self.config = cfg
@@ -66,18 +77,9 @@ class GaussianDiffusion:
         self.objective = cfg.objective
         betas = BETA_SCHEDULES[cfg.beta_schedule](cfg.timesteps)
         self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        self.alphas_cumprod_prev = F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0)
-        ac, ac_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        self.alphas_cumprod = ac = torch.cumprod(1 - betas, dim=0)
         self.sqrt_ac = ac.sqrt()
         self.sqrt_one_minus_ac = (1 - ac).sqrt()
-        self.posterior_variance = betas * (1 - ac_prev) / (1 - ac)
-        # The posterior variance is 0 at t = 0; clip its log there as DDPM does.
-        self.posterior_log_variance = torch.log(
-            torch.cat((self.posterior_variance[1:2], self.posterior_variance[1:]))
-        )
-        self.posterior_mean_coef1 = betas * ac_prev.sqrt() / (1 - ac)
-        self.posterior_mean_coef2 = (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)
         snr = ac / (1 - ac)
         # Per-timestep weights that make each objective's MSE equal to the noise MSE, as in DDPM
         # and the study's reference (eps-MSE = snr x0-MSE = snr/(snr+1) v-MSE); with
@@ -100,14 +102,6 @@ class GaussianDiffusion:
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
         return _extract(self.sqrt_ac, t, x0) * x0 + _extract(self.sqrt_one_minus_ac, t, x0) * noise
-
-    def q_posterior(
-        self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0)."""
-        c1, c2 = _extract(self.posterior_mean_coef1, t, xt), _extract(self.posterior_mean_coef2, t, xt)
-        var, log_var = _extract(self.posterior_variance, t, xt), _extract(self.posterior_log_variance, t, xt)
-        return c1 * x0 + c2 * xt, var, log_var
 
     # -- conversions between parameterisations -------------------------------------------------
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

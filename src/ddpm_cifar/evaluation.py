@@ -16,7 +16,8 @@ from .distributed import broadcast_from_main
 from .fid import FidStats, frechet_distance, load_inception, load_stats, statistics_sharded
 from .fileio import file_digest
 from .reports import check_same_inception
-from .sampling import SAMPLING_VERSION, for_sampling, generate_images_sharded
+from .samplers import SAMPLING_VERSION, SamplerSpec
+from .sampling import for_sampling, generate_images_sharded
 
 # What train() calls for the training-time FID: (EMA model, diffusion) -> FID. The same alias as
 # train.FidFn, written out so that the stages that only sample and score need not import training.
@@ -37,26 +38,25 @@ def fid_of_model(model: Model, diffusion: GaussianDiffusion, cfg: SampleConfig, 
     """Sample ``cfg.n`` images (C, H, W) = ``shape`` with the sample section's settings and seeds, and
     score them, both sharded over the process group's ranks (every rank returns the FID)."""
     seeds = [cfg.seed + i for i in range(cfg.n)]
-    images = generate_images_sharded(model, diffusion, seeds, sampler=cfg.sampler, steps=cfg.steps,
-                                     eta=cfg.eta, spacing=cfg.spacing, shape=shape, clip_x0=cfg.clip_x0,
-                                     batch_size=cfg.batch_size, device=device, amp=True, cache_dir=cache_dir,
-                                     cache_key=cache_key, desc=desc, everywhere=True)
+    images = generate_images_sharded(model, diffusion, seeds, SamplerSpec.from_sample(cfg),
+                                     batch_size=cfg.batch_size, shape=shape, device=device,
+                                     cache_dir=cache_dir, cache_key=cache_key, desc=desc, everywhere=True)
     assert images is not None
     return fid_sharded(images, inception, ref, batch_size=fid_batch_size, device=device)
 
 
-def training_fid_fn(inception: torch.nn.Module, ref: FidStats, *, n: int, sampler: str, steps: int,
-                    spacing: str, batch_size: int, shape: tuple[int, int, int],
-                    device: torch.device) -> FidFn:
-    """FID of the EMA model during training: the same seeds 0..n-1 every time, for a smooth curve.
+def training_fid_fn(inception: torch.nn.Module, ref: FidStats, spec: SamplerSpec, *, n: int, batch_size: int,
+                    shape: tuple[int, int, int], device: torch.device) -> FidFn:
+    """FID of the EMA model during training, sampled with ``spec``: the same seeds 0..n-1 every
+    time, for a smooth curve.
 
     In a process group the ranks share the sampling and the Inception batches."""
     seeds = list(range(n))
 
     def fid(model: torch.nn.Module, diffusion: GaussianDiffusion) -> float:
-        images = generate_images_sharded(for_sampling(model, device), diffusion, seeds, sampler=sampler,
-                                         steps=steps, spacing=spacing, batch_size=batch_size, shape=shape,
-                                         device=device, amp=True, progress=False, everywhere=True)
+        images = generate_images_sharded(for_sampling(model, device), diffusion, seeds, spec,
+                                         batch_size=batch_size, shape=shape, device=device, progress=False,
+                                         everywhere=True)
         assert images is not None
         return fid_sharded(images, inception, ref, batch_size=batch_size, device=device, progress=False)
 
@@ -73,14 +73,13 @@ def training_fid(inception_weights: str | Path, ref_path: Path, cfg: TrainConfig
     fid_id = training_fid_id(info.sha256, file_digest(ref_path), cfg)
     meta = {"fid_inception_official": info.official, "fid_reference": ref_meta.get("reference"),
             "fid_reference_n": ref_meta.get("reference_n"), "fid_samples": cfg.fid_samples}
-    fn = training_fid_fn(inception, ref, n=cfg.fid_samples, sampler=cfg.fid_sampler,
-                         steps=cfg.fid_sample_steps, spacing=cfg.fid_spacing, batch_size=cfg.fid_batch_size,
-                         shape=shape, device=device)
+    fn = training_fid_fn(inception, ref, SamplerSpec.from_train(cfg), n=cfg.fid_samples,
+                         batch_size=cfg.fid_batch_size, shape=shape, device=device)
     return fn, fid_id, meta
 
 
 def training_fid_id(inception_sha256: str, ref_digest: str, cfg: TrainConfig) -> str:
     """What the training-time FID curve depends on besides the weights: when it changes, the curve
     already logged is dropped rather than continued with values that are not comparable."""
-    return (f"{inception_sha256}:{ref_digest}:{SAMPLING_VERSION}:{cfg.fid_samples}:{cfg.fid_sampler}:"
-            f"{cfg.fid_sample_steps}:{cfg.fid_spacing}:{cfg.fid_batch_size}")
+    return (f"{inception_sha256}:{ref_digest}:{SAMPLING_VERSION}:{cfg.fid_samples}:"
+            f"{SamplerSpec.from_train(cfg).key()}:{cfg.fid_batch_size}")

@@ -1,5 +1,5 @@
 """The interactive demo's engine, apart from its UI: models loaded once, requests checked, and
-sampling reported as a stream of events (progress, then each model's result).
+sampling reported as a stream of events (progress, then each model's result). No Gradio here.
 
 Image i of a request with seed s is sampled from seed s + i, and the network always sees batches
 of the same shape (:class:`~ddpm_cifar.sampling.FixedBatch`), so image i is the same pixels
@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from . import checkpoint
-from .ddpm_unet import diffusion_config as ddpm_diffusion_config
-from .diffusion import GaussianDiffusion
-from .errors import UserError
-from .networks import load_pretrained
-from .plots import image_grid
-from .sampling import SAMPLERS, SPACINGS, FixedBatch, frame_indices, run_sampler, to_uint8
+from .. import checkpoint
+from ..ddpm_unet import diffusion_config as ddpm_diffusion_config
+from ..diffusion import GaussianDiffusion
+from ..errors import UserError
+from ..networks import load_pretrained
+from ..plots import image_grid
+from ..samplers import SamplerSpec, run_sampler
+from ..sampling import FixedBatch, frame_indices, to_uint8
 
 T = TypeVar("T")
 
@@ -76,11 +77,8 @@ def load_demo_model(path: str | Path, device: torch.device | str) -> DemoModel:
 @dataclass(frozen=True)
 class Request:
     n: int
-    sampler: str
-    steps: int
     seed: int
-    spacing: str = "quadratic"
-    eta: float = 0.0  # DDIM only
+    spec: SamplerSpec
 
     @property
     def seeds(self) -> list[int]:
@@ -126,13 +124,13 @@ class Demo:
     """Samples a request with every loaded model, from the same seeds."""
 
     def __init__(self, models: Sequence[DemoModel], *, device: torch.device | str, micro_batch: int,
-                 amp: bool = True):
+                 precision: str = "auto"):
         if not models:
             raise ValueError("the demo needs at least one model")
         self.models = list(models)
         self.device = torch.device(device)
         self.micro_batch = micro_batch
-        self.amp = amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.precision = precision  # the SamplerSpec's, for every request
 
     @property
     def max_steps(self) -> int:
@@ -141,31 +139,24 @@ class Demo:
 
     def check(self, n: object, sampler: object, steps: object, seed: object,
               spacing: object = "quadratic", eta: object = 0.0) -> Request:
-        """Turn raw UI values into a :class:`Request`; out-of-range values are a :class:`UserError`."""
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        if spacing not in SPACINGS:
-            raise UserError(f"unknown timestep spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+        """Turn raw UI values into a :class:`Request`; bad values are a :class:`UserError`.
+
+        The numbers arrive as floats or text: they are parsed here, then the sampler's settings
+        are checked by :class:`SamplerSpec`."""
         try:
             eta_value = float(eta)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise UserError(f"DDIM eta must be a number from 0 to 1, got {eta!r}") from None
-        if not 0.0 <= eta_value <= 1.0:  # also refuses NaN
-            raise UserError(f"DDIM eta must be from 0 to 1, got {eta_value:g}")
-        return Request(
-            n=_whole(n, "number of images", 1, MAX_IMAGES),
-            sampler=str(sampler),
-            steps=_whole(steps, "steps", 1, self.max_steps),
-            seed=_whole(seed, "seed", 0, MAX_SEED),
-            spacing=str(spacing),
-            eta=eta_value,
-        )
+        n_images = _whole(n, "number of images", 1, MAX_IMAGES)
+        spec = SamplerSpec(sampler, _whole(steps, "steps", 1, self.max_steps), spacing,  # type: ignore[arg-type]
+                           eta_value, precision=self.precision)
+        return Request(n=n_images, seed=_whole(seed, "seed", 0, MAX_SEED), spec=spec)
 
-    def _network(self, dm: DemoModel) -> FixedBatch:
+    def _network(self, dm: DemoModel, bf16: bool) -> FixedBatch:
         def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             # Grad mode and autocast are per thread, and a UI may resume this generator on another
             # thread between steps, so both are entered per call, not around the whole chain.
-            with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
                 return dm.model(x, t)
 
         return FixedBatch(call, self.micro_batch)
@@ -174,22 +165,24 @@ class Demo:
         """Sample ``req`` with each model in turn: a :class:`Progress` after every step, and a
         :class:`Result` when a model finishes. Stop iterating to cancel."""
         start = time.perf_counter()
-        total = len(self.models) * req.steps
-        preview_every = max(1, req.steps // PREVIEWS)
-        frame_at = frame_indices(req.steps, STRIP_FRAMES)
+        steps = req.spec.steps
+        total = len(self.models) * steps
+        preview_every = max(1, steps // PREVIEWS)
+        frame_at = frame_indices(steps, STRIP_FRAMES)
+        bf16 = req.spec.bf16(self.device)
         for m, dm in enumerate(self.models):
             frames: list[np.ndarray] = []
             x = None
-            for s in run_sampler(req.sampler, self._network(dm), dm.diffusion, req.seeds, shape=dm.shape,
-                                 steps=req.steps, spacing=req.spacing, eta=req.eta, device=self.device):
+            for s in run_sampler(self._network(dm, bf16), dm.diffusion, req.seeds, req.spec, shape=dm.shape,
+                                 device=self.device):
                 x = s.x
                 if s.index in frame_at:
                     frames.append(to_uint8(s.x[:1])[0])
                 if s.index == 0:
                     continue
-                last = s.index == req.steps
+                last = s.index == steps
                 preview = image_grid(to_uint8(s.x)) if s.index % preview_every == 0 and not last else None
-                yield Progress(m, s.index, req.steps, (m * req.steps + s.index) / total,
+                yield Progress(m, s.index, steps, (m * steps + s.index) / total,
                                time.perf_counter() - start, preview)
             assert x is not None
             yield Result(m, to_uint8(x), np.stack(frames))

@@ -1,0 +1,350 @@
+"""Samplers: they take the model as a callable and yield every intermediate step. How many images
+in what batches, cached and sharded, is :mod:`ddpm_cifar.sampling`'s job.
+
+Randomness is per image: every noise value is a pure function of the image's seed, the draw's
+index in the chain and the element's position (a counter-based generator), so image i gets the same
+noise whatever batch it is sampled in (the same integers on any device; the float transform may
+differ in the last bit between CPU and CUDA). The network's float arithmetic rounds
+differently at different batch shapes (BLAS and oneDNN pick kernels by shape), which can move a
+pixel by one uint8 level; :class:`FixedBatch` removes that by always calling the network on the
+same batch shape.
+
+Three samplers share one signature, ``sampler(model, diffusion, noise, timesteps, *, clip_x0,
+eta)``, where ``timesteps`` are the visited steps in ascending order (:func:`spaced_timesteps`):
+
+- ``ddpm``: ancestral sampling (Ho et al. 2020), respaced when fewer steps than T are visited;
+- ``ddim``: Song et al. 2021, with ``eta`` from 0 (deterministic) to 1 (DDPM-like noise);
+- ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022), a second-order multistep solver of the
+  probability-flow ODE in data-prediction form.
+
+Each evaluates the network once per visited timestep and works with every objective, through
+:meth:`GaussianDiffusion.predict_x0_eps`. Which one runs, and how, is a :class:`SamplerSpec`,
+checked once when it is built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .diffusion import GaussianDiffusion, Model, posterior_coefficients
+from .errors import UserError
+
+if TYPE_CHECKING:  # types only: the sampling code does not depend on the config module
+    from .config import SampleConfig, TrainConfig
+
+# Bump when the same seeds and settings would give other images (the noise generator, a sampler's
+# arithmetic), so that cached sample batches and the training-time FID curve are not reused.
+SAMPLING_VERSION = "2-counter-noise"
+
+_U64 = 1 << 64
+# splitmix64's constants, as the signed int64 values torch holds.
+_GOLDEN = 0x9E3779B97F4A7C15 - _U64
+_MIX1 = 0xBF58476D1CE4E5B9 - _U64
+_MIX2 = 0x94D049BB133111EB - _U64
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's >> is arithmetic: it copies the sign bit)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors; multiplication wraps modulo 2^64."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def _mix64_int(z: int) -> int:
+    z &= _U64 - 1
+    z = ((z ^ (z >> 30)) * (_MIX1 % _U64)) & (_U64 - 1)
+    z = ((z ^ (z >> 27)) * (_MIX2 % _U64)) & (_U64 - 1)
+    z ^= z >> 31
+    return z - _U64 if z >= 1 << 63 else z
+
+
+class ImageNoise:
+    """Standard normal draws of shape (B, *shape); row i depends only on seeds[i] and the draw index.
+
+    Counter-based: element j of draw k for seed s is Box-Muller applied to two 24-bit fields of
+    mix(mix(key_s + mix(k + 1)) + j * golden), key_s = mix(s * golden + 0x5EED) and mix the
+    splitmix64 finaliser, computed for the whole batch at once. Unlike
+    one torch.Generator per image, this needs no Python loop over images (which cost about a third
+    of DDPM's time on a GPU) and gives the same integers on every device. The 24-bit uniforms cap
+    |z| at 5.77, which a standard normal exceeds with probability 8e-9.
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str):
+        self.shape = tuple(shape)
+        self.device = torch.device(device)
+        seeds_t = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=self.device)
+        self.keys = _mix64(seeds_t * _GOLDEN + 0x5EED)  # (B,)
+        self.offsets = torch.arange(math.prod(self.shape), device=self.device) * _GOLDEN  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def draw(self, index: int) -> torch.Tensor:
+        """Draw number ``index`` (0 for x_T, then one per step that needs noise), float32."""
+        base = _mix64(self.keys + _mix64_int(index + 1))  # (B,)
+        z = _mix64(base[:, None] + self.offsets[None, :])  # (B, N)
+        scale = 2.0**-24
+        u1 = (_shr(z, 40) + 1).float() * scale  # (0, 1]: log(u1) is finite
+        u2 = (_shr(z, 16) & 0xFFFFFF).float() * scale  # [0, 1)
+        normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+        return normal.reshape(len(self.keys), *self.shape)
+
+
+@dataclass(frozen=True)
+class SampleStep:
+    index: int  # 0 for x_T, then 1..steps
+    t: int  # the timestep x is at; -1 once fully denoised
+    x: torch.Tensor  # (B, C, H, W), the current state
+    x0: torch.Tensor | None  # (B, C, H, W), the model's estimate of the clean image; None at x_T
+
+
+SPACINGS = ("uniform", "trailing", "quadratic")
+
+
+def _check_spacing(spacing: object) -> None:
+    if spacing not in SPACINGS:
+        raise UserError(f"unknown timestep spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+
+
+def _check_steps(steps: int, num_timesteps: int) -> None:
+    if not 1 <= steps <= num_timesteps:
+        raise UserError(f"sampling steps must be in [1, {num_timesteps}] (the model's diffusion.timesteps), "
+                        f"got {steps}")
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """``steps`` distinct timesteps in [0, T-1], ascending, always including T-1.
+
+    - ``uniform``: evenly spread over [0, T-1], both ends included;
+    - ``trailing``: T-1, T-1-T/steps, ...: evenly spread, ending at T/steps - 1 rather than 0, so
+      no network call is spent on t = 0; the result is then the network's E[x0 | x_t] at that t,
+      which is smoother than a sample (the Gaussian-oracle tests show it shrinking low-variance
+      directions);
+    - ``quadratic``: t proportional to k^2, dense near the data (DDIM's choice for CIFAR-10,
+      here spanning the whole chain).
+    """
+    _check_steps(steps, num_timesteps)
+    _check_spacing(spacing)
+    last = num_timesteps - 1
+    if steps == 1:
+        return [last]
+    if spacing == "trailing":
+        return sorted({round(last - k * num_timesteps / steps) for k in range(steps)})
+    if spacing == "uniform":
+        return sorted({round(x) for x in np.linspace(0, last, steps)})
+    # quadratic: near t = 0 the squares are closer than 1 apart; push each up to at least one
+    # above the one below, which still ends at T-1 whenever steps <= T (each gap stays >= 1).
+    ts = [int(round(x)) for x in np.linspace(0, math.sqrt(last), steps) ** 2]
+    for k in range(1, steps):
+        ts[k] = max(ts[k], ts[k - 1] + 1)
+    return [min(t, last - (steps - 1 - k)) for k, t in enumerate(ts)]
+
+
+class _Chain:
+    """What every sampler needs at each visited timestep: the network's (x0, eps) estimate."""
+
+    def __init__(self, model: Model, diffusion: GaussianDiffusion, timesteps: Sequence[int], clip_x0: bool):
+        self.model, self.diffusion, self.clip_x0 = model, diffusion, clip_x0
+        self.ts = list(timesteps)
+        # float64 on the host: read as Python floats for the per-step coefficients
+        self.abar = diffusion.alphas_cumprod.detach().cpu().double()
+
+    def abar_at(self, i: int) -> float:
+        """alpha_bar of visited step i; 1.0 for i = -1, the clean data below the chain."""
+        return float(self.abar[self.ts[i]]) if i >= 0 else 1.0
+
+    def estimate(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.full((x.shape[0],), self.ts[i], device=x.device, dtype=torch.long)
+        out = self.model(x, t).float()
+        x0, eps = self.diffusion.predict_x0_eps(out, x, t)
+        if self.clip_x0:
+            x0 = x0.clamp(-1, 1)
+            a = self.abar_at(i)
+            eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)  # the noise the clipped x0 implies
+        return x0, eps
+
+    def steps_down(self) -> Iterator[tuple[int, int]]:
+        """(k, i): step k = 1.. goes from visited timestep i to i - 1 (-1: the clean data)."""
+        return enumerate(reversed(range(len(self.ts))), start=1)
+
+    def t_after(self, i: int) -> int:
+        return self.ts[i - 1] if i > 0 else -1
+
+
+def ddpm(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timesteps: Sequence[int], *,
+         clip_x0: bool = True, eta: float = 0.0) -> Iterator[SampleStep]:
+    """DDPM ancestral sampling over the visited ``timesteps``; ``eta`` is unused (it is DDIM's).
+
+    Respacing follows Nichol & Dhariwal (2021): the chain visits a subset of timesteps, with betas
+    recomputed from alpha_bar so the marginals of the visited timesteps are unchanged; each step
+    draws from the posterior q(x_prev | x_t, x0) (:func:`posterior_coefficients`) with the
+    network's x0.
+    """
+    chain = _Chain(model, diffusion, timesteps, clip_x0)
+    x = noise.draw(0)
+    yield SampleStep(0, diffusion.num_timesteps, x, None)
+    for k, i in chain.steps_down():
+        coef_x0, coef_xt, var = posterior_coefficients(chain.abar_at(i), chain.abar_at(i - 1))
+        x0, _ = chain.estimate(x, i)
+        mean = coef_x0 * x0 + coef_xt * x
+        if i > 0:
+            x = mean + math.sqrt(var) * noise.draw(k)
+        else:
+            x = mean  # the last step lands on x0: its posterior variance is 0
+        yield SampleStep(k, chain.t_after(i), x, x0)
+
+
+def ddim(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timesteps: Sequence[int], *,
+         clip_x0: bool = True, eta: float = 0.0) -> Iterator[SampleStep]:
+    """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps
+    + sigma z, with sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev); eta in [0, 1]
+    (:class:`SamplerSpec` checks it)."""
+    chain = _Chain(model, diffusion, timesteps, clip_x0)
+    x = noise.draw(0)
+    yield SampleStep(0, diffusion.num_timesteps, x, None)
+    for k, i in chain.steps_down():
+        a_t, a_prev = chain.abar_at(i), chain.abar_at(i - 1)
+        x0, eps = chain.estimate(x, i)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * noise.draw(k)
+        yield SampleStep(k, chain.t_after(i), x, x0)
+
+
+def dpmpp_2m(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timesteps: Sequence[int], *,
+             clip_x0: bool = True, eta: float = 0.0) -> Iterator[SampleStep]:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2); deterministic, ``eta`` is unused.
+
+    With alpha = sqrt(abar), sigma = sqrt(1 - abar) and lambda = log(alpha / sigma), a step from s
+    to t (h = lambda_t - lambda_s) is x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D, where
+    D is the network's x0 at s, corrected to second order with the previous step's x0:
+    D = (1 + 1/(2r)) x0_s - 1/(2r) x0_prev, r = h_prev / h. The first step is first order, and so
+    is the last, to the clean data (sigma = 0, lambda = inf), which lands on the network's x0.
+    """
+    chain = _Chain(model, diffusion, timesteps, clip_x0)
+
+    def lam(a: float) -> float:
+        return 0.5 * (math.log(a) - math.log(1 - a))
+
+    x = noise.draw(0)
+    yield SampleStep(0, diffusion.num_timesteps, x, None)
+    prev_x0: torch.Tensor | None = None
+    prev_h = 0.0
+    for k, i in chain.steps_down():
+        x0, _ = chain.estimate(x, i)
+        if i == 0:
+            x = x0
+        else:
+            a_s, a_t = chain.abar_at(i), chain.abar_at(i - 1)
+            h = lam(a_t) - lam(a_s)
+            d = x0
+            if prev_x0 is not None:
+                r = prev_h / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+            x = math.sqrt((1 - a_t) / (1 - a_s)) * x - math.sqrt(a_t) * math.expm1(-h) * d
+            prev_x0, prev_h = x0, h
+        yield SampleStep(k, chain.t_after(i), x, x0)
+
+
+Sampler = Callable[..., Iterator[SampleStep]]
+SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
+USES_ETA = ("ddim",)  # the samplers that read eta; the others ignore it
+# auto: the network under bf16 autocast on a CUDA device that supports it, float32 elsewhere;
+# fp32: never autocast. The samplers' own arithmetic is float32 either way.
+PRECISIONS = ("auto", "fp32")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Which sampler runs, and how: everything the images depend on besides the network, the seeds
+    and the batch shape. Checked when built (:class:`UserError`); :meth:`check` against the
+    diffusion's number of timesteps, which the spec does not know."""
+
+    name: str  # a key of SAMPLERS
+    steps: int  # network evaluations; fewer than diffusion.timesteps respaces the chain
+    spacing: str = "uniform"  # which timesteps the steps visit: one of SPACINGS
+    eta: float = 0.0  # DDIM's, in [0, 1]: 0 deterministic, 1 as noisy as DDPM; the others ignore it
+    clip_x0: bool = True  # clamp the network's x0 estimate to [-1, 1]
+    precision: str = "auto"  # one of PRECISIONS
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.name!r}; choose one of: {', '.join(SAMPLERS)}")
+        _check_spacing(self.spacing)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, Integral) or self.steps < 1:
+            raise UserError(f"sampling steps must be a whole number of at least 1, got {self.steps!r}")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, Real):
+            raise UserError(f"DDIM eta must be a number from 0 to 1, got {self.eta!r}")
+        if not 0.0 <= self.eta <= 1.0:  # also refuses NaN
+            raise UserError(f"DDIM eta must be from 0 to 1, got {self.eta:g}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        object.__setattr__(self, "eta", float(self.eta))  # an int eta would print otherwise in key()
+
+    @classmethod
+    def from_sample(cls, cfg: SampleConfig, precision: str = "auto") -> SamplerSpec:
+        """The sampler of the params ``sample`` section."""
+        return cls(cfg.sampler, cfg.steps, cfg.spacing, cfg.eta, cfg.clip_x0, precision)
+
+    @classmethod
+    def from_train(cls, cfg: TrainConfig, precision: str = "auto") -> SamplerSpec:
+        """The training-time FID's sampler, params ``train.fid_*``: DDIM with eta 0, x0 clipped."""
+        return cls(cfg.fid_sampler, cfg.fid_sample_steps, cfg.fid_spacing, 0.0, True, precision)
+
+    def check(self, num_timesteps: int) -> None:
+        """Refuse more steps than the diffusion has timesteps."""
+        _check_steps(self.steps, num_timesteps)
+
+    def timesteps(self, num_timesteps: int) -> list[int]:
+        """The visited timesteps, ascending (:func:`spaced_timesteps`)."""
+        return spaced_timesteps(num_timesteps, self.steps, self.spacing)
+
+    def bf16(self, device: torch.device) -> bool:
+        """Whether the network runs under bf16 autocast on ``device``."""
+        return self.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def key(self) -> str:
+        """The settings as text, for cache keys and the training-time FID's id: name:steps:spacing,
+        then only the settings that are not at their defaults (eta for the samplers that read it),
+        so that the ids written before those were part of it (checkpoints' fid_id) stay valid."""
+        parts = [self.name, str(self.steps), self.spacing]
+        if self.name in USES_ETA and self.eta != 0.0:
+            parts.append(f"eta={self.eta}")
+        if not self.clip_x0:
+            parts.append("noclip")
+        if self.precision != "auto":
+            parts.append(self.precision)
+        return ":".join(parts)
+
+
+def run_sampler(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int], spec: SamplerSpec, *,
+                shape: tuple[int, int, int], device: torch.device | str) -> Iterator[SampleStep]:
+    """Start ``spec``'s sampler for the given per-image seeds; images are (C, H, W) = ``shape``.
+
+    ``spec.precision`` is for the caller, which decides where autocast is on (:func:`generate_images`
+    around the whole chain, the app's engine per network call)."""
+    ts = spec.timesteps(diffusion.num_timesteps)
+    noise = ImageNoise(seeds, shape, device)
+    return SAMPLERS[spec.name](model, diffusion, noise, ts, clip_x0=spec.clip_x0, eta=spec.eta)
+
+
+def final(steps: Iterator[SampleStep]) -> torch.Tensor:
+    """Run a sampler to the end and return x_0, (B, C, H, W) in [-1, 1]."""
+    last = None
+    for step in steps:
+        last = step
+    assert last is not None, "a sampler yields at least x_T"
+    return last.x
