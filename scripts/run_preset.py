@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,7 +46,8 @@ def data_source(given: str | None) -> tuple[str, str | None, str]:
     if given == "official":
         return "official", OFFICIAL_MD5, "--source official"
     if given:
-        path = Path(given).expanduser().resolve()  # absolute: the experiment runs in another folder
+        # absolute (the experiment runs in another folder), symlinks kept: the param names what was given
+        path = Path(os.path.abspath(Path(given).expanduser()))
         if not path.exists():
             sys.exit(f"error: --source {given}: no such file or folder")
         md5 = OFFICIAL_MD5 if path.name == "cifar-10-python.tar.gz" else None

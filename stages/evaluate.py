@@ -16,6 +16,7 @@ from ddpm_cifar.distributed import is_main, process_group
 from ddpm_cifar.evaluation import fid_sharded
 from ddpm_cifar.fid import load_inception, load_stats
 from ddpm_cifar.fileio import write_json
+from ddpm_cifar.outputs import claim_outputs
 from ddpm_cifar.reports import check_same_inception, fid_report, metrics_of
 
 PARAMS = ("fid.inception_weights", "fid.batch_size", "distributed")
@@ -30,7 +31,8 @@ def main() -> None:
     ap.add_argument("--report", type=Path, default=Path("reports/fid.json"))
     args = ap.parse_args()
     params = load_params(args.params, PARAMS)
-    with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
+    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
+          claim_outputs("evaluate", [args.out.parent, args.report.parent], lock=is_main())):
         inception, info = load_inception(params.key("fid.inception_weights"), device)
         ref, ref_meta = load_stats(args.ref)
         check_same_inception(ref_meta, info)

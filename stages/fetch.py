@@ -6,6 +6,7 @@ from pathlib import Path
 from ddpm_cifar.cli import run
 from ddpm_cifar.config import load_params
 from ddpm_cifar.fetch import fetch_cifar10
+from ddpm_cifar.outputs import claim_outputs
 
 PARAMS = ("data",)
 
@@ -17,7 +18,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("data/download"))
     args = ap.parse_args()
     cfg = load_params(args.params, PARAMS).section("data")
-    meta = fetch_cifar10(cfg.source, args.out, cache_dir=args.cache, md5=cfg.md5)
+    with claim_outputs("fetch", [args.out.parent, args.out, args.cache]):
+        meta = fetch_cifar10(cfg.source, args.out, cache_dir=args.cache, md5=cfg.md5)
     print(f"fetched {meta['n_train']} train / {meta['n_test']} test images "
           f"({meta['format']}, official: {meta['official']}) into {args.out}")
 

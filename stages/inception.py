@@ -21,15 +21,13 @@ from ddpm_cifar.fid import (
     random_inception_seed,
     save_random_inception,
 )
+from ddpm_cifar.outputs import claim_outputs
 
 PARAMS = ("fid.inception_weights",)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    path = Path(load_params(args.params, PARAMS).key("fid.inception_weights"))
+def ensure(path: Path) -> None:
+    """Make, download or check the file at ``path``."""
     seed = random_inception_seed(path)
     if not path.is_file() and seed is not None:
         save_random_inception(path, seed=seed)  # the same bytes for the same seed, on any machine
@@ -45,6 +43,15 @@ def main() -> None:
                 f"to {path}; for a non-comparable smoke run, set "
                 "fid.inception_weights: data/inception/inception-random-seed0.pth (made by this stage)"
             ) from exc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    path = Path(load_params(args.params, PARAMS).key("fid.inception_weights"))
+    with claim_outputs("inception", [path.parent]):
+        ensure(path)
     _, info = load_inception(path)
     kind = "official" if info.official else "NOT the official weights: FIDs will be flagged"
     print(f"Inception weights {path}: sha256 {info.sha256[:12]}… ({kind})")

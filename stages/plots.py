@@ -11,6 +11,7 @@ import yaml
 
 from ddpm_cifar.cli import run
 from ddpm_cifar.fileio import atomic_path
+from ddpm_cifar.outputs import claim_outputs
 from ddpm_cifar.plots import save_fid_comparison, save_training_curves
 from ddpm_cifar.reports import fid_tables
 
@@ -26,16 +27,18 @@ def main() -> None:
     ap.add_argument("--fid-log", type=Path, default=Path("metrics/train_fid.tsv"))
     ap.add_argument("--out", type=Path, default=Path("plots"))
     args = ap.parse_args()
-    ours = json.loads(args.fid.read_text())
-    baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
-    pretrained = json.loads(args.pretrained.read_text())
-    measured = [pretrained] if pretrained.get("enabled") else []
-    save_fid_comparison(ours, baselines, args.out / "fid_comparison.png", measured=measured)
-    for name, rows in zip(("fid_published.csv", "fid_measured.csv"), fid_tables(ours, baselines, measured),
-                          strict=True):
-        with atomic_path(args.out / name) as tmp:
-            pd.DataFrame(rows).to_csv(tmp, index=False)
-    save_training_curves(args.loss_log, args.fid_log, args.out / "loss_curve.png", args.out / "fid_curve.png")
+    with claim_outputs("plots", [args.out]):
+        ours = json.loads(args.fid.read_text())
+        baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
+        pretrained = json.loads(args.pretrained.read_text())
+        measured = [pretrained] if pretrained.get("enabled") else []
+        save_fid_comparison(ours, baselines, args.out / "fid_comparison.png", measured=measured)
+        tables = fid_tables(ours, baselines, measured)
+        for name, rows in zip(("fid_published.csv", "fid_measured.csv"), tables, strict=True):
+            with atomic_path(args.out / name) as tmp:
+                pd.DataFrame(rows).to_csv(tmp, index=False)
+        save_training_curves(args.loss_log, args.fid_log, args.out / "loss_curve.png",
+                             args.out / "fid_curve.png")
     print(f"FID comparison, training curves -> {args.out}/")
 
 

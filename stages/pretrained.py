@@ -19,6 +19,7 @@ from ddpm_cifar.evaluation import fid_of_model
 from ddpm_cifar.fid import load_inception, load_stats
 from ddpm_cifar.fileio import file_digest, write_json
 from ddpm_cifar.networks import load_pretrained
+from ddpm_cifar.outputs import claim_outputs
 from ddpm_cifar.reports import PRETRAINED, check_same_inception, fid_report, metrics_of
 from ddpm_cifar.sampling import for_sampling, sample_cache_key
 
@@ -35,7 +36,9 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params, PARAMS)
     cfg, sample = params.section("pretrained"), params.section("sample")
-    with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
+    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
+          claim_outputs("pretrained", [args.out.parent, args.report.parent, args.partial],
+                        lock=is_main())):
         if not cfg.enabled:
             if is_main():
                 write_json(args.report, {"name": PRETRAINED, "enabled": False})

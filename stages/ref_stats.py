@@ -12,6 +12,7 @@ from ddpm_cifar.config import load_params
 from ddpm_cifar.data import load_split
 from ddpm_cifar.distributed import is_main, process_group
 from ddpm_cifar.fid import load_inception, load_stats, save_stats, statistics_sharded
+from ddpm_cifar.outputs import claim_outputs
 from ddpm_cifar.reports import reference_meta
 
 PARAMS = ("fid", "distributed")
@@ -25,7 +26,8 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params, PARAMS)
     cfg = params.section("fid")
-    with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
+    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
+          claim_outputs("ref_stats", [args.out.parent], lock=is_main())):
         inception, info = load_inception(cfg.inception_weights, device)
         if cfg.reference in ("train", "test"):
             images, _ = load_split(args.data, cfg.reference)

@@ -14,8 +14,9 @@ import numpy as np
 from ddpm_cifar import checkpoint, sampling
 from ddpm_cifar.cli import launched_ranks, run
 from ddpm_cifar.config import load_params, to_dict
-from ddpm_cifar.distributed import process_group
+from ddpm_cifar.distributed import is_main, process_group
 from ddpm_cifar.fileio import atomic_path, file_digest
+from ddpm_cifar.outputs import claim_outputs
 from ddpm_cifar.plots import save_denoising_strip, save_grid
 
 PARAMS = ("sample", "distributed")
@@ -31,7 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params, PARAMS)
     cfg = params.section("sample")
-    with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
+    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
+          claim_outputs("sample", [args.out.parent, args.plots, args.partial], lock=is_main())):
         model, diffusion, ckpt = checkpoint.load_model(args.checkpoint, device)
         net, mc = sampling.for_sampling(model, device, compile=cfg.compile), model.config
         spec = sampling.SamplerSpec.from_sample(cfg)

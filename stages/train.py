@@ -14,6 +14,7 @@ from ddpm_cifar.data import load_split
 from ddpm_cifar.distributed import is_main, process_group
 from ddpm_cifar.evaluation import training_fid
 from ddpm_cifar.fileio import file_digest, write_json
+from ddpm_cifar.outputs import claim_outputs
 from ddpm_cifar.tracking import Tracker, make_tracker
 from ddpm_cifar.train import TrainOutputs, train
 
@@ -34,7 +35,8 @@ def main() -> None:
     params = load_params(args.params, PARAMS + RUN_PARAMS)
     model_cfg, diffusion_cfg = params.section("model"), params.section("diffusion")
     cfg = params.section("train")
-    with process_group(*launched_ranks(params.section("distributed"), os.environ)) as device:
+    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
+          claim_outputs("train", [args.models, args.metrics, args.reports], lock=is_main())):
         images, _ = load_split(args.data, "train")
         fid_fn, fid_id, fid_meta = None, "", {}
         if cfg.fid_every:

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ddpm_cifar.fid import save_random_inception
+
 TINY_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                 "dog", "frog", "horse", "ship", "truck")
 
@@ -176,3 +178,11 @@ def make_tarball(tmp_path: Path) -> Callable[[str, list[tarfile.TarInfo]], Path]
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def e2e_random_inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # ~91 MB and a few seconds to build: once per session.
+    path = tmp_path_factory.mktemp("e2e_inception") / "inception-random-seed0.pth"
+    save_random_inception(path, seed=0)
+    return path

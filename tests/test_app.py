@@ -3,6 +3,7 @@ the Blocks layout (ddpm_cifar.app.ui), and the command line (ddpm_cifar.app.serv
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -311,14 +312,48 @@ def test_whole_floats_from_the_ui_are_accepted(demo: Demo) -> None:
     assert (req.n, req.spec.steps, req.seed) == (4, 5, 12) and req.seeds == [12, 13, 14, 15]
 
 
-def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
+def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     blocks = ui.build_app(_demo(ckpts[0]), tmp_path)
     fn = next(d for d in blocks.fns.values() if d.name == "on_generate").fn
     request = SimpleNamespace(session_hash="s1")  # what Gradio passes as gr.Request
-    with pytest.raises(gr.Error, match="number of images must be from 1 to 100, got 500"):
+    with pytest.raises(gr.Error, match="number of images must be from 1 to 100, got 500") as info:
         list(fn(500, "ddpm", 5, "uniform", 0.0, 0, request))
+    # One line on the console, and none from Gradio: it prints a gr.Error's traceback unless told not to.
+    assert capsys.readouterr().err == "refused request: number of images must be from 1 to 100, got 500\n"
+    assert info.value.print_exception is False
     # The app is still usable afterwards.
     assert list(fn(2, "ddpm", 2, "uniform", 0.0, 0, request))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_refused_request_is_one_console_line_when_served(ckpts: tuple[Path, Path], tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """Through Gradio's server and queue (in this process, no browser): the caller gets the message,
+    the console one line, not a traceback."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    blocks = ui.build_app(_demo(ckpts[0]), tmp_path)
+    blocks.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
+                          quiet=True)
+    try:
+        client = Client(blocks.local_url, verbose=False)
+        capfd.readouterr()  # whatever start-up printed
+        for _ in range(2):
+            with pytest.raises(AppError, match="number of images must be from 1 to 100, got 500"):
+                client.predict(500, "ddpm", 5, "uniform", 0.0, 0, api_name="/on_generate")
+        console = capfd.readouterr()
+    finally:
+        blocks.close()
+    line = "refused request: number of images must be from 1 to 100, got 500"
+    assert console.err.splitlines() == [line, line]
+    assert "Traceback" not in console.out
 
 
 # -- the handlers as the UI calls them -------------------------------------------------------------

@@ -139,4 +139,6 @@ def test_stop_cancels_a_running_request(page) -> None:
     page.click("#generate")
     page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done: 2 image')",
                            timeout=60_000)
-    assert time.monotonic() - started < 10
+    # Far less than the stopped request's remaining minute (or more, on a loaded machine); 10 s was
+    # too tight when other jobs shared the 2 cores.
+    assert time.monotonic() - started < 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from collections.abc import Iterator
@@ -153,12 +154,75 @@ NOT_CHECKPOINTS = [
 ]
 
 
+# What torch says of a file it will not load safely: advice to turn the safety off.
+LIBRARY_ADVICE = ("weights_only", "allow_pickle", "pickle", "trust", "add_safe_globals", "http")
+
+
+def _assert_one_line_without_library_advice(message: str) -> None:
+    assert "\n" not in message, message
+    assert not [w for w in LIBRARY_ADVICE if w in message.lower()], message
+
+
 @pytest.mark.parametrize("write", NOT_CHECKPOINTS)
 def test_non_checkpoint_file_is_a_user_error(tmp_path: Path, write) -> None:
     path = tmp_path / "not_a_checkpoint.pt"
     write(path)
-    with pytest.raises(UserError, match="not_a_checkpoint.pt"):
+    with pytest.raises(UserError, match="not_a_checkpoint.pt") as info:
         checkpoint.load_model(path)
+    _assert_one_line_without_library_advice(str(info.value))
+
+
+def _first_half(path: Path) -> None:
+    # What a copy cut short leaves: the start of a real checkpoint (a kill mid-save cannot, saves are atomic).
+    checkpoint.save(path, {"step": 3, "w": torch.randn(4096, generator=torch.Generator().manual_seed(0))})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+@pytest.mark.parametrize("damage", [_first_half, _random_bytes], ids=["truncated", "random-bytes"])
+@pytest.mark.parametrize(("name", "recovery"), [
+    ("checkpoint.pt", "remove it to start training afresh, or restore the last good one with "
+                      "`dvc checkout models/checkpoint.pt`"),
+    ("ema.pt", "remove it and rerun `dvc repro`, which rewrites it from the training checkpoint, "
+               "or restore the last good one with `dvc checkout models/ema.pt`"),
+])
+def test_unreadable_checkpoint_says_how_to_recover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   damage, name: str, recovery: str) -> None:
+    monkeypatch.chdir(tmp_path)  # the stages run in the repository, with relative paths
+    path = Path("models") / name
+    path.parent.mkdir()
+    damage(path)
+    with pytest.raises(UserError) as info:
+        checkpoint.load(path)
+    message = str(info.value)
+    _assert_one_line_without_library_advice(message)
+    assert message.startswith(f"models/{name} is not a readable checkpoint (truncated")
+    assert message.endswith(f"): {recovery}")
+
+
+def test_a_checkpoint_that_would_run_code_does_not(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self) -> tuple:
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "step": RunsCode()}))
+    with pytest.raises(UserError, match="checkpoint.pt is not a readable checkpoint") as info:
+        checkpoint.load(path)
+    assert not marker.exists()
+    _assert_one_line_without_library_advice(str(info.value))
+    # The same object inside torch's own zip format is refused by name.
+    torch.save({"format": checkpoint.FORMAT, "step": RunsCode()}, path)
+    with pytest.raises(UserError, match=r"holds a Python object \(posix.system\)") as info:
+        checkpoint.load(path)
+    assert not marker.exists()
+    _assert_one_line_without_library_advice(str(info.value))
 
 
 def _rewrite(src: Path, dst: Path, **changes: object) -> Path:

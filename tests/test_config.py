@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,20 @@ def test_launched_ranks_must_match_params() -> None:
     # Started alone while params ask for 2: dvc.lock would record a world size that did not run.
     with pytest.raises(UserError, match=r"asks for 2 processes .* this run has 1"):
         launched_ranks(two, {})
+
+
+def _leaf_types(tp: Any) -> set[Any]:
+    """The plain types inside an annotation: ``tuple[int, ...] | None`` -> {int, NoneType}."""
+    args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+    return set().union(*(_leaf_types(a) for a in args)) if args else {tp}
+
+
+def test_every_numeric_field_has_a_range() -> None:
+    """A numeric field added without a bound would reach torch unchecked; a bound for a field that
+    does not exist (a typo) would check nothing."""
+    from ddpm_cifar.config_checks import BOUNDS, PATTERNS
+
+    fields = {f"{s}.{k}": tp for s, cls in SECTIONS.items() for k, tp in typing.get_type_hints(cls).items()}
+    numeric = {key for key, tp in fields.items() if _leaf_types(tp) & {int, float}}
+    assert set(BOUNDS) == numeric
+    assert set(PATTERNS) <= {key for key, tp in fields.items() if str in _leaf_types(tp)}

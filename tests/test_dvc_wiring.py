@@ -26,6 +26,7 @@ from ddpm_cifar import config
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = ROOT / "dvc.yaml"
 PACKAGE = "ddpm_cifar"
+LAUNCHED_STAGES = {"ref_stats", "train", "sample", "evaluate", "pretrained"}
 PACKAGE_DIR = ROOT / "src" / PACKAGE
 _INTERPOLATION = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 
@@ -221,6 +222,14 @@ def import_closure(script: Path) -> set[str]:
     return {_module_file(m).relative_to(ROOT).as_posix() for m in seen}  # type: ignore[union-attr]
 
 
+def stage_closure(name: str) -> set[str]:
+    """The package files stage ``name`` runs: its script's import closure, and the launcher's."""
+    want = import_closure(ROOT / "stages" / f"{name}.py")
+    if name in LAUNCHED_STAGES:  # the command runs the launcher module too
+        want |= {f"src/{PACKAGE}/launch.py"} | import_closure(PACKAGE_DIR / "launch.py")
+    return want
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_deps_are_its_script_and_import_closure(name: str) -> None:
     """DVC cannot see imports: a stage lists the package modules it runs, exactly. One too few and a
@@ -230,10 +239,11 @@ def test_stage_deps_are_its_script_and_import_closure(name: str) -> None:
     script = f"stages/{name}.py"
     assert script in deps, f"stage {name} does not depend on its own script {script}"
     listed = {d for d in deps if d.startswith("src/")}
-    want = import_closure(ROOT / script)
+    want = stage_closure(name)
     assert listed == want, (
         f"stage {name}: dvc.yaml lists {sorted(listed)}; the script imports {sorted(want)} "
-        f"(missing: {sorted(want - listed)}; not imported: {sorted(listed - want)})"
+        f"(missing: {sorted(want - listed)}; not imported: {sorted(listed - want)}); "
+        "`python scripts/update_stage_deps.py` rewrites them"
     )
 
 
@@ -261,10 +271,11 @@ def test_no_stage_imports_the_app_and_only_train_imports_training(name: str) -> 
         assert not closure & training, f"stage {name} imports training code: {sorted(closure & training)}"
 
 
-# The data-parallel stages: torchrun with the process counts from params (DDP, sharded sampling/FID).
-TORCHRUN_STAGES = {"ref_stats", "train", "sample", "evaluate", "pretrained"}
-TORCHRUN_ARGS = ["--nnodes", "${distributed.nnodes}", "--nproc-per-node", "${distributed.nproc_per_node}",
-                 "--rdzv-backend", "c10d", "--rdzv-endpoint", "${distributed.rdzv_endpoint}"]
+# The data-parallel stages start through the launcher with the process counts from params (plain python
+# for one process, torchrun for more: DDP, sharded sampling/FID).
+LAUNCH = ["python", "-m", "ddpm_cifar.launch", "--nnodes", "${distributed.nnodes}",
+          "--nproc-per-node", "${distributed.nproc_per_node}",
+          "--rdzv-endpoint", "${distributed.rdzv_endpoint}"]
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -273,8 +284,8 @@ def test_stage_cmd_runs_own_script(name: str) -> None:
     assert isinstance(cmd, str), f"stage {name}: expected one command, got {cmd!r}"
     argv = shlex.split(cmd)
     script = f"stages/{name}.py"
-    if name in TORCHRUN_STAGES:
-        want = ["torchrun", *TORCHRUN_ARGS, script]
+    if name in LAUNCHED_STAGES:
+        want = [*LAUNCH, script]
         assert argv[: len(want)] == want, f"stage {name} runs {cmd!r}, not `{' '.join(want)}`"
     else:
         assert argv[:2] == ["python", script], f"stage {name} runs {cmd!r}, not `python {script}`"

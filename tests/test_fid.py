@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import pickle
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -211,3 +215,106 @@ def test_invalid_weights_file_is_a_user_error(tmp_path: Path) -> None:
     torch.save({"conv.weight": torch.zeros(3)}, wrong)
     with pytest.raises(UserError, match="wrong.pth.*missing keys"):
         fid.load_inception(wrong)
+
+
+# --- files that are not what they should be ---------------------------------------------------
+
+# What torch and numpy say of a file they will not load safely: advice to turn the safety off.
+LIBRARY_ADVICE = ("weights_only", "allow_pickle", "pickle", "trust", "add_safe_globals", "http")
+
+
+class RunsCode:
+    """Unpickled, it runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def _truncated(path: Path, write) -> None:
+    write(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _write_bad(path: Path, kind: str, marker: Path) -> None:
+    if kind == "random-bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "code-pickle":
+        path.write_bytes(pickle.dumps({"mu": RunsCode(marker)}))
+    elif kind == "code-in-torch-zip":
+        torch.save({"Conv2d_1a_3x3.conv.weight": RunsCode(marker)}, path)
+    elif kind == "truncated-state-dict":
+        # A small state dict cut short fails as the 96 MB one does: at the missing zip directory.
+        _truncated(path, lambda p: torch.save(fid.FidInceptionV3().fc.state_dict(), p))
+    elif kind == "truncated-stats":
+        _truncated(path, lambda p: fid.save_stats(p, fid.FidStats(np.zeros(DIM), np.eye(DIM), 5), {"a": 1}))
+    elif kind == "empty":
+        path.write_bytes(b"")
+
+
+def _refusal(load, path: Path) -> str:
+    # No warning either: torch warns over two lines about a foreign pickle's protocol before refusing it.
+    with pytest.raises(UserError) as info, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        load(path)
+    assert not [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert not [w for w in LIBRARY_ADVICE if w in message.lower()], message
+    return message
+
+
+@pytest.mark.parametrize("kind", ["random-bytes", "code-pickle", "code-in-torch-zip", "truncated-state-dict",
+                                  "empty"])
+def test_unreadable_inception_weights_are_one_line_of_ours(tmp_path: Path, kind: str) -> None:
+    path, marker = tmp_path / "inception.pth", tmp_path / "code-ran"
+    _write_bad(path, kind, marker)
+    message = _refusal(fid.load_inception, path)
+    assert not marker.exists()
+    assert message.startswith(f"{path} is not a readable Inception weights file (")
+    assert message.endswith(
+        f"): get the official file again with `python scripts/get_inception.py {path}` "
+        f"(it replaces a damaged file), or copy {fid.OFFICIAL_INCEPTION_FILENAME} to {path}")
+    if kind == "code-in-torch-zip":
+        assert "(it holds a Python object (posix.system)" in message
+    if kind == "truncated-state-dict":
+        assert "(truncated or corrupt: a damaged zip archive)" in message
+    if kind == "empty":
+        assert "(empty or cut short)" in message
+
+
+def test_unreadable_random_inception_says_the_stage_makes_it_again(tmp_path: Path) -> None:
+    path = tmp_path / "inception-random-seed3.pth"
+    path.write_bytes(b"\x00" * 100)
+    assert _refusal(fid.load_inception, path).endswith(
+        "remove it and rerun `dvc repro`, whose inception stage makes it again (or "
+        f"`python scripts/make_random_inception.py {path} --seed 3`)")
+
+
+@pytest.mark.parametrize("kind", ["random-bytes", "code-pickle", "truncated-stats", "empty"])
+def test_unreadable_stats_are_one_line_of_ours(tmp_path: Path, kind: str) -> None:
+    path, marker = tmp_path / "fid_ref.npz", tmp_path / "code-ran"
+    _write_bad(path, kind, marker)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        message = _refusal(fid.load_stats, path)
+        gc.collect()  # a file left open by the failed load would warn as it is collected
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not marker.exists()
+    assert message.startswith(f"{path} is not an FID statistics .npz (")
+    assert "make it again (`dvc repro` reruns the ref_stats stage" in message
+    if kind == "truncated-stats":
+        assert "(truncated or corrupt: a damaged zip archive)" in message
+    if kind == "empty":
+        assert "(empty or cut short)" in message
+
+
+def test_stats_that_are_one_array_or_python_objects_are_refused(tmp_path: Path) -> None:
+    np.save(tmp_path / "mu.npy", np.zeros(DIM))
+    assert "(it holds a single array)" in _refusal(fid.load_stats, tmp_path / "mu.npy")
+    np.savez(tmp_path / "objects.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(DIM))
+    assert "(it holds arrays of Python objects, which a safe load refuses)" in _refusal(
+        fid.load_stats, tmp_path / "objects.npz")

@@ -29,7 +29,6 @@ from committed import committed_text
 from PIL import Image
 
 from ddpm_cifar import config
-from ddpm_cifar.fid import save_random_inception
 
 if TYPE_CHECKING:  # fixtures hand these over; conftest is not imported at run time
     from conftest import TinyCifarArchive
@@ -64,14 +63,6 @@ TINY_PARAMS: dict[str, dict[str, Any]] = {
     "fid": dict(inception_weights=INCEPTION_IN_REPO, reference="train", reference_count=12, batch_size=6),
     "wandb": dict(enabled=False),
 }
-
-
-@pytest.fixture(scope="session")
-def e2e_random_inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # ~91 MB and a few seconds to build: once per session.
-    path = tmp_path_factory.mktemp("e2e_inception") / "inception-random-seed0.pth"
-    save_random_inception(path, seed=0)
-    return path
 
 
 def _git_files(*args: str) -> list[str]:

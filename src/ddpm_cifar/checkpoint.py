@@ -14,7 +14,7 @@ import torch
 from .config import DiffusionConfig, ModelConfig, parse_section, to_dict
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError, UserError
-from .fileio import atomic_path
+from .fileio import atomic_path, load_weights_only, why_unreadable
 from .networks import build_model
 
 FORMAT = "ddpm_cifar.checkpoint/1"
@@ -29,17 +29,30 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
         torch.save({"format": FORMAT, **payload}, f)
 
 
+def _recovery(path: Path) -> str:
+    """How to get past an unreadable file, by what the pipeline uses it for."""
+    if path.name == "ema.pt":
+        # Non-persistent in dvc.yaml: repro reruns train, which rewrites a missing ema.pt from the
+        # finished checkpoint without training again.
+        return (f"remove it and rerun `dvc repro`, which rewrites it from the training checkpoint, "
+                f"or restore the last good one with `dvc checkout {path}`")
+    if path.name == "checkpoint.pt":
+        return (f"remove it to start training afresh, or restore the last good one with "
+                f"`dvc checkout {path}`")
+    return "give a checkpoint the pipeline wrote (models/ema.pt or models/checkpoint.pt)"
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = load_weights_only(path, map_location)
     except Exception as exc:  # noqa: BLE001 - torch's unpickler raises many types on foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a readable checkpoint: {first}") from exc
+        raise UserError(
+            f"{path} is not a readable checkpoint ({why_unreadable(exc)}): {_recovery(path)}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{path} is not a {FORMAT} checkpoint")
+        raise UserError(f"{path} is not a {FORMAT} checkpoint: {_recovery(path)}")
     return ckpt
 
 

@@ -9,7 +9,6 @@ out anything undeclared, so the ``params:`` lists in dvc.yaml cannot silently dr
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import types
 import typing
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .config_checks import SEED_MAX, WIDTH_MAX, check_field, check_fields
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -35,6 +35,9 @@ MODEL_ARCHS = ("unet", "ddpm")
 class DataConfig:
     source: str  # "official", a local cifar-10-python.tar.gz, or an image folder (dir or tar.gz)
     md5: str | None  # expected MD5 of an official-format archive; null accepts any
+
+    def __post_init__(self) -> None:
+        check_fields("data", self)
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,16 @@ class ModelConfig:
     arch: str = "unet"
 
     def __post_init__(self) -> None:
+        check_fields("model", self)
         _check_choice("model.arch", self.arch, MODEL_ARCHS)
+        if not self.dim_mults:
+            raise ConfigError("model.dim_mults must list at least one level")
+        widest = self.dim * max(self.dim_mults)
+        if widest > WIDTH_MAX:
+            raise ConfigError(f"model.dim x model.dim_mults gives {widest} channels at the widest level: at "
+                              f"most {WIDTH_MAX:,} (a 3x3 convolution that wide is 604 MB of fp32 weights)")
+        if self.arch == "unet":
+            _check_unet(self)
         if self.arch == "ddpm":
             if self.attn_heads != 1:
                 raise ConfigError(f"model.attn_heads must be 1 for model.arch ddpm (its attention has one "
@@ -83,12 +95,9 @@ class DiffusionConfig:
     min_snr_gamma: float | None  # null: weight every objective like the plain noise MSE
 
     def __post_init__(self) -> None:
+        check_fields("diffusion", self)
         _check_choice("diffusion.beta_schedule", self.beta_schedule, ("linear", "cosine", "sigmoid"))
         _check_choice("diffusion.objective", self.objective, ("pred_noise", "pred_x0", "pred_v"))
-        if self.timesteps < 2:
-            raise ConfigError(f"diffusion.timesteps must be at least 2, got {self.timesteps}")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            raise ConfigError(f"diffusion.min_snr_gamma must be positive or null, got {self.min_snr_gamma}")
 
 
 @dataclass(frozen=True)
@@ -123,23 +132,11 @@ class TrainConfig:
     ema_power: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "ema_update_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.ema_start_step < 0:
-            raise ConfigError(f"train.ema_start_step must be at least 0, got {self.ema_start_step}")
-        if not 0.0 < self.ema_inv_gamma < math.inf:
-            raise ConfigError(f"train.ema_inv_gamma must be positive, got {self.ema_inv_gamma}")
-        if self.ema_power is not None and not 0.0 < self.ema_power < math.inf:
-            raise ConfigError(f"train.ema_power must be positive or null (no warm-up), got {self.ema_power}")
-        if self.fid_every and self.fid_samples < 2:
-            raise ConfigError(f"train.fid_samples must be at least 2, got {self.fid_samples}")
+        # fid_samples, fid_sample_steps and fid_batch_size are checked with the FID off too: the W&B
+        # sample grid uses the same sampler, and a value that is wrong now fails when it is turned on.
+        check_fields("train", self)
         _check_choice("train.fid_sampler", self.fid_sampler, SAMPLER_NAMES)
         _check_choice("train.fid_spacing", self.fid_spacing, SPACING_NAMES)
-        if self.fid_every and (self.fid_batch_size < 1 or self.fid_sample_steps < 1):
-            raise ConfigError("train.fid_batch_size and train.fid_sample_steps must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -158,15 +155,17 @@ class SampleConfig:
     strip_frames: int
 
     def __post_init__(self) -> None:
+        check_fields("sample", self)
         _check_choice("sample.sampler", self.sampler, SAMPLER_NAMES)
         _check_choice("sample.spacing", self.spacing, SPACING_NAMES)
-        if not 0.0 <= self.eta <= 1.0:
-            raise ConfigError(f"sample.eta must be in [0, 1], got {self.eta}")
-        for name in ("n", "steps", "batch_size", "grid_images", "strip_frames"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"sample.{name} must be at least 1, got {getattr(self, name)}")
-        if not self.strip_seeds:
-            raise ConfigError("sample.strip_seeds must list at least one seed")
+        if not 1 <= len(self.strip_seeds) <= 64:  # a row of the strip's figure each
+            raise ConfigError(f"sample.strip_seeds must list 1 to 64 seeds, got {len(self.strip_seeds)}")
+        if self.grid_images > self.n:  # the grid shows the first grid_images samples: no more exist
+            raise ConfigError(f"sample.grid_images {self.grid_images} exceeds sample.n {self.n}: the grid "
+                              "shows the first grid_images of the n samples")
+        if self.seed + self.n - 1 > SEED_MAX:  # image i uses seed + i
+            raise ConfigError(f"sample.seed {self.seed} is too large for sample.n {self.n}: image i uses "
+                              "seed + i, and the last must be below 2^63 (the samplers hold seeds as int64)")
 
 
 @dataclass(frozen=True)
@@ -177,11 +176,9 @@ class FidConfig:
     batch_size: int
 
     def __post_init__(self) -> None:
-        if self.reference_count < 0 or self.reference_count == 1:
-            raise ConfigError(
-                f"fid.reference_count must be 0 (all) or at least 2, got {self.reference_count}")
-        if self.batch_size < 1:
-            raise ConfigError(f"fid.batch_size must be at least 1, got {self.batch_size}")
+        check_fields("fid", self)
+        if self.reference_count == 1:  # a covariance needs two images
+            raise ConfigError("fid.reference_count must be 0 (all) or at least 2, got 1")
 
 
 @dataclass(frozen=True)
@@ -193,6 +190,7 @@ class WandbConfig:
     mode: str  # online | offline
 
     def __post_init__(self) -> None:
+        check_fields("wandb", self)
         _check_choice("wandb.mode", self.mode, ("online", "offline"))
 
 
@@ -202,6 +200,9 @@ class PretrainedConfig:
 
     enabled: bool
     folder: str  # google/ddpm-cifar10-32 in diffusers' layout: config.json + weights
+
+    def __post_init__(self) -> None:
+        check_fields("pretrained", self)
 
 
 @dataclass(frozen=True)
@@ -213,12 +214,12 @@ class DistributedConfig:
     rdzv_endpoint: str  # host:port where the processes meet; localhost:0 picks a free port
 
     def __post_init__(self) -> None:
-        for name in ("nnodes", "nproc_per_node"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"distributed.{name} must be at least 1, got {getattr(self, name)}")
+        check_fields("distributed", self)
         host, _, port = self.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"distributed.rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+        if int(port) > 65_535:  # TCP ports are 16-bit
+            raise ConfigError(f"distributed.rdzv_endpoint must have a port of at most 65535, got {port}")
         if self.nnodes > 1 and port == "0":
             # A port picked at random on one node: the others could never find it, and every node
             # would wait for the rendezvous timeout.
@@ -243,6 +244,18 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def _check_unet(cfg: ModelConfig) -> None:
+    if cfg.dim % 2 or cfg.dim < 4:  # the time embedding: dim/2 sines and cosines, 2 or more frequencies
+        raise ConfigError(f"model.dim must be even and at least 4 for model.arch unet (its time embedding "
+                          f"is dim/2 sines and cosines), got {cfg.dim}")
+    if cfg.attn_dim_head < 1:
+        raise ConfigError(f"model.attn_dim_head must be at least 1 for model.arch unet, "
+                          f"got {cfg.attn_dim_head}")
+    if cfg.attn_heads * cfg.attn_dim_head > WIDTH_MAX:
+        raise ConfigError(f"model.attn_heads x model.attn_dim_head is {cfg.attn_heads * cfg.attn_dim_head} "
+                          f"channels of attention: at most {WIDTH_MAX:,} (as wide as the widest level)")
+
+
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
@@ -265,7 +278,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"params file {path} not found")
     try:
         data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of over 4,300 digits
         raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections")
@@ -298,7 +311,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond float's range
+                raise ConfigError(f"{key} must be a finite number, got an integer of "
+                                  f"{len(str(abs(value)))} digits") from None
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -367,7 +384,9 @@ class Params:
         raw = self._raw.get(section)
         if not isinstance(raw, Mapping) or key not in raw:
             raise ConfigError(f"missing key {dotted}")
-        return _coerce(dotted, raw[key], hints[key])
+        value = _coerce(dotted, raw[key], hints[key])
+        check_field(dotted, value)  # a single key gets its range checked like a whole section
+        return value
 
     def as_dict(self) -> dict[str, Any]:
         """Every declared section and key, checked, as plain data nested like params.yaml."""

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .distributed import gather_to_main, rank_and_world, shard
 from .errors import UserError
-from .fileio import atomic_path, download, file_digest, verify_checksum
+from .fileio import atomic_path, download, file_digest, load_weights_only, verify_checksum, why_unreadable
 
 OFFICIAL_INCEPTION_URL = FID_WEIGHTS_URL
 OFFICIAL_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -152,6 +152,15 @@ def _missing_message(path: Path) -> str:
     )
 
 
+def _refetch_advice(path: Path) -> str:
+    seed = random_inception_seed(path)
+    if seed is not None:
+        return (f"remove it and rerun `dvc repro`, whose inception stage makes it again (or "
+                f"`python scripts/make_random_inception.py {path} --seed {seed}`)")
+    return (f"get the official file again with `python scripts/get_inception.py {path}` "
+            f"(it replaces a damaged file), or copy {OFFICIAL_INCEPTION_FILENAME} to {path}")
+
+
 def _mismatch_summary(model: nn.Module, state: dict[str, Any], exc: Exception) -> str:
     """One line out of load_state_dict's multi-line error: counts and first examples."""
     expected = model.state_dict()
@@ -180,9 +189,10 @@ def load_inception(
     if not path.is_file():
         raise UserError(_missing_message(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a weights file"
-        raise UserError(f"{path} is not a readable PyTorch state dict: {exc}") from exc
+        raise UserError(f"{path} is not a readable Inception weights file ({why_unreadable(exc)}): "
+                        f"{_refetch_advice(path)}") from exc
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not an Inception state dict")
     model = FidInceptionV3()
@@ -368,18 +378,29 @@ def load_stats(path: str | Path) -> tuple[FidStats, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"FID statistics file {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as data:
+    fix = ("make it again (`dvc repro` reruns the ref_stats stage that writes data/fid_ref.npz; "
+           "pytorch-fid's --save-stats writes precomputed ones)")
+    # Our own file object, closed here with the archive read through it: np.load leaves the file it
+    # opens itself open when the zip is damaged.
+    with open(path, "rb") as f:
+        try:
+            data = np.load(f, allow_pickle=False)  # never unpickles: a foreign file cannot run code
+        except Exception as exc:  # zip and format errors, and numpy's refusal to unpickle
+            raise UserError(f"{path} is not an FID statistics .npz ({why_unreadable(exc)}): {fix}") from exc
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise UserError(f"{path} is not an FID statistics .npz (it holds a single array): {fix}")
+        try:
             if "mu" not in data or "sigma" not in data:
                 raise UserError(f"{path} lacks 'mu' and 'sigma': not an FID statistics file")
             mu = np.asarray(data["mu"], dtype=np.float64)
             sigma = np.asarray(data["sigma"], dtype=np.float64)
             n = int(data["n"]) if "n" in data else -1
             meta = json.loads(str(data["meta"])) if "meta" in data else {}
-    except UserError:
-        raise
-    except Exception as exc:  # zip, pickle and JSON errors all mean a bad file
-        raise UserError(f"{path} is not a readable FID statistics .npz: {exc}") from exc
+        except UserError:
+            raise
+        except Exception as exc:  # a damaged member, object arrays, a 'meta' that is not JSON
+            raise UserError(f"{path} is not a readable FID statistics .npz ({why_unreadable(exc)}): "
+                            f"{fix}") from exc
     return FidStats(mu=mu, sigma=sigma, n=n), meta
 
 

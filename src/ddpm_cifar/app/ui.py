@@ -6,6 +6,7 @@ with two models, both sample the same seeds side by side. Served by :mod:`.serve
 
 from __future__ import annotations
 
+import sys
 import threading
 import traceback
 import uuid
@@ -112,11 +113,51 @@ class Handlers:
         return {f"grid{ev.model}": grid, f"strip{ev.model}": strip_image(ev), f"png{ev.model}": png}
 
 
+def _refused(exc: UserError) -> None:
+    """One console line per refused request: bad input from a visitor is not a fault of the server,
+    and a traceback each time would bury the lines that are."""
+    print("refused request:", " ".join(str(exc).split()), file=sys.stderr, flush=True)
+
+
 def _ui_value(name: str, value: Any) -> Any:
     # The download buttons are disabled, with nothing to download, until there is a grid.
     if name.startswith("png"):
         return gr.DownloadButton(value=value, interactive=value is not None)
     return value
+
+
+def _controls(demo: Demo, outputs: dict[str, Any]) -> tuple[list[Any], Any, Any]:
+    """The left column: the request's inputs (in ``on_generate``'s order), Generate and Stop; the
+    status line goes into ``outputs``."""
+    with gr.Column(scale=1, min_width=280):
+        # Number boxes, not sliders: a slider silently clamps a typed value, while an
+        # out-of-range value should be refused with a message (Handlers.generate does).
+        n = gr.Number(16, label=f"Number of images (1 to {MAX_IMAGES})", elem_id="n-images")
+        sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
+        steps = gr.Number(min(DEFAULT_STEPS, demo.max_steps), elem_id="steps",
+                          label=f"Sampling steps (1 to {demo.max_steps})")
+        spacing = gr.Dropdown(list(SPACINGS), value="quadratic", label="Timestep spacing", elem_id="spacing")
+        eta = gr.Number(0.0, label="DDIM η (0 to 1): 0 deterministic, 1 as noisy as DDPM", elem_id="eta")
+        seed = gr.Number(0, label=f"Seed (0 to {MAX_SEED}); image i uses seed + i", elem_id="seed")
+        with gr.Row():
+            go = gr.Button("Generate", variant="primary", elem_id="generate")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+        outputs["status"] = gr.HTML("Ready.", elem_id="status")
+    return [n, sampler, steps, spacing, eta, seed], go, stop
+
+
+def _model_columns(demo: Demo, outputs: dict[str, Any]) -> None:
+    """One column per model: its grid, denoising strip and PNG download, into ``outputs``."""
+    for i, dm in enumerate(demo.models):
+        with gr.Column(scale=2):
+            gr.Markdown(f"**{dm.label}**")
+            outputs[f"grid{i}"] = gr.Image(label="Samples", format="png", interactive=False, height=460,
+                                           elem_id=f"grid{i}", elem_classes=["pixelated"])
+            outputs[f"strip{i}"] = gr.Image(label="Denoising of the first image: x_T → x_0", format="png",
+                                            interactive=False, height=200, elem_id=f"strip{i}",
+                                            elem_classes=["pixelated"])
+            outputs[f"png{i}"] = gr.DownloadButton("Download grid (PNG)", elem_id=f"download{i}",
+                                                   interactive=False)
 
 
 def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> gr.Blocks:
@@ -130,34 +171,8 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
         gr.Markdown("## DDPM on CIFAR-10\nImage *i* is sampled from seed + *i*: the same seed gives the "
                     "same pictures whatever the number of images.")
         with gr.Row():
-            with gr.Column(scale=1, min_width=280):
-                # Number boxes, not sliders: a slider silently clamps a typed value, while an
-                # out-of-range value should be refused with a message (Handlers.generate does).
-                n = gr.Number(16, label=f"Number of images (1 to {MAX_IMAGES})", elem_id="n-images")
-                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
-                                      elem_id="sampler")
-                steps = gr.Number(min(DEFAULT_STEPS, demo.max_steps), elem_id="steps",
-                                  label=f"Sampling steps (1 to {demo.max_steps})")
-                spacing = gr.Dropdown(list(SPACINGS), value="quadratic", label="Timestep spacing",
-                                      elem_id="spacing")
-                eta = gr.Number(0.0, label="DDIM η (0 to 1): 0 deterministic, 1 as noisy as DDPM",
-                                elem_id="eta")
-                seed = gr.Number(0, label=f"Seed (0 to {MAX_SEED}); image i uses seed + i", elem_id="seed")
-                with gr.Row():
-                    go = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                outputs["status"] = gr.HTML("Ready.", elem_id="status")
-            for i, dm in enumerate(demo.models):
-                with gr.Column(scale=2):
-                    gr.Markdown(f"**{dm.label}**")
-                    outputs[f"grid{i}"] = gr.Image(label="Samples", format="png", interactive=False,
-                                                   height=460, elem_id=f"grid{i}", elem_classes=["pixelated"])
-                    outputs[f"strip{i}"] = gr.Image(label="Denoising of the first image: x_T → x_0",
-                                                    format="png", interactive=False, height=200,
-                                                    elem_id=f"strip{i}",
-                                                    elem_classes=["pixelated"])
-                    outputs[f"png{i}"] = gr.DownloadButton("Download grid (PNG)", elem_id=f"download{i}",
-                                                           interactive=False)
+            inputs, go, stop = _controls(demo, outputs)
+            _model_columns(demo, outputs)
 
         def on_click(request: gr.Request) -> str:
             return handlers.begin(request.session_hash or "")
@@ -169,12 +184,14 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
                                              spacing_, eta_):
                     yield {outputs[name]: _ui_value(name, value) for name, value in out.items()}
             except UserError as exc:
+                _refused(exc)
                 yield {outputs["status"]: "Ready."}
-                raise gr.Error(str(exc)) from None
+                # Gradio prints the traceback of whatever a handler raises unless told not to.
+                raise gr.Error(str(exc), print_exception=False) from None
             except Exception as exc:
                 traceback.print_exc()  # the whole story for the server's console
                 yield {outputs["status"]: f"Failed: {type(exc).__name__}"}
-                raise gr.Error(f"sampling failed: {exc}") from None
+                raise gr.Error(f"sampling failed: {exc}", print_exception=False) from None  # printed above
 
         def on_stop(request: gr.Request) -> None:
             handlers.stop(request.session_hash or "")
@@ -182,7 +199,7 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
         # The first step runs at once (not queued), so that a Stop pressed while the request
         # waits for another session's to finish is not lost.
         go.click(on_click, outputs=outputs["status"], queue=False).then(
-            on_generate, inputs=[n, sampler, steps, spacing, eta, seed], outputs=list(outputs.values()),
+            on_generate, inputs=inputs, outputs=list(outputs.values()),
             concurrency_limit=1, show_progress="hidden")
         stop.click(on_stop, queue=False)
     return blocks

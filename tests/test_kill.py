@@ -1,0 +1,136 @@
+"""Crash-only: a run killed the way a job scheduler or a closed terminal kills it (SIGKILL to its whole
+process group) leaves no process behind, and the next `dvc repro` ends where an uninterrupted run ends.
+
+The toy pipeline runs on 2 processes, so training and sampling go through torchrun, whose workers
+live in a session of their own: without cli.die_with_parent they outlived the kill and went on
+writing. It is killed during training, during a checkpoint write and during sampling; then rerun to
+the end and compared with a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_pipeline_e2e import INCEPTION_IN_REPO, Runner, _copy_project, _env, _read_tsv, _tiny_params
+
+from ddpm_cifar import config
+
+if TYPE_CHECKING:
+    from conftest import TinyCifarArchive
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+KILL_PARAMS: dict[str, dict[str, Any]] = {
+    "train": dict(steps=STEPS, checkpoint_every=3, fid_every=0),
+    "sample": dict(n=48, batch_size=4),
+    "distributed": dict(nproc_per_node=2),
+}
+
+
+def _project(root: Path, archive: TinyCifarArchive, inception: Path) -> tuple[Path, Runner]:
+    repo = root / "repo"
+    repo.mkdir(parents=True)
+    _copy_project(repo)
+    run = Runner(repo, _env(root, repo))
+    run.git("init", "-q")
+    for key, value in (("user.name", "kill test"), ("user.email", "kill@example.invalid"),
+                       ("commit.gpgsign", "false")):
+        run.git("config", key, value)
+    (repo / INCEPTION_IN_REPO).parent.mkdir(parents=True)
+    shutil.copy(inception, repo / INCEPTION_IN_REPO)
+    params = _tiny_params(config.read_yaml(repo / "params.yaml"), archive)
+    for section, values in KILL_PARAMS.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run.commit("toy project")
+    return repo, run
+
+
+def _stage_processes(repo: Path) -> list[str]:
+    """Processes still working in ``repo`` (their cwd), as 'pid cmdline'."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if cwd == str(repo) or cwd.startswith(f"{repo}/"):
+            found.append(f"{entry.name} {cmdline.strip()}")
+    return found
+
+
+def _repro_killed_when(run: Runner, repo: Path, due: Callable[[], bool], timeout: float = 300) -> bool:
+    """`dvc repro` in a process group of its own, SIGKILLed as a whole once ``due()``; False if it
+    finished first."""
+    with open(repo.parent / "repro.log", "a") as log:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=run.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if due():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.002)
+        assert proc.poll() is not None, "dvc repro hung"
+        return False
+
+
+def _loss_rows(repo: Path) -> int:
+    path = repo / "metrics/train_loss.tsv"
+    return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
+
+
+def _checkpoint_in_flight(repo: Path) -> bool:
+    return any((repo / "models").glob(".checkpoint.pt.*.tmp")) or _loss_rows(repo) >= STEPS - 3
+
+
+def _sampling(repo: Path) -> bool:
+    return any((repo / "samples/partial").rglob("*.npy")) if (repo / "samples/partial").is_dir() else False
+
+
+def test_killed_runs_leave_no_writer_and_resume_to_the_same_results(
+        tmp_path: Path, tiny_cifar_archive: TinyCifarArchive, e2e_random_inception: Path) -> None:
+    reference, ref_run = _project(tmp_path / "reference", tiny_cifar_archive, e2e_random_inception)
+    ref_run.dvc("repro")
+    repo, run = _project(tmp_path / "killed", tiny_cifar_archive, e2e_random_inception)
+
+    moments = {"training": lambda: _loss_rows(repo) >= 4,
+               "a checkpoint write": lambda: _checkpoint_in_flight(repo),
+               "sampling": lambda: _sampling(repo)}
+    for moment, due in moments.items():
+        assert _repro_killed_when(run, repo, due), f"the run finished before {moment}"
+        time.sleep(2)  # a worker that outlived the kill would still be at work now
+        survivors = _stage_processes(repo)
+        assert not survivors, f"killed during {moment}, still running: {survivors}"
+    run.dvc("repro")  # to the end
+    status = run.dvc("status")
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+
+    ema, ref_ema = (torch.load(r / "models/ema.pt", weights_only=True)["ema"] for r in (repo, reference))
+    assert all(torch.equal(ema[k], ref_ema[k]) for k in ref_ema), "weights differ from an uninterrupted run"
+    with np.load(repo / "samples/samples.npz") as got, np.load(reference / "samples/samples.npz") as want:
+        assert np.array_equal(got["images"], want["images"]), "samples differ from an uninterrupted run"
+    rows = _read_tsv(repo / "metrics/train_loss.tsv")
+    ref_rows = _read_tsv(reference / "metrics/train_loss.tsv")
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1)), "gaps or duplicates in the loss log"
+    assert rows == ref_rows
+    train = json.loads((repo / "reports/train.json").read_text())
+    assert train["world_history"] == [[0, STEPS, 2]], train
+    assert not list(repo.rglob(".*.tmp")), "temporary files left behind"
