@@ -3,8 +3,9 @@ process group) leaves no process behind, and the next `dvc repro` ends where an 
 
 The toy pipeline runs on 2 processes, so training and sampling go through torchrun, whose workers
 live in a session of their own: without cli.die_with_parent they outlived the kill and went on
-writing. It is killed during training, during a checkpoint write and during sampling; then rerun to
-the end and compared with a run that was never interrupted.
+writing. It is killed during training, when a checkpoint is being written (a 2 ms poll for its
+temporary file; if it misses every write, 3 steps before the end of training) and during sampling;
+then rerun to the end and compared with a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_pipeline_e2e import INCEPTION_IN_REPO, Runner, _copy_project, _env, _read_tsv, _tiny_params
+from test_pipeline_e2e import (
+    INCEPTION_IN_REPO,
+    Runner,
+    _copy_project,
+    _env,
+    _read_tsv,
+    _tiny_params,
+    init_git,
+)
 
 from ddpm_cifar import config
 
@@ -45,10 +54,7 @@ def _project(root: Path, archive: TinyCifarArchive, inception: Path) -> tuple[Pa
     repo.mkdir(parents=True)
     _copy_project(repo)
     run = Runner(repo, _env(root, repo))
-    run.git("init", "-q")
-    for key, value in (("user.name", "kill test"), ("user.email", "kill@example.invalid"),
-                       ("commit.gpgsign", "false")):
-        run.git("config", key, value)
+    init_git(run)
     (repo / INCEPTION_IN_REPO).parent.mkdir(parents=True)
     shutil.copy(inception, repo / INCEPTION_IN_REPO)
     params = _tiny_params(config.read_yaml(repo / "params.yaml"), archive)

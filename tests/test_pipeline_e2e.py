@@ -132,6 +132,14 @@ class Runner:
         self.git("commit", "-q", "--allow-empty", "-m", message)
 
 
+def init_git(run: Runner) -> None:
+    """A git repository in the runner's folder, with a committer and no signing."""
+    run.git("init", "-q")
+    for key, value in (("user.name", "toy project"), ("user.email", "toy@example.invalid"),
+                       ("commit.gpgsign", "false")):
+        run.git("config", key, value)
+
+
 def _tiny_params(base: dict[str, Any], archive: TinyCifarArchive) -> dict[str, Any]:
     params = {section: dict(values or {}) for section, values in base.items()}
     overrides = {**TINY_PARAMS, "data": dict(source=str(archive.path), md5=archive.md5)}
@@ -236,10 +244,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     repo.mkdir()
     _copy_project(repo)
     run = Runner(repo, _env(tmp_path, repo))
-    run.git("init", "-q")
-    for key, value in (("user.name", "e2e test"), ("user.email", "e2e@example.invalid"),
-                       ("commit.gpgsign", "false")):
-        run.git("config", key, value)
+    init_git(run)
     if not (repo / ".dvc").is_dir():
         run.dvc("init", "-q")
     assert "analytics = false" in (repo / ".dvc" / "config").read_text()

@@ -19,8 +19,7 @@ from .reports import check_same_inception
 from .samplers import SAMPLING_VERSION, SamplerSpec
 from .sampling import for_sampling, generate_images_sharded
 
-# What train() calls for the training-time FID: (EMA model, diffusion) -> FID. The same alias as
-# train.FidFn, written out so that the stages that only sample and score need not import training.
+# What train() calls for the training-time FID, on every rank: (EMA model, diffusion) -> FID.
 FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]
 
 

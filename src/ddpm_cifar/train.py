@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,8 +36,9 @@ from .tracking import Tracker
 from .train_state import CheckpointMeta, TrainOutputs, TrainState, fingerprint, resume, save
 from .unet import count_parameters
 
-# Called on every rank (the FID may be computed by all of them together); returns the FID.
-FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]
+if TYPE_CHECKING:  # a type only: training does not import the FID code it is handed
+    from .evaluation import FidFn
+
 
 
 @dataclass
