@@ -65,6 +65,8 @@ BAD: list[tuple[str, Any]] = [
     ("train.fid_sample_steps", 0), ("train.fid_sample_steps", 100_001),
     ("train.fid_batch_size", 0), ("train.fid_batch_size", 65_537),
     ("train.sample_grid_every", -1), ("train.sample_grid_every", 10**9 + 1),
+    ("train.warmup_steps", -1), ("train.warmup_steps", 10**9 + 1), ("train.warmup_steps", 1.5),
+    ("train.fid_variance", "fixedlarge"),
     # sample
     ("sample.n", 0), ("sample.n", 100_000_000_000),
     ("sample.steps", 0), ("sample.steps", 100_001),
@@ -76,6 +78,7 @@ BAD: list[tuple[str, Any]] = [
     ("sample.strip_seeds", []), ("sample.strip_seeds", [0, -1]), ("sample.strip_seeds", [2**63]),
     ("sample.strip_seeds", list(range(65))),
     ("sample.strip_frames", 0), ("sample.strip_frames", 101),
+    ("sample.variance", "large"), ("sample.variance", None),
     # fid
     ("fid.inception_weights", ""), ("fid.reference", " "),
     ("fid.reference_count", -1), ("fid.reference_count", 1), ("fid.reference_count", 1_000_001),

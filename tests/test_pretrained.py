@@ -54,7 +54,7 @@ def _run(root: Path, *, enabled: bool, folder: str) -> subprocess.CompletedProce
         "pretrained": {"enabled": enabled, "folder": folder},
         "sample": {"n": 6, "sampler": "ddim", "steps": 3, "eta": 0.0, "spacing": "uniform", "compile": False,
                    "batch_size": 4, "seed": 0, "clip_x0": True, "grid_images": 4, "strip_seeds": [0],
-                   "strip_frames": 3},
+                   "strip_frames": 3, "variance": "posterior"},
         "fid": {"inception_weights": str(root / "inception.pth"), "reference": "train", "reference_count": 0,
                 "batch_size": 6},
         "distributed": {"nnodes": 1, "nproc_per_node": 1, "rdzv_endpoint": "localhost:0"},

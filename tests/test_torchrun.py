@@ -68,7 +68,7 @@ def _sample_params(path: Path, nproc: int) -> Path:
     params = {
         "sample": {"n": 7, "sampler": "ddim", "steps": 3, "eta": 0.0, "spacing": "uniform", "compile": False,
                    "batch_size": 2, "seed": 0, "clip_x0": True, "grid_images": 4, "strip_seeds": [0],
-                   "strip_frames": 3},
+                   "strip_frames": 3, "variance": "posterior"},
         "distributed": {"nnodes": 1, "nproc_per_node": nproc, "rdzv_endpoint": "localhost:0"},
     }
     path.write_text(yaml.safe_dump(params))

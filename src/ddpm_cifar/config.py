@@ -28,6 +28,7 @@ T = TypeVar("T")
 # The names ddpm_cifar.sampling implements (a test keeps the two in step; config stays free of torch).
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")
 SPACING_NAMES = ("uniform", "trailing", "quadratic")
+VARIANCE_NAMES = ("posterior", "beta")  # DDPM's sigma^2: beta tilde or beta
 MODEL_ARCHS = ("unet", "ddpm")
 
 
@@ -130,6 +131,9 @@ class TrainConfig:
     # code before these keys existed (constant decay); params.yaml must name both all the same.
     ema_inv_gamma: float = 1.0
     ema_power: float | None = None
+    # Linear learning-rate warm-up over this many steps (train.learning_rate); 0 = none.
+    warmup_steps: int = 0
+    fid_variance: str = "posterior"  # the training-time FID's DDPM variance, as sample.variance
 
     def __post_init__(self) -> None:
         # fid_samples, fid_sample_steps and fid_batch_size are checked with the FID off too: the W&B
@@ -137,6 +141,7 @@ class TrainConfig:
         check_fields("train", self)
         _check_choice("train.fid_sampler", self.fid_sampler, SAMPLER_NAMES)
         _check_choice("train.fid_spacing", self.fid_spacing, SPACING_NAMES)
+        _check_choice("train.fid_variance", self.fid_variance, VARIANCE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -153,11 +158,15 @@ class SampleConfig:
     grid_images: int
     strip_seeds: tuple[int, ...]
     strip_frames: int
+    # DDPM's per-step variance: "posterior" (beta tilde) or "beta" (Ho et al.'s CIFAR-10 FID); the
+    # default keeps sample configs written before this key (in samples.npz) meaning what they meant.
+    variance: str = "posterior"
 
     def __post_init__(self) -> None:
         check_fields("sample", self)
         _check_choice("sample.sampler", self.sampler, SAMPLER_NAMES)
         _check_choice("sample.spacing", self.spacing, SPACING_NAMES)
+        _check_choice("sample.variance", self.variance, VARIANCE_NAMES)
         if not 1 <= len(self.strip_seeds) <= 64:  # a row of the strip's figure each
             raise ConfigError(f"sample.strip_seeds must list 1 to 64 seeds, got {len(self.strip_seeds)}")
         if self.grid_images > self.n:  # the grid shows the first grid_images samples: no more exist

@@ -89,6 +89,7 @@ BOUNDS: dict[str, Bound] = {
     "train.ema_start_step": Bound(0, STEPS_MAX, _STEPS),
     "train.ema_inv_gamma": _FINITE_POSITIVE,
     "train.ema_power": Bound(0, open_low=True, text="a positive finite number or null (no warm-up)"),
+    "train.warmup_steps": Bound(0, STEPS_MAX, _STEPS),  # 0: no warm-up
     # The data order seeds torch generators with seed x 1,000,003 + epoch and seed x 7,919 + image
     # position (batches.py); both must stay below 2^64 for 10^9 steps of 65,536 x 65,536 images.
     "train.seed": Bound(0, 2**32 - 1, "(the data order seeds torch generators with seed x 1,000,003 + epoch "

@@ -10,9 +10,10 @@ pixel by one uint8 level; :class:`FixedBatch` removes that by always calling the
 same batch shape.
 
 Three samplers share one signature, ``sampler(model, diffusion, noise, timesteps, *, clip_x0,
-eta)``, where ``timesteps`` are the visited steps in ascending order (:func:`spaced_timesteps`):
+eta, variance)``, where ``timesteps`` are the visited steps in ascending order (:func:`spaced_timesteps`):
 
-- ``ddpm``: ancestral sampling (Ho et al. 2020), respaced when fewer steps than T are visited;
+- ``ddpm``: ancestral sampling (Ho et al. 2020), respaced when fewer steps than T are visited, with
+  the posterior's variance (beta tilde) or the forward step's (beta), ``variance``;
 - ``ddim``: Song et al. 2021, with ``eta`` from 0 (deterministic) to 1 (DDPM-like noise);
 - ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022), a second-order multistep solver of the
   probability-flow ODE in data-prediction form.
@@ -111,6 +112,8 @@ class SampleStep:
 
 
 SPACINGS = ("uniform", "trailing", "quadratic")
+# DDPM's per-step variance: the posterior's beta tilde, or beta (Ho et al. 2020, section 3.2)
+VARIANCES = ("posterior", "beta")
 
 
 def _check_spacing(spacing: object) -> None:
@@ -184,33 +187,46 @@ class _Chain:
 
 
 def ddpm(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timesteps: Sequence[int], *,
-         clip_x0: bool = True, eta: float = 0.0) -> Iterator[SampleStep]:
+         clip_x0: bool = True, eta: float = 0.0, variance: str = "posterior") -> Iterator[SampleStep]:
     """DDPM ancestral sampling over the visited ``timesteps``; ``eta`` is unused (it is DDIM's).
 
     Respacing follows Nichol & Dhariwal (2021): the chain visits a subset of timesteps, with betas
-    recomputed from alpha_bar so the marginals of the visited timesteps are unchanged; each step
-    draws from the posterior q(x_prev | x_t, x0) (:func:`posterior_coefficients`) with the
-    network's x0.
+    recomputed from alpha_bar so the marginals of the visited timesteps are unchanged. Each step
+    draws around the mean of the posterior q(x_prev | x_t, x0) (:func:`posterior_coefficients`) with
+    the network's x0, with variance sigma^2:
+
+    - ``posterior``: beta tilde = beta (1 - abar_prev) / (1 - abar_t), the posterior's own variance
+      (Ho et al.'s "fixedsmall");
+    - ``beta``: beta, the forward step's (their "fixedlarge", the choice behind the paper's CIFAR-10
+      FID). Ho et al. section 3.2: beta is optimal for N(0, I) data, beta tilde for a single point;
+      on data of smaller variance beta over-disperses (tests/test_samplers_oracle.py measures by how
+      much).
+
+    The last step adds no noise either way and lands on the mean (the released code does the same).
     """
+    if variance not in VARIANCES:
+        raise UserError(f"unknown DDPM variance {variance!r}; choose one of: {', '.join(VARIANCES)}")
     chain = _Chain(model, diffusion, timesteps, clip_x0)
     x = noise.draw(0)
     yield SampleStep(0, diffusion.num_timesteps, x, None)
     for k, i in chain.steps_down():
-        coef_x0, coef_xt, var = posterior_coefficients(chain.abar_at(i), chain.abar_at(i - 1))
+        a_t, a_prev = chain.abar_at(i), chain.abar_at(i - 1)
+        coef_x0, coef_xt, var = posterior_coefficients(a_t, a_prev)
         x0, _ = chain.estimate(x, i)
         mean = coef_x0 * x0 + coef_xt * x
         if i > 0:
-            x = mean + math.sqrt(var) * noise.draw(k)
+            sigma2 = var if variance == "posterior" else 1 - a_t / a_prev  # the (respaced) beta
+            x = mean + math.sqrt(sigma2) * noise.draw(k)
         else:
-            x = mean  # the last step lands on x0: its posterior variance is 0
+            x = mean  # the last step lands on the mean: no noise below t = 0
         yield SampleStep(k, chain.t_after(i), x, x0)
 
 
 def ddim(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timesteps: Sequence[int], *,
-         clip_x0: bool = True, eta: float = 0.0) -> Iterator[SampleStep]:
+         clip_x0: bool = True, eta: float = 0.0, variance: str = "posterior") -> Iterator[SampleStep]:
     """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps
     + sigma z, with sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev); eta in [0, 1]
-    (:class:`SamplerSpec` checks it)."""
+    (:class:`SamplerSpec` checks it). ``variance`` is DDPM's and unused."""
     chain = _Chain(model, diffusion, timesteps, clip_x0)
     x = noise.draw(0)
     yield SampleStep(0, diffusion.num_timesteps, x, None)
@@ -225,8 +241,9 @@ def ddim(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timestep
 
 
 def dpmpp_2m(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timesteps: Sequence[int], *,
-             clip_x0: bool = True, eta: float = 0.0) -> Iterator[SampleStep]:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2); deterministic, ``eta`` is unused.
+             clip_x0: bool = True, eta: float = 0.0, variance: str = "posterior") -> Iterator[SampleStep]:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2); deterministic, ``eta`` and ``variance`` are
+    unused.
 
     With alpha = sqrt(abar), sigma = sqrt(1 - abar) and lambda = log(alpha / sigma), a step from s
     to t (h = lambda_t - lambda_s) is x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D, where
@@ -262,6 +279,7 @@ def dpmpp_2m(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, time
 Sampler = Callable[..., Iterator[SampleStep]]
 SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
 USES_ETA = ("ddim",)  # the samplers that read eta; the others ignore it
+USES_VARIANCE = ("ddpm",)  # the samplers that read variance
 # auto: the network under bf16 autocast on a CUDA device that supports it, float32 elsewhere;
 # fp32: never autocast. The samplers' own arithmetic is float32 either way.
 PRECISIONS = ("auto", "fp32")
@@ -279,6 +297,7 @@ class SamplerSpec:
     eta: float = 0.0  # DDIM's, in [0, 1]: 0 deterministic, 1 as noisy as DDPM; the others ignore it
     clip_x0: bool = True  # clamp the network's x0 estimate to [-1, 1]
     precision: str = "auto"  # one of PRECISIONS
+    variance: str = "posterior"  # DDPM's sigma^2, one of VARIANCES; the others ignore it
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
@@ -290,6 +309,8 @@ class SamplerSpec:
             raise UserError(f"DDIM eta must be a number from 0 to 1, got {self.eta!r}")
         if not 0.0 <= self.eta <= 1.0:  # also refuses NaN
             raise UserError(f"DDIM eta must be from 0 to 1, got {self.eta:g}")
+        if self.variance not in VARIANCES:
+            raise UserError(f"unknown DDPM variance {self.variance!r}; choose one of: {', '.join(VARIANCES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         object.__setattr__(self, "eta", float(self.eta))  # an int eta would print otherwise in key()
@@ -297,12 +318,13 @@ class SamplerSpec:
     @classmethod
     def from_sample(cls, cfg: SampleConfig, precision: str = "auto") -> SamplerSpec:
         """The sampler of the params ``sample`` section."""
-        return cls(cfg.sampler, cfg.steps, cfg.spacing, cfg.eta, cfg.clip_x0, precision)
+        return cls(cfg.sampler, cfg.steps, cfg.spacing, cfg.eta, cfg.clip_x0, precision, cfg.variance)
 
     @classmethod
     def from_train(cls, cfg: TrainConfig, precision: str = "auto") -> SamplerSpec:
         """The training-time FID's sampler, params ``train.fid_*``: DDIM with eta 0, x0 clipped."""
-        return cls(cfg.fid_sampler, cfg.fid_sample_steps, cfg.fid_spacing, 0.0, True, precision)
+        return cls(cfg.fid_sampler, cfg.fid_sample_steps, cfg.fid_spacing, 0.0, True, precision,
+                   cfg.fid_variance)
 
     def check(self, num_timesteps: int) -> None:
         """Refuse more steps than the diffusion has timesteps."""
@@ -318,7 +340,8 @@ class SamplerSpec:
 
     def key(self) -> str:
         """The settings as text, for cache keys and the training-time FID's id: name:steps:spacing,
-        then only the settings that are not at their defaults (eta for the samplers that read it),
+        then only the settings that are not at their defaults (eta and variance for the samplers
+        that read them),
         so that the ids written before those were part of it (checkpoints' fid_id) stay valid."""
         parts = [self.name, str(self.steps), self.spacing]
         if self.name in USES_ETA and self.eta != 0.0:
@@ -327,6 +350,8 @@ class SamplerSpec:
             parts.append("noclip")
         if self.precision != "auto":
             parts.append(self.precision)
+        if self.name in USES_VARIANCE and self.variance != "posterior":
+            parts.append(f"var={self.variance}")
         return ":".join(parts)
 
 
@@ -338,7 +363,8 @@ def run_sampler(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int]
     around the whole chain, the app's engine per network call)."""
     ts = spec.timesteps(diffusion.num_timesteps)
     noise = ImageNoise(seeds, shape, device)
-    return SAMPLERS[spec.name](model, diffusion, noise, ts, clip_x0=spec.clip_x0, eta=spec.eta)
+    return SAMPLERS[spec.name](model, diffusion, noise, ts, clip_x0=spec.clip_x0, eta=spec.eta,
+                               variance=spec.variance)
 
 
 def final(steps: Iterator[SampleStep]) -> torch.Tensor:

@@ -70,6 +70,15 @@ class TrainResult:
                 "last_fid": self.fids[-1][1] if self.fids else None}
 
 
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of the optimizer step taken after ``step`` steps: ``cfg.lr``, warmed up
+    linearly over ``cfg.warmup_steps`` as in Ho et al.'s code (lr x min(1, step / warmup), so the
+    first step's is 0)."""
+    if cfg.warmup_steps == 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, step / cfg.warmup_steps)
+
+
 def train_step(state: TrainState, net: torch.nn.Module, data: BatchSource, diffusion: GaussianDiffusion,
                cfg: TrainConfig) -> float:
     """One optimizer step of ``cfg.grad_accum`` micro-steps; returns the loss, averaged over ranks.
@@ -99,6 +108,8 @@ def train_step(state: TrainState, net: torch.nn.Module, data: BatchSource, diffu
                 loss = diffusion.loss(net, x0, t, noise) / cfg.grad_accum
             state.scaler.scale(loss).backward()
         total += loss.item()
+    for group in state.opt.param_groups:  # the warm-up; set every step, so a resumed run agrees
+        group["lr"] = learning_rate(cfg, state.step)
     if cfg.max_grad_norm is not None:
         state.scaler.unscale_(state.opt)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.max_grad_norm)
@@ -174,7 +185,7 @@ def train(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConf
         while state.step < cfg.steps:
             loss = train_step(state, net, data, diffusion, cfg)
             images_seen += cfg.batch_size * cfg.grad_accum
-            logger.step(state.step, loss, cfg.lr)
+            logger.step(state.step, loss, learning_rate(cfg, state.step - 1))  # the lr that step used
             # FID before the checkpoint: a checkpoint at step k promises that step k's FID row is
             # written, so an interruption during the FID cannot leave a gap in the curve.
             if fid_fn is not None and cfg.fid_every and (state.step % cfg.fid_every == 0

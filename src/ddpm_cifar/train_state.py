@@ -30,7 +30,7 @@ from .runlog import RunLogger
 # (raising ``steps`` continues a finished run).
 NON_TRAJECTORY_KEYS = (
     "steps", "checkpoint_every", "fid_every", "fid_samples", "fid_sampler", "fid_sample_steps",
-    "fid_spacing", "fid_batch_size", "sample_grid_every",
+    "fid_spacing", "fid_batch_size", "fid_variance", "sample_grid_every",
 )
 
 # Bump when a code change alters what a checkpoint means (network layout, loss, data order), so
@@ -55,6 +55,8 @@ def fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Tra
     between CPU and GPU, or between fp16 and bf16.
     """
     train = {k: v for k, v in to_dict(cfg).items() if k not in NON_TRAJECTORY_KEYS}
+    if not train["warmup_steps"]:
+        del train["warmup_steps"]  # as before the key existed, so that those checkpoints still resume
     model = to_dict(model_cfg)
     if model["arch"] == "unet":
         del model["arch"]  # as before model.arch existed, so that those checkpoints still resume
