@@ -21,11 +21,12 @@ from factories import one_thread, save_tiny_checkpoint, tiny_model
 from PIL import Image
 
 from ddpm_cifar import checkpoint
-from ddpm_cifar.app import serve, ui
+from ddpm_cifar.app import engine, serve, ui
 from ddpm_cifar.app.engine import MAX_IMAGES, Demo, DemoModel, Progress, Result, TorchWorker, load_demo_model
 from ddpm_cifar.errors import UserError
 from ddpm_cifar.plots import image_grid
 from ddpm_cifar.samplers import SamplerSpec
+from ddpm_cifar.sampling import generate_images
 
 MICRO_BATCH = 8  # the app's default on CPU
 
@@ -301,10 +302,59 @@ def test_ddim_eta_reaches_the_sampler(demo: Demo) -> None:
 def test_a_request_is_a_checked_sampler_spec(ckpts: tuple[Path, Path]) -> None:
     req = _demo(ckpts[0]).check(3, "ddim", 7, 0, "trailing", 0.25)
     assert req.spec == SamplerSpec("ddim", 7, "trailing", 0.25, clip_x0=True, precision="auto")
+    req = _demo(ckpts[0]).check(3, "ddpm", 7, 0, "trailing", 0.0, "beta")
+    assert req.spec == SamplerSpec("ddpm", 7, "trailing", 0.0, precision="auto", variance="beta")
     fp32 = Demo([load_demo_model(ckpts[0], "cpu")], device="cpu", micro_batch=2, precision="fp32")
     assert fp32.check(3, "ddim", 7, 0).spec.precision == "fp32"
     with pytest.raises(UserError, match="unknown timestep spacing 'log'"):
         fp32.check(3, "ddim", 7, 0, "log")
+
+
+# -- DDPM's variance ----------------------------------------------------------------------------
+
+def test_ddpm_variance_reaches_the_sampler(demo: Demo) -> None:
+    """The dropdown's value is DDPM's sigma^2: beta gives other pictures than beta tilde, and the
+    same ones as the sampling module given that spec directly (as the pipeline's sample stage is)."""
+    default = demo.images(demo.check(5, "ddpm", 10, 3, "uniform", 0.0))[0]
+    posterior = demo.images(demo.check(5, "ddpm", 10, 3, "uniform", 0.0, "posterior"))[0]
+    beta = demo.images(demo.check(5, "ddpm", 10, 3, "uniform", 0.0, "beta"))[0]
+    np.testing.assert_array_equal(default, posterior)
+    assert np.abs(beta.astype(int) - posterior).mean() > 1
+    dm = demo.models[0]
+    for variance, images in (("posterior", posterior), ("beta", beta)):
+        spec = SamplerSpec("ddpm", 10, "uniform", variance=variance)
+        direct = generate_images(dm.model, dm.diffusion, [3, 4, 5, 6, 7], spec, batch_size=MICRO_BATCH,
+                                 shape=dm.shape, device="cpu", progress=False)
+        np.testing.assert_array_equal(images, direct, err_msg=variance)
+
+
+@pytest.mark.parametrize(("sampler", "variance"), [("ddpm", "fixedlarge"), ("ddpm", ""), ("ddpm", None),
+                                                   ("ddim", "beta tilde")])
+def test_unknown_ddpm_variance_is_one_line(demo: Demo, sampler: str, variance: object) -> None:
+    # Refused for every sampler, like a bad spacing: a typo should not pass because ddim ignores it.
+    with pytest.raises(UserError) as info:
+        demo.check(2, sampler, 5, 0, "uniform", 0.0, variance)
+    assert str(info.value) == f"unknown DDPM variance {variance!r}; choose one of: posterior, beta"
+
+
+@pytest.mark.parametrize(("sampler", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("dpmpp_2m", 0.0)])
+def test_variance_changes_nothing_for_the_other_samplers(demo: Demo, sampler: str, eta: float) -> None:
+    # DDIM with eta 1 is as noisy as DDPM, but its sigma is its own, not the variance setting.
+    posterior = demo.images(demo.check(3, sampler, 10, 0, "uniform", eta, "posterior"))[0]
+    beta = demo.images(demo.check(3, sampler, 10, 0, "uniform", eta, "beta"))[0]
+    np.testing.assert_array_equal(posterior, beta)
+
+
+def test_the_variance_is_reported_where_it_matters(demo: Demo, tmp_path: Path) -> None:
+    assert engine.describe(SamplerSpec("ddpm", 1000, "uniform", variance="beta")) == \
+        "ddpm with 1000 steps (uniform spacing, σ² = beta)"
+    # Not at its default, nor for a sampler that ignores it: either would suggest it changed the images.
+    assert engine.describe(SamplerSpec("ddpm", 20, "quadratic")) == "ddpm with 20 steps (quadratic spacing)"
+    assert engine.describe(SamplerSpec("ddim", 20, "trailing", 0.5, variance="beta")) == \
+        "ddim with 20 steps (trailing spacing, η = 0.5)"
+    outs = list(ui.Handlers(demo, tmp_path).generate(2, "ddpm", 3, 0, variance="beta"))
+    assert outs[-1]["status"] == ("Done: 2 image(s) per model, seeds 0–1, "
+                                  "ddpm with 3 steps (quadratic spacing, σ² = beta).")
 
 
 def test_whole_floats_from_the_ui_are_accepted(demo: Demo) -> None:
@@ -318,12 +368,16 @@ def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Pat
     fn = next(d for d in blocks.fns.values() if d.name == "on_generate").fn
     request = SimpleNamespace(session_hash="s1")  # what Gradio passes as gr.Request
     with pytest.raises(gr.Error, match="number of images must be from 1 to 100, got 500") as info:
-        list(fn(500, "ddpm", 5, "uniform", 0.0, 0, request))
+        list(fn(500, "ddpm", 5, "uniform", 0.0, "posterior", 0, request))
     # One line on the console, and none from Gradio: it prints a gr.Error's traceback unless told not to.
     assert capsys.readouterr().err == "refused request: number of images must be from 1 to 100, got 500\n"
     assert info.value.print_exception is False
     # The app is still usable afterwards.
-    assert list(fn(2, "ddpm", 2, "uniform", 0.0, 0, request))
+    assert list(fn(2, "ddpm", 2, "uniform", 0.0, "posterior", 0, request))
+    with pytest.raises(gr.Error, match="unknown DDPM variance 'fixedlarge'; choose one of: posterior, beta"):
+        list(fn(2, "ddpm", 2, "uniform", 0.0, "fixedlarge", 0, request))
+    assert capsys.readouterr().err == ("refused request: unknown DDPM variance 'fixedlarge'; "
+                                       "choose one of: posterior, beta\n")
 
 
 def _free_port() -> int:
@@ -347,7 +401,7 @@ def test_a_refused_request_is_one_console_line_when_served(ckpts: tuple[Path, Pa
         capfd.readouterr()  # whatever start-up printed
         for _ in range(2):
             with pytest.raises(AppError, match="number of images must be from 1 to 100, got 500"):
-                client.predict(500, "ddpm", 5, "uniform", 0.0, 0, api_name="/on_generate")
+                client.predict(500, "ddpm", 5, "uniform", 0.0, "posterior", 0, api_name="/on_generate")
         console = capfd.readouterr()
     finally:
         blocks.close()
@@ -393,15 +447,22 @@ def test_blocks_build_without_launching(ckpts: tuple[Path, Path], tmp_path: Path
     blocks = ui.build_app(_demo(*ckpts), tmp_path)
     assert isinstance(blocks, gr.Blocks) and not blocks.is_running
     ids = {b.elem_id for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
-    assert {"n-images", "sampler", "steps", "seed", "generate", "stop", "status"} <= ids
+    assert {"n-images", "sampler", "steps", "spacing", "eta", "variance", "seed", "generate", "stop",
+            "status"} <= ids
     assert {"grid0", "grid1", "strip0", "strip1", "download0", "download1"} <= ids
     deps = blocks.config["dependencies"]
     gen = next(d for d in deps if d["api_name"] == "on_generate")
-    assert len(gen["inputs"]) == 6 and len(gen["outputs"]) == 7  # status + 3 per model
+    assert len(gen["inputs"]) == 7 and len(gen["outputs"]) == 7  # status + 3 per model
     stop = next(d for d in deps if d["api_name"] == "on_stop")
     assert stop["queue"] is False  # runs at once, beside the request it stops
     sampler = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "sampler")
     assert [c[0] for c in sampler.choices] == ["ddpm", "ddim", "dpmpp_2m"]
+    # The inputs reach on_generate by position: the variance dropdown sits between eta and seed.
+    by_id = {b._id: b.elem_id for b in blocks.blocks.values()}
+    assert [by_id[i] for i in gen["inputs"]] == ["n-images", "sampler", "steps", "spacing", "eta", "variance",
+                                                  "seed"]
+    variance = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "variance")
+    assert [c[1] for c in variance.choices] == ["posterior", "beta"] and variance.value == "posterior"
 
 
 # -- start-up --------------------------------------------------------------------------------------

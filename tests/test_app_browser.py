@@ -142,3 +142,29 @@ def test_stop_cancels_a_running_request(page) -> None:
     # Far less than the stopped request's remaining minute (or more, on a loaded machine); 10 s was
     # too tight when other jobs shared the 2 cores.
     assert time.monotonic() - started < 30
+
+
+def _choose(page, elem_id: str, value: str) -> None:
+    """Pick ``value`` from a Gradio dropdown, as a person does: open it, click the option."""
+    page.click(f"#{elem_id} input")
+    page.get_by_role("option", name=value, exact=True).click()
+    page.wait_for_function(f"document.querySelector('#{elem_id} input').value === '{value}'", timeout=10_000)
+
+
+def test_ddpm_variance_dropdown_reaches_the_request(page) -> None:
+    # The inputs reach the handler by position: a dropdown wired into eta's or seed's place would
+    # show here as a refused request or a status without the variance.
+    _choose(page, "sampler", "ddpm")
+    _choose(page, "variance", "beta")
+    _set(page, "n-images", 2)
+    _set(page, "steps", 3)
+    page.click("#generate")
+    # The previous test's request was dpmpp_2m's: wait for this one's Done, not that one's.
+    page.wait_for_function(f"{DONE} && document.querySelector('#status').innerText.includes('ddpm with')",
+                           timeout=60_000)
+    assert page.inner_text("#status").endswith("ddpm with 3 steps (quadratic spacing, σ² = beta).")
+    _choose(page, "variance", "posterior")
+    page.click("#generate")
+    page.wait_for_function(f"{DONE} && !document.querySelector('#status').innerText.includes('σ²')",
+                           timeout=60_000)
+    assert page.inner_text("#status").endswith("ddpm with 3 steps (quadratic spacing).")

@@ -28,7 +28,7 @@ from ..diffusion import GaussianDiffusion
 from ..errors import UserError
 from ..networks import load_pretrained
 from ..plots import image_grid
-from ..samplers import SamplerSpec, run_sampler
+from ..samplers import USES_ETA, USES_VARIANCE, SamplerSpec, run_sampler
 from ..sampling import FixedBatch, frame_indices, to_uint8
 
 T = TypeVar("T")
@@ -106,6 +106,20 @@ class Result:
     strip: np.ndarray  # uint8 (F, H, W, C): image 0 from x_T (first) to x_0 (last)
 
 
+def describe(spec: SamplerSpec) -> str:
+    """The sampler settings in words, e.g. "ddpm with 1000 steps (uniform spacing, σ² = beta)".
+
+    eta and the variance are named only for the sampler that reads them and only when not at their
+    defaults, as in :meth:`SamplerSpec.key`: a setting the sampler ignores would suggest it
+    changed the images."""
+    details = [f"{spec.spacing} spacing"]
+    if spec.name in USES_ETA and spec.eta != 0.0:
+        details.append(f"η = {spec.eta:g}")
+    if spec.name in USES_VARIANCE and spec.variance != "posterior":
+        details.append(f"σ² = {spec.variance}")
+    return f"{spec.name} with {spec.steps} steps ({', '.join(details)})"
+
+
 def _whole(value: object, name: str, lo: int, hi: int) -> int:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise UserError(f"{name} is empty: give a whole number from {lo} to {hi}")
@@ -138,18 +152,18 @@ class Demo:
         return min(m.diffusion.num_timesteps for m in self.models)
 
     def check(self, n: object, sampler: object, steps: object, seed: object,
-              spacing: object = "quadratic", eta: object = 0.0) -> Request:
+              spacing: object = "quadratic", eta: object = 0.0, variance: object = "posterior") -> Request:
         """Turn raw UI values into a :class:`Request`; bad values are a :class:`UserError`.
 
         The numbers arrive as floats or text: they are parsed here, then the sampler's settings
-        are checked by :class:`SamplerSpec`."""
+        (spacing, eta, DDPM's variance) are checked by :class:`SamplerSpec`."""
         try:
             eta_value = float(eta)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise UserError(f"DDIM eta must be a number from 0 to 1, got {eta!r}") from None
         n_images = _whole(n, "number of images", 1, MAX_IMAGES)
         spec = SamplerSpec(sampler, _whole(steps, "steps", 1, self.max_steps), spacing,  # type: ignore[arg-type]
-                           eta_value, precision=self.precision)
+                           eta_value, precision=self.precision, variance=variance)  # type: ignore[arg-type]
         return Request(n=n_images, seed=_whole(seed, "seed", 0, MAX_SEED), spec=spec)
 
     def _network(self, dm: DemoModel, bf16: bool) -> FixedBatch:

@@ -18,8 +18,8 @@ import gradio as gr
 
 from ..errors import UserError
 from ..plots import image_grid, save_png
-from ..samplers import SAMPLERS, SPACINGS
-from .engine import MAX_IMAGES, MAX_SEED, Demo, Progress, Request, Result, TorchWorker, strip_image
+from ..samplers import SAMPLERS, SPACINGS, VARIANCES
+from .engine import MAX_IMAGES, MAX_SEED, Demo, Progress, Request, Result, TorchWorker, describe, strip_image
 
 # 32x32 samples are shown enlarged to fill their box, as blocky pixels rather than the browser's blur.
 CSS = ".pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
@@ -64,14 +64,14 @@ class Handlers:
             self._stop[session].set()
 
     def generate(self, n: object, sampler: object, steps: object, seed: object,
-                 session: str = "", spacing: object = "quadratic",
-                 eta: object = 0.0) -> Iterator[dict[str, Any]]:
+                 session: str = "", spacing: object = "quadratic", eta: object = 0.0,
+                 variance: object = "posterior") -> Iterator[dict[str, Any]]:
         """Yields dicts keyed by output name: 'status' (HTML with a progress bar while sampling),
         and per model i 'grid{i}', 'strip{i}' and 'png{i}' (the grid saved as a PNG file, None
         while there is none). Bad values raise :class:`UserError`."""
         stop = self._stop.setdefault(session, threading.Event())
         try:
-            req = self.demo.check(n, sampler, steps, seed, spacing, eta)
+            req = self.demo.check(n, sampler, steps, seed, spacing, eta, variance)
             # The previous request's downloads would not match what is sampled now.
             yield {"status": "Sampling…", **{f"png{i}": None for i in range(len(self.demo.models))}}
             yield from self._sample(req, stop)
@@ -101,9 +101,8 @@ class Handlers:
                     yield self._result(ev, req.seed)
         finally:
             events.close()  # stops the sampling, on the worker thread too
-        spec = req.spec
         yield {"status": f"Done: {req.n} image(s) per model, seeds {req.seed}–{req.seed + req.n - 1}, "
-                         f"{spec.name} with {spec.steps} steps ({spec.spacing} spacing)."}
+                         f"{describe(req.spec)}."}
 
     def _result(self, ev: Result, seed: int) -> dict[str, Any]:
         grid = image_grid(ev.images)
@@ -138,12 +137,15 @@ def _controls(demo: Demo, outputs: dict[str, Any]) -> tuple[list[Any], Any, Any]
                           label=f"Sampling steps (1 to {demo.max_steps})")
         spacing = gr.Dropdown(list(SPACINGS), value="quadratic", label="Timestep spacing", elem_id="spacing")
         eta = gr.Number(0.0, label="DDIM η (0 to 1): 0 deterministic, 1 as noisy as DDPM", elem_id="eta")
+        variance = gr.Dropdown(list(VARIANCES), value="posterior", elem_id="variance",
+                               label="DDPM variance σ²: posterior (β̃) or beta (Ho et al.'s FID)",
+                               info="Only the ddpm sampler uses it.")
         seed = gr.Number(0, label=f"Seed (0 to {MAX_SEED}); image i uses seed + i", elem_id="seed")
         with gr.Row():
             go = gr.Button("Generate", variant="primary", elem_id="generate")
             stop = gr.Button("Stop", variant="stop", elem_id="stop")
         outputs["status"] = gr.HTML("Ready.", elem_id="status")
-    return [n, sampler, steps, spacing, eta, seed], go, stop
+    return [n, sampler, steps, spacing, eta, variance, seed], go, stop
 
 
 def _model_columns(demo: Demo, outputs: dict[str, Any]) -> None:
@@ -178,10 +180,10 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
             return handlers.begin(request.session_hash or "")
 
         def on_generate(n_: object, sampler_: object, steps_: object, spacing_: object, eta_: object,
-                        seed_: object, request: gr.Request) -> Iterator[dict[Any, Any]]:
+                        variance_: object, seed_: object, request: gr.Request) -> Iterator[dict[Any, Any]]:
             try:
                 for out in handlers.generate(n_, sampler_, steps_, seed_, request.session_hash or "",
-                                             spacing_, eta_):
+                                             spacing_, eta_, variance_):
                     yield {outputs[name]: _ui_value(name, value) for name, value in out.items()}
             except UserError as exc:
                 _refused(exc)
