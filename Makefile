@@ -1,10 +1,11 @@
-# Entry points for people: `make quick` (CPU-sized run), `make paper` (the study's run), `make test`.
+# Entry points for people: `make quick` (CPU-sized run), `make paper` (the study's run),
+# `make paper-recipe` (Ho et al.'s CIFAR-10 recipe, configs/ddpm-paper.yaml), `make test`.
 # `make quick SOURCE=path/to/cifar-10-python.tar.gz` (or SOURCE=official) picks the data.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup setup-browser quick paper test lint app inception-random
+.PHONY: setup setup-browser quick paper paper-recipe test lint app inception-random
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +29,9 @@ quick: setup          ## the whole DAG at CPU size on real CIFAR-10, as a DVC ex
 
 paper: setup          ## the study's experiment, exactly as params.yaml says
 	dvc repro
+
+paper-recipe: setup   ## Ho et al. 2020's CIFAR-10 training and FID as a DVC experiment (GPU-days: README)
+	python scripts/run_preset.py configs/ddpm-paper.yaml $(if $(SOURCE),--source $(SOURCE))
 
 test: setup setup-browser   ## the suite, browser tests included (with CI set, a missing browser fails them)
 	python -m pytest -q

@@ -28,6 +28,7 @@ from ddpm_cifar.batches import BatchSource
 from ddpm_cifar.config import TrainConfig, WandbConfig
 from ddpm_cifar.tracking import Tracker, make_tracker
 from ddpm_cifar.train import TrainOutputs, TrainResult, train
+from ddpm_cifar.train_state import fingerprint
 
 IMAGES = random_images(n=12, size=8, seed=3)
 CPU = torch.device("cpu")
@@ -230,7 +231,7 @@ def test_changed_lr_starts_fresh(tmp_path: Path, tmp_path_factory: pytest.TempPa
 
 
 @pytest.mark.parametrize("change", [{"seed": 1}, {"ema_decay": 0.5}, {"grad_accum": 1}, {"ema_power": None},
-                                    {"ema_power": 0.75}, {"ema_inv_gamma": 2.0}])
+                                    {"ema_power": 0.75}, {"ema_inv_gamma": 2.0}, {"warmup_steps": 2}])
 def test_other_trajectory_keys_start_fresh(tmp_path: Path, change: dict) -> None:
     _train(tmp_path, tiny_train(steps=2))
     again = _train(tmp_path, tiny_train(steps=3, **change))
@@ -240,8 +241,48 @@ def test_other_trajectory_keys_start_fresh(tmp_path: Path, change: dict) -> None
 
 def test_non_trajectory_keys_still_resume(tmp_path: Path) -> None:
     _train(tmp_path, tiny_train(steps=2))
-    again = _train(tmp_path, tiny_train(steps=3, checkpoint_every=1, fid_samples=16))
+    again = _train(tmp_path, tiny_train(steps=3, checkpoint_every=1, fid_samples=16, fid_variance="beta"))
     assert again.result.resumed_from == 2
+
+
+def test_checkpoints_from_before_the_warmup_key_still_resume() -> None:
+    # The fingerprint of these configs as the code before train.warmup_steps and train.fid_variance
+    # computed it (commit 4eef795, measured): no warm-up must hash the same, or every existing
+    # checkpoint would start over.
+    fp = fingerprint(tiny_model(), tiny_diffusion(objective="pred_x0"), tiny_train(), "random-12", CPU)
+    assert fp == "90b08897374da444"
+    assert fingerprint(tiny_model(), tiny_diffusion(objective="pred_x0"), tiny_train(warmup_steps=3),
+                       "random-12", CPU) != fp
+
+
+def test_warmup_sets_the_lr_the_optimizer_uses(tmp_path: Path) -> None:
+    run = _train(tmp_path, tiny_train(steps=5, warmup_steps=3))
+    # lr x min(1, k / 3) after k steps, as Ho et al.'s code: 0 for the first step
+    assert [r.split("\t")[2] for r in _rows(run.outputs.loss_log)[1:]] == [
+        "0", "0.000333", "0.000667", "0.001", "0.001"]
+    ckpt = torch.load(run.outputs.checkpoint, weights_only=True)
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [pytest.approx(1e-3, rel=1e-12)]
+    # The first step, at lr 0, leaves the weights where they started: the lr reached Adam.
+    first = _train(tmp_path / "first", tiny_train(steps=1, warmup_steps=3))
+    torch.manual_seed(0)
+    from ddpm_cifar.unet import UNet
+
+    init = UNet(tiny_model()).state_dict()
+    weights = torch.load(first.outputs.checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(init[k], weights[k]) for k in init)
+    no_warmup = torch.load(_train(tmp_path / "plain", tiny_train(steps=1)).outputs.checkpoint,
+                           weights_only=True)["model"]
+    assert any(not torch.equal(init[k], no_warmup[k]) for k in init)
+
+
+def test_interrupted_warmup_resumes_exactly(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    cfg = tiny_train(steps=6, warmup_steps=5)  # the checkpoint at step 3 falls inside the warm-up
+    straight = _train(tmp_path_factory.mktemp("warm-straight"), cfg)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, cfg, tracker=_Crash(at=5))
+    resumed = _train(tmp_path, cfg)
+    assert resumed.result.resumed_from == 3
+    _assert_same_state(resumed.outputs, straight.outputs)
 
 
 @pytest.mark.parametrize("tail", ["4\t0.12", "1", "4\t0.123456\t0.0", "3\t0.5"],

@@ -1,0 +1,228 @@
+"""The presets in configs/: each composes onto params.yaml into valid params, and the DDPM paper's
+recipe (configs/ddpm-paper.yaml) says what Ho et al. 2020 and their released code say.
+
+The values below are restated from the sources on purpose (not read from the preset): an edit of the
+preset that drifts from the paper fails here. Sources: the paper's Appendix B and sections 3.2 and 4
+(arXiv:2006.11239) and github.com/hojonathanho/diffusion (scripts/run_cifar.py, diffusion_tf/).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from committed import committed_text
+from test_ddpm_unet import PUBLISHED_CONFIG, PUBLISHED_PARAMETERS
+
+from ddpm_cifar import config
+from ddpm_cifar.ema import EMA
+from ddpm_cifar.networks import build_model, ddpm_unet_config
+from ddpm_cifar.samplers import SamplerSpec
+from ddpm_cifar.train import learning_rate
+from ddpm_cifar.unet import count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+PAPER = ROOT / "configs" / "ddpm-paper.yaml"
+
+# (section, key): value, with where it comes from.
+PAPER_VALUES: dict[tuple[str, str], Any] = {
+    ("model", "arch"): "ddpm",                   # the paper's network, as published (google/ddpm-cifar10-32)
+    ("model", "dim"): 128,                       # run_cifar.py: ch=128
+    ("model", "dim_mults"): [1, 2, 2, 2],        # run_cifar.py: ch_mult=(1, 2, 2, 2)
+    ("model", "num_res_blocks"): 2,              # run_cifar.py; App. B "two convolutional residual blocks"
+    ("model", "full_attn"): [False, True, False, False],  # attn_resolutions=(16,); App. B "at the 16x16"
+    ("model", "dropout"): 0.1,                   # App. B; run_cifar.py dropout=0.1
+    ("diffusion", "timesteps"): 1000,            # section 4 "T = 1000"
+    ("diffusion", "beta_schedule"): "linear",    # section 4, 1e-4 to 0.02 (linear_betas at T = 1000)
+    ("diffusion", "objective"): "pred_noise",    # model_mean_type='eps'
+    ("diffusion", "min_snr_gamma"): None,        # loss_type='mse': the unweighted L_simple
+    ("train", "steps"): 800_000,                 # App. B "800k steps"
+    ("train", "batch_size"): 128,                # App. B; total_bs=128
+    ("train", "grad_accum"): 1,
+    ("train", "lr"): 2e-4,                       # App. B; lr=2e-4
+    ("train", "warmup_steps"): 5000,             # run_cifar.py warmup=5000
+    ("train", "adam_betas"): [0.9, 0.999],       # App. B "standard values"; TF AdamOptimizer defaults
+    ("train", "max_grad_norm"): 1.0,             # grad_clip=1.
+    ("train", "ema_decay"): 0.9999,              # App. B; run_training(ema_decay=0.9999)
+    ("train", "ema_update_every"): 1,            # the EMA op follows every train op
+    ("train", "ema_start_step"): 0,              # make_ema: decay 1e-10 (a copy) at step 0 only
+    ("train", "ema_power"): None,                # no decay warm-up
+    ("sample", "n"): 50_000,                     # App. B "50000 samples"; num_inception_samples=50000
+    ("sample", "sampler"): "ddpm",               # Algorithm 2
+    ("sample", "steps"): 1000,                   # p_sample_loop over all T steps
+    ("sample", "variance"): "beta",              # model_var_type='fixedlarge'
+    ("sample", "clip_x0"): True,                 # p_sample(clip_denoised=True)
+    ("fid", "reference"): "train",               # trainfid50000: Table 1's FID is against the train set
+    ("fid", "reference_count"): 0,
+}
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("run_preset", ROOT / "scripts" / "run_preset.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def composed(preset: Path) -> dict[str, Any]:
+    """The committed params.yaml with ``preset``'s values on top, as `-S` would set them."""
+    raw = yaml.safe_load(committed_text("params.yaml"))
+    for section, values in (yaml.safe_load(preset.read_text()) or {}).items():
+        for key, value in values.items():
+            assert key in raw[section], f"{preset.name}: params.yaml has no {section}.{key}"
+            raw[section][key] = value
+    return raw
+
+
+def _section(preset: Path, name: str) -> Any:
+    return config.parse_section(name, composed(preset)[name], config.SECTIONS[name])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_composes_into_valid_params(preset: Path) -> None:
+    raw = composed(preset)
+    for name, cls in config.SECTIONS.items():
+        config.parse_section(name, raw[name], cls)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_the_script_accepts_every_preset(preset: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(committed_text("params.yaml"))
+    _script().check(params, yaml.safe_load(preset.read_text()))  # exits on a bad value
+
+
+def test_paper_preset_states_the_papers_values() -> None:
+    raw = composed(PAPER)
+    wrong = {f"{s}.{k}": (raw[s][k], v) for (s, k), v in PAPER_VALUES.items() if raw[s][k] != v}
+    assert not wrong, f"preset value, paper value: {wrong}"
+    # Each of those values cites its source ([paper ...] or [code]) in the comment on its line.
+    uncited = [line for line in PAPER.read_text().splitlines()
+               if line.startswith("  ") and line.split(":")[0].strip() in {k for _, k in PAPER_VALUES}
+               and not ("[paper" in line.partition("#")[2] or "[code]" in line.partition("#")[2])]
+    assert not uncited, f"values without their source: {uncited}"
+
+
+def test_paper_preset_builds_the_published_35_7m_network() -> None:
+    model_cfg = _section(PAPER, "model")
+    settings = ddpm_unet_config(model_cfg)
+    assert list(settings.block_out_channels) == PUBLISHED_CONFIG["block_out_channels"]
+    assert list(settings.down_block_types) == PUBLISHED_CONFIG["down_block_types"]
+    assert list(settings.up_block_types) == PUBLISHED_CONFIG["up_block_types"]
+    assert settings.layers_per_block == PUBLISHED_CONFIG["layers_per_block"] and settings.dropout == 0.1
+    assert count_parameters(build_model(model_cfg)) == PUBLISHED_PARAMETERS  # 35,746,307
+
+
+def test_paper_linear_betas_run_from_1e4_to_0_02() -> None:
+    from ddpm_cifar.diffusion import GaussianDiffusion
+
+    betas = GaussianDiffusion(_section(PAPER, "diffusion")).betas
+    assert len(betas) == 1000 and betas[0].item() == pytest.approx(1e-4, rel=1e-12)
+    assert betas[-1].item() == pytest.approx(0.02, rel=1e-12)
+    assert (betas[1:] - betas[:-1]).std().item() < 1e-15  # evenly spaced: linear
+
+
+def test_paper_warmup_reaches_the_papers_lr_at_5000_steps() -> None:
+    cfg = _section(PAPER, "train")
+    # diffusion_tf/utils.py get_warmed_up_lr: lr x min(global_step / warmup, 1), global_step = the
+    # steps taken before this one.
+    assert learning_rate(cfg, 0) == 0.0
+    assert learning_rate(cfg, 2500) == pytest.approx(1e-4, rel=1e-12)
+    assert learning_rate(cfg, 5000) == pytest.approx(2e-4, rel=1e-12)
+    assert learning_rate(cfg, 799_999) == pytest.approx(2e-4, rel=1e-12)
+    study = config.parse_section("train", yaml.safe_load(committed_text("params.yaml"))["train"],
+                                 config.TrainConfig)
+    assert study.warmup_steps == 0 and learning_rate(study, 0) == study.lr  # the study has none
+
+
+def test_paper_ema_copies_once_then_decays_at_0_9999_every_step() -> None:
+    cfg = _section(PAPER, "train")
+    ema = EMA(build_model(config.ModelConfig(image_size=8, channels=3, dim=32, dim_mults=(1,),
+                                             num_res_blocks=1, full_attn=(False,), attn_heads=1,
+                                             attn_dim_head=0, dropout=0.0, arch="ddpm")),
+              decay=cfg.ema_decay, update_every=cfg.ema_update_every, start_step=cfg.ema_start_step,
+              inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power)
+    assert [ema.decay_at(step) for step in (1, 2, 3, 1000)] == [0.0, 0.9999, 0.9999, 0.9999]
+
+
+def test_paper_sampler_is_ancestral_ddpm_over_all_1000_steps_with_beta() -> None:
+    spec = SamplerSpec.from_sample(_section(PAPER, "sample"))
+    assert (spec.name, spec.steps, spec.variance, spec.clip_x0) == ("ddpm", 1000, "beta", True)
+    assert spec.timesteps(1000) == list(range(1000))
+    assert SamplerSpec.from_train(_section(PAPER, "train")).variance == "beta"
+
+
+def test_dry_run_prints_the_experiment_and_refuses_bad_overrides(tmp_path: Path) -> None:
+    archive = tmp_path / "images.tar.gz"
+    archive.write_bytes(b"x")
+    base = [sys.executable, str(ROOT / "scripts" / "run_preset.py"), str(PAPER), "--source", str(archive)]
+    ok = subprocess.run([*base, "--dry-run", "-S", "train.steps=10"], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    command = ok.stdout.splitlines()[-1]
+    assert command.startswith("$ dvc exp run --temp -n ddpm-paper-")
+    assert "train.steps=10" in command and "train.steps=800000" not in command  # -S wins, once
+    assert "sample.variance=" in command and "train.warmup_steps=5000" in command
+    bad = subprocess.run([*base, "--dry-run", "-S", "sample.variance=fixedlarge"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: sample.variance must be one of posterior, beta; got 'fixedlarge'"]
+
+
+# The paper's recipe at CPU size: every mechanism it sets (the DDPM network with dropout, linear
+# betas, epsilon MSE, warm-up, Adam's betas, EMA from step 1, ancestral sampling with sigma^2 = beta,
+# FID against the train split) runs, only smaller; what `make paper-recipe` runs, through the same
+# script and `dvc exp run --temp`.
+QUICK_PAPER = {
+    "model.dim": 32, "model.num_res_blocks": 1,  # 4 levels and attention at 16x16, as the paper
+    "train.steps": 6, "train.batch_size": 8, "train.warmup_steps": 4, "train.checkpoint_every": 3,
+    "train.fid_every": 3, "train.fid_samples": 4, "train.fid_sample_steps": 10, "train.fid_batch_size": 4,
+    "sample.n": 8, "sample.steps": 10, "sample.batch_size": 8, "sample.grid_images": 4,
+    "sample.strip_seeds": [0], "sample.strip_frames": 4,
+    "fid.inception_weights": "data/inception/inception-random-seed0.pth", "fid.reference_count": 16,
+    "fid.batch_size": 8,
+}
+
+
+@pytest.mark.slow
+def test_paper_recipe_at_quick_size_runs_as_an_experiment(tmp_path: Path, tiny_cifar_archive: Any) -> None:
+    import json
+
+    from test_pipeline_e2e import Runner, _copy_project, _env, init_git
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_project(repo)
+    run = Runner(repo, _env(tmp_path, repo))
+    init_git(run)
+    run.commit("toy project")
+    sets = [a for k, v in QUICK_PAPER.items() for a in ("-S", f"{k}={json.dumps(v)}")]
+    run([sys.executable, "scripts/run_preset.py", "configs/ddpm-paper.yaml", "--source",
+         str(tiny_cifar_archive.path), "--name", "paper-quick", "-S", f"data.md5={tiny_cifar_archive.md5}",
+         *sets])
+    assert yaml.safe_load((repo / "params.yaml").read_text()) == yaml.safe_load(
+        committed_text("params.yaml")), "the workspace's params.yaml changed"
+    run.dvc("exp", "apply", "paper-quick")
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["train"]["adam_betas"] == [0.9, 0.999] and params["sample"]["variance"] == "beta"
+    assert params["model"]["arch"] == "ddpm" and params["model"]["dropout"] == 0.1
+    loss_rows = [line.split("\t") for line in (repo / "metrics/train_loss.tsv").read_text().splitlines()[1:]]
+    assert [r[2] for r in loss_rows] == ["0", "5e-05", "0.0001", "0.00015", "0.0002", "0.0002"]  # warm-up
+    train_metrics = json.loads((repo / "metrics/train.json").read_text())
+    assert train_metrics["steps"] == 6 and train_metrics["parameters"] == count_parameters(
+        build_model(config.parse_section("model", params["model"], config.ModelConfig)))
+    report = json.loads((repo / "reports/fid.json").read_text())
+    assert report["sample"]["variance"] == "beta" and report["sampler"] == "ddpm"
+    assert report["n_samples"] == 8 and report["comparable"] is False
+    fid_rows = (repo / "metrics/train_fid.tsv").read_text().splitlines()[1:]
+    assert [row.split("\t")[0] for row in fid_rows] == ["3", "6"]
