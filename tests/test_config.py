@@ -312,9 +312,9 @@ def test_params_key_must_be_a_field() -> None:
 
 
 def test_config_knows_the_samplers_the_library_has() -> None:
-    from ddpm_cifar.config import SAMPLER_NAMES, SPACING_NAMES
-    from ddpm_cifar.samplers import SAMPLERS, SPACINGS
-    assert tuple(SAMPLERS) == SAMPLER_NAMES and SPACINGS == SPACING_NAMES
+    from ddpm_cifar.config import SAMPLER_NAMES, SPACING_NAMES, VARIANCE_NAMES
+    from ddpm_cifar.samplers import SAMPLERS, SPACINGS, VARIANCES
+    assert tuple(SAMPLERS) == SAMPLER_NAMES and SPACINGS == SPACING_NAMES and VARIANCES == VARIANCE_NAMES
 
 
 def test_distributed_section_checks() -> None:

@@ -32,6 +32,8 @@ def test_the_cache_key_ignores_what_does_not_change_the_images() -> None:
         return sample_cache_key("abc", dataclasses.replace(SAMPLE, **changes), torch.device("cpu"))
 
     assert key(sampler="ddpm", eta=0.5) == key(sampler="ddpm")  # only DDIM reads eta
+    assert key(variance="beta") == key()  # only DDPM reads the variance
+    assert key(sampler="ddpm", variance="beta") != key(sampler="ddpm")
     assert key(n=99, grid_images=2, strip_frames=3) == key()  # more or fewer images: same batches
 
 
@@ -42,6 +44,10 @@ def test_training_fid_curve_restarts_when_its_sampler_changes(key: str, value: o
     cfg = tiny_train(fid_sampler="dpmpp_2m", fid_spacing="quadratic")
     base = training_fid_id("inc", "ref", cfg)
     assert training_fid_id("inc", "ref", dataclasses.replace(cfg, **{key: value})) != base
+    ddpm = dataclasses.replace(cfg, fid_sampler="ddpm")
+    assert training_fid_id("inc", "ref", dataclasses.replace(ddpm, fid_variance="beta")) != training_fid_id(
+        "inc", "ref", ddpm)
+    assert training_fid_id("inc", "ref", dataclasses.replace(cfg, fid_variance="beta")) == base  # not read
     assert training_fid_id("inc", "ref", dataclasses.replace(cfg, lr=0.5)) == base  # not an FID setting
     assert training_fid_id("inc2", "ref", cfg) != base and training_fid_id("inc", "ref2", cfg) != base
 

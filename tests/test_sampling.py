@@ -3,6 +3,7 @@ quantisation, caching."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def test_spec_from_the_params_sections() -> None:
     train = tiny_train(fid_sampler="ddim", fid_sample_steps=7, fid_spacing="trailing")
     # The training-time FID samples DDIM deterministically, with x0 clipped, under autocast on CUDA.
     assert SamplerSpec.from_train(train) == SamplerSpec("ddim", 7, "trailing", 0.0, True, "auto")
+    assert SamplerSpec.from_sample(dataclasses.replace(SAMPLE, variance="beta")).variance == "beta"
+    assert SamplerSpec.from_train(tiny_train(fid_variance="beta")).variance == "beta"
 
 
 @pytest.mark.parametrize(("kw", "match"), [
@@ -86,6 +89,7 @@ def test_spec_from_the_params_sections() -> None:
     (dict(eta=float("nan")), r"got nan$"),
     (dict(eta="0.5"), r"^DDIM eta must be a number from 0 to 1, got '0\.5'$"),
     (dict(precision="bf16"), r"^unknown precision 'bf16'; choose one of: auto, fp32$"),
+    (dict(variance="fixedlarge"), r"^unknown DDPM variance 'fixedlarge'; choose one of: posterior, beta$"),
 ])
 def test_spec_refuses_bad_settings_in_one_line(kw: dict, match: str) -> None:
     with pytest.raises(UserError, match=match):
@@ -113,12 +117,16 @@ def test_every_setting_that_changes_the_images_changes_the_key() -> None:
     others = [SamplerSpec("dpmpp_2m", 10, "uniform", 0.5), SamplerSpec("ddim", 11, "uniform", 0.5),
               SamplerSpec("ddim", 10, "trailing", 0.5), SamplerSpec("ddim", 10, "uniform", 0.25),
               SamplerSpec("ddim", 10, "uniform", 0.0), SamplerSpec("ddim", 10, "uniform", 0.5, False),
-              SamplerSpec("ddim", 10, "uniform", 0.5, precision="fp32")]
+              SamplerSpec("ddim", 10, "uniform", 0.5, precision="fp32"),
+              SamplerSpec("ddpm", 10, "uniform", 0.5, variance="beta")]
     keys = {spec.key() for spec in others}
     assert len(keys) == len(others) and base.key() not in keys
     # Only DDIM reads eta: for the others it changes nothing, in the images or the key.
     assert SamplerSpec("ddpm", 10, eta=0.7).key() == SamplerSpec("ddpm", 10).key()
     assert SamplerSpec("ddim", 10, eta=1).key() == SamplerSpec("ddim", 10, eta=1.0).key()
+    # Only DDPM reads the variance.
+    assert SamplerSpec("ddim", 10, variance="beta").key() == SamplerSpec("ddim", 10).key()
+    assert SamplerSpec("ddpm", 10, variance="beta").key() == "ddpm:10:uniform:var=beta"
     # At the defaults, the key is what the training-time FID ids of existing checkpoints hold.
     assert SamplerSpec("dpmpp_2m", 20, "quadratic").key() == "dpmpp_2m:20:quadratic"
 
@@ -145,6 +153,8 @@ def test_the_spec_reaches_the_sampler(model: UNet, diffusion: GaussianDiffusion)
                   SamplerSpec("ddim", 6, "quadratic", 0.0), SamplerSpec("ddpm", 6, "uniform", 0.0),
                   SamplerSpec("dpmpp_2m", 6, "uniform", 0.0)):
         assert (run(other) != base).any(), other
+    ddpm = SamplerSpec("ddpm", 6, "uniform")
+    assert (run(dataclasses.replace(ddpm, variance="beta")) != run(ddpm)).any()
     d = GaussianDiffusion(tiny_diffusion(objective="pred_x0"))
     for clip_x0, end in ((True, 1.0), (False, 3.0)):  # a network that predicts x0 = 3 everywhere
         spec = SamplerSpec("ddim", 5, clip_x0=clip_x0)
