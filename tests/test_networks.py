@@ -77,3 +77,30 @@ def test_checkpoints_from_before_model_arch_still_load(tmp_path: Path) -> None:
     checkpoint.save(path, {**payload, "step": 1, "ema": net.state_dict()})
     model, _, _ = checkpoint.load_model(path)
     assert isinstance(model, UNet) and model.config.arch == "unet"
+
+
+def test_ddpm_arch_starts_from_ho_et_al_initialisation() -> None:
+    """diffusion_tf/nn.py: Glorot-uniform weights (variance_scaling fan_avg, scale 1) and zero
+    biases; scale 1e-10 for each residual branch's last layer and the output conv."""
+    from ddpm_cifar.ddpm_unet import ResnetBlock
+
+    torch.manual_seed(0)
+    net = build_model(PAPER_DDPM)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert all(m.bias is None or not m.bias.any() for m in convs)
+    block = next(m for m in net.modules() if isinstance(m, ResnetBlock))
+    w = block.conv1.weight  # (128, 128, 3, 3): fan_in = fan_out = 1152, Glorot std sqrt(2 / 2304)
+    assert w.std().item() == pytest.approx((2 / 2304) ** 0.5, rel=0.01)
+    assert w.abs().max().item() <= (6 / 2304) ** 0.5
+    for tiny in (block.conv2.weight, net.conv_out.weight, next(
+            m for m in net.modules() if isinstance(m, SelfAttention)).to_out[0].weight):
+        fan_sum = tiny[0].numel() + tiny.shape[0] * tiny[0, 0].numel()  # fan_in + fan_out
+        assert 0 < tiny.abs().max().item() <= 1e-5 * (6 / fan_sum) ** 0.5
+    # So the fresh network predicts (nearly) zero noise everywhere: a block is the identity at first.
+    with one_thread(), torch.no_grad():
+        out = net.eval()(torch.randn(2, 3, 32, 32), torch.tensor([0, 999]))
+    assert out.abs().max().item() < 1e-3
+    # The study's U-Net keeps its reference implementation's (PyTorch's) initialisation.
+    torch.manual_seed(0)
+    unet = build_model(tiny_model())
+    assert any(m.bias is not None and m.bias.any() for m in unet.modules() if isinstance(m, torch.nn.Conv2d))

@@ -7,13 +7,22 @@ tensor shaped like x: what the diffusion's objective asks for. Neither knows abo
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
-from .ddpm_unet import CONFIG_NAME, DdpmUNet, DdpmUNetConfig, load_diffusers_folder, weights_file
+from .ddpm_unet import (
+    CONFIG_NAME,
+    DdpmUNet,
+    DdpmUNetConfig,
+    ResnetBlock,
+    SelfAttention,
+    load_diffusers_folder,
+    weights_file,
+)
 from .errors import ConfigError, UserError
 from .unet import UNet
 
@@ -30,9 +39,33 @@ def ddpm_unet_config(cfg: ModelConfig) -> DdpmUNetConfig:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
+    """The network ``cfg`` describes, freshly initialised: the study's U-Net as its reference
+    implementation (PyTorch's defaults), Ho et al.'s as their released code (:func:`ho_init`)."""
     if cfg.arch == "ddpm":
-        return DdpmUNet(ddpm_unet_config(cfg))
+        return ho_init(DdpmUNet(ddpm_unet_config(cfg)))
     return UNet(cfg)
+
+
+@torch.no_grad()
+def ho_init(net: DdpmUNet) -> DdpmUNet:
+    """Initialise ``net`` as Ho et al.'s code does (diffusion_tf/nn.py ``default_init``): every conv
+    and linear weight from TF's variance_scaling(scale, "fan_avg", "uniform"), i.e. Glorot-uniform
+    with gain sqrt(scale), biases zero; scale 1, except 1e-10 (their stand-in for 0) for the last
+    layer of each residual branch (a residual block's second conv, attention's output projection)
+    and the output conv, so that every block starts close to the identity and the network's output
+    close to 0. GroupNorm keeps weight 1 and bias 0, as theirs. diffusers, whose layout DdpmUNet
+    follows, initialises with PyTorch's defaults instead; loading published weights overwrites
+    either."""
+    near_zero = {id(m.conv2) for m in net.modules() if isinstance(m, ResnetBlock)}
+    near_zero |= {id(m.to_out[0]) for m in net.modules() if isinstance(m, SelfAttention)}
+    near_zero.add(id(net.conv_out))
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            scale = 1e-10 if id(module) in near_zero else 1.0
+            nn.init.xavier_uniform_(module.weight, gain=math.sqrt(scale))  # limit sqrt(3 scale / fan_avg)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return net
 
 
 def model_config_of(settings: DdpmUNetConfig, source: str) -> ModelConfig:
