@@ -31,7 +31,7 @@ paper: setup          ## the study's experiment, exactly as params.yaml says
 	dvc repro
 
 paper-recipe: setup   ## Ho et al. 2020's CIFAR-10 training and FID as a DVC experiment (GPU-days: README)
-	python scripts/run_preset.py configs/ddpm-paper.yaml $(if $(SOURCE),--source $(SOURCE))
+	python scripts/run_preset.py configs/ddpm-paper.yaml --workspace $(if $(SOURCE),--source $(SOURCE))
 
 test: setup setup-browser   ## the suite, browser tests included (with CI set, a missing browser fails them)
 	python -m pytest -q

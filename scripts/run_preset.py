@@ -1,7 +1,7 @@
 """Run a preset, a YAML overlay of params.yaml such as configs/quick.yaml, as one DVC experiment.
 
     python scripts/run_preset.py configs/quick.yaml [--source official|PATH] [--name NAME]
-                                 [-S section.key=value ...] [--dry-run]
+                                 [-S section.key=value ...] [--workspace] [--dry-run]
 
 Presets: configs/quick.yaml (the whole DAG at CPU size), configs/ddpm-paper.yaml (Ho et al.'s
 CIFAR-10 recipe). `-S` values go on top of the preset's. The params are checked before DVC
@@ -9,7 +9,11 @@ starts (a bad value is one line naming the key); --dry-run stops there and print
 
 The experiment runs in a temporary copy of the checkout (`dvc exp run --temp`): params.yaml,
 dvc.lock and the workspace's outputs stay as committed, and the results live in DVC's experiment
-refs (`dvc exp show`; `dvc exp apply NAME` brings one into the workspace).
+refs (`dvc exp show`; `dvc exp apply NAME` brings one into the workspace). A temporary copy keeps
+nothing when the run is interrupted, so long runs (`make paper-recipe`) use --workspace: the
+preset's values are written into params.yaml (comments kept), `dvc repro` runs in the workspace,
+whose training checkpoint persists, and `dvc exp save` records the result; the same command
+resumes an interrupted run.
 
 CIFAR-10 comes from --source when given; otherwise from the official download when it can be
 reached, else from the JPEG copy beside the checkout (../shared/data/cifar10-jpeg.tar.gz). The run
@@ -31,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ddpm_cifar import config
+from ddpm_cifar import config, fileio
 from ddpm_cifar.cifar_archive import CIFAR10_MD5, CIFAR10_URL
 from ddpm_cifar.errors import ConfigError
 
@@ -111,6 +115,78 @@ def check(params_path: Path, overlay: dict[str, dict[str, Any]]) -> None:
         sys.exit(f"error: {exc}")
 
 
+def load_overlay(preset: Path) -> dict[str, Any]:
+    if not preset.is_file():
+        sys.exit(f"error: preset {preset} not found (presets: {', '.join(_presets())})")
+    try:
+        overlay = yaml.safe_load(preset.read_text()) or {}
+    except yaml.YAMLError as exc:
+        sys.exit(f"error: {preset} is not valid YAML ({str(exc).splitlines()[0]})")
+    if not isinstance(overlay, dict):
+        sys.exit(f"error: {preset} must hold a mapping of params sections")
+    return overlay
+
+
+def write_params(path: Path, overlay: dict[str, dict[str, Any]]) -> None:
+    """Set the overlay's values in ``path`` in place, keeping its comments and layout (ruamel, as
+    DVC's own -S does); lists stay in flow style, null stays null."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096  # never fold a long line
+    rt.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(path.read_text())
+    for section, values in overlay.items():
+        for key, value in values.items():
+            if isinstance(value, list):
+                value = CommentedSeq(value)
+                value.fa.set_flow_style()
+            doc[section][key] = value
+    with fileio.atomic_path(path) as tmp, open(tmp, "w") as f:
+        rt.dump(doc, f)
+
+
+def run_dvc(cmd: list[str], name: str, workspace: bool) -> None:
+    """Run ``cmd`` (DVC); on failure or Ctrl-C, one line saying what is left."""
+    # Ctrl-C reaches DVC and the running stage as well (one process group): wait for DVC to stop
+    # the stage and tidy up rather than killing it at once, unless Ctrl-C is pressed again.
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        try:
+            proc.wait(timeout=120)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        code = None
+    if code == 0:
+        return
+    what = "interrupted" if code is None else "failed (see above)"
+    if workspace:
+        sys.exit(f"error: {name} {what}; the workspace keeps the preset's params and the last training "
+                 "checkpoint: run the same command again to resume")
+    sys.exit(f"error: experiment {name} {what}; params.yaml is unchanged, and a rerun starts over (a --temp "
+             "run keeps nothing; for long runs use --workspace, which resumes)")
+
+
+def run_in_workspace(overlay: dict[str, dict[str, Any]], name: str, dry_run: bool) -> None:
+    """The preset's values written into params.yaml, `dvc repro`, then `dvc exp save`. Not `dvc exp
+    run`, which checks the workspace's outputs out afresh and so drops an unfinished training
+    checkpoint: `dvc repro` keeps it (persist: true), and training resumes from it."""
+    repro, save = ["dvc", "repro"], ["dvc", "exp", "save", "--force", "-n", name]
+    print(f"params.yaml: {sum(len(v) for v in overlay.values())} values set from the preset", flush=True)
+    print("$ " + shlex.join(repro) + "\n$ " + shlex.join(save), flush=True)
+    if dry_run:
+        return
+    write_params(ROOT / "params.yaml", overlay)
+    run_dvc(repro, name, workspace=True)
+    run_dvc(save, name, workspace=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("preset", type=Path, help="YAML overlay of params.yaml, e.g. configs/quick.yaml")
@@ -118,29 +194,31 @@ def main() -> None:
     ap.add_argument("--name", help="experiment name (default: the preset's name and the time)")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                     help="one more param on top of the preset, as for `dvc exp run -S` (repeatable)")
+    ap.add_argument("--workspace", action="store_true",
+                    help="run in the workspace, not a temporary copy: params.yaml takes the preset's values "
+                         "and an interrupted run resumes when run again (for long runs)")
     ap.add_argument("--dry-run", action="store_true", help="check the params and print the command only")
     args = ap.parse_args()
-    if not args.preset.is_file():
-        sys.exit(f"error: preset {args.preset} not found (presets: {', '.join(_presets())})")
-    try:
-        overlay = yaml.safe_load(args.preset.read_text()) or {}
-    except yaml.YAMLError as exc:
-        sys.exit(f"error: {args.preset} is not valid YAML ({str(exc).splitlines()[0]})")
-    if not isinstance(overlay, dict):
-        sys.exit(f"error: {args.preset} must hold a mapping of params sections")
+    overlay = load_overlay(args.preset)
     source, md5, why = data_source(args.source)
     overlay["data"] = {**(overlay.get("data") or {}), "source": source, "md5": md5}
     overlay = with_sets(overlay, args.set)
     check(ROOT / "params.yaml", overlay)
     name = args.name or f"{args.preset.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"data: {overlay['data']['source']} ({why})", flush=True)
-    cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(overlay)]
-    print("$ " + shlex.join(cmd), flush=True)
+    if args.workspace:
+        run_in_workspace(overlay, name, args.dry_run)
+    else:
+        cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(overlay)]
+        print("$ " + shlex.join(cmd), flush=True)
+        if args.dry_run:
+            return
+        run_dvc(cmd, name, workspace=False)
     if args.dry_run:
         return
-    if subprocess.run(cmd, cwd=ROOT).returncode:
-        sys.exit(f"error: experiment {name} failed (see above); params.yaml is unchanged")
-    print(f"\nExperiment {name} is saved in DVC's experiment refs; params.yaml is unchanged.\n"
+    where = ("The workspace holds its params and outputs (`git checkout params.yaml` brings back the "
+             "study's params)." if args.workspace else "params.yaml is unchanged.")
+    print(f"\nExperiment {name} is saved in DVC's experiment refs. {where}\n"
           f"  dvc exp show --only-changed     compare it with other runs\n"
           f"  dvc exp apply {name}   bring its params, models and plots into the workspace\n")
     subprocess.run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", "Created"], cwd=ROOT)

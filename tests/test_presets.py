@@ -9,6 +9,7 @@ preset that drifts from the paper fails here. Sources: the paper's Appendix B an
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,10 +179,39 @@ def test_dry_run_prints_the_experiment_and_refuses_bad_overrides(tmp_path: Path)
         "error: sample.variance must be one of posterior, beta; got 'fixedlarge'"]
 
 
+def test_workspace_mode_writes_params_keeping_comments(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(committed_text("params.yaml"))
+    overlay = yaml.safe_load(PAPER.read_text())
+    _script().write_params(params, overlay)
+    text = params.read_text()
+    raw = config.read_yaml(params)
+    for section, values in overlay.items():
+        for key, value in values.items():
+            assert raw[section][key] == value, f"{section}.{key}"
+    assert raw["wandb"] == yaml.safe_load(committed_text("params.yaml"))["wandb"]  # the rest as it was
+    # The comments stay (on their lines, as DVC's -S leaves them), lists stay lists, null stays null.
+    assert text.startswith("# The study's experiment")
+    assert re.search(r"\n  full_attn: \[false, true, false, false\] +# per level: softmax attention", text)
+    assert "\n  dim_mults: [1, 2, 2, 2]\n" in text and re.search(r"\n  ema_power: null +#", text)
+
+
+def test_workspace_dry_run_names_repro_and_save(tmp_path: Path) -> None:
+    archive = tmp_path / "images.tar.gz"
+    archive.write_bytes(b"x")
+    before = (ROOT / "params.yaml").stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_preset.py"), str(PAPER), "--workspace",
+                           "--source", str(archive), "--name", "p", "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["$ dvc repro", "$ dvc exp save --force -n p"]
+    assert (ROOT / "params.yaml").stat().st_mtime_ns == before, "a dry run wrote params.yaml"
+
+
 # The paper's recipe at CPU size: every mechanism it sets (the DDPM network with dropout, linear
 # betas, epsilon MSE, warm-up, Adam's betas, EMA from step 1, ancestral sampling with sigma^2 = beta,
 # FID against the train split) runs, only smaller; what `make paper-recipe` runs, through the same
-# script and `dvc exp run --temp`.
+# script in --workspace mode (params.yaml written, `dvc repro`, `dvc exp save`).
 QUICK_PAPER = {
     "model.dim": 32, "model.num_res_blocks": 1,  # 4 levels and attention at 16x16, as the paper
     "train.steps": 6, "train.batch_size": 8, "train.warmup_steps": 4, "train.checkpoint_every": 3,
@@ -206,16 +236,16 @@ def test_paper_recipe_at_quick_size_runs_as_an_experiment(tmp_path: Path, tiny_c
     init_git(run)
     run.commit("toy project")
     sets = [a for k, v in QUICK_PAPER.items() for a in ("-S", f"{k}={json.dumps(v)}")]
-    run([sys.executable, "scripts/run_preset.py", "configs/ddpm-paper.yaml", "--source",
+    run([sys.executable, "scripts/run_preset.py", "configs/ddpm-paper.yaml", "--workspace", "--source",
          str(tiny_cifar_archive.path), "--name", "paper-quick", "-S", f"data.md5={tiny_cifar_archive.md5}",
          *sets])
-    assert yaml.safe_load((repo / "params.yaml").read_text()) == yaml.safe_load(
-        committed_text("params.yaml")), "the workspace's params.yaml changed"
-    run.dvc("exp", "apply", "paper-quick")
+    assert "paper-quick" in run.dvc("exp", "list", "--name-only").stdout.split()
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    text = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(text)
     assert params["train"]["adam_betas"] == [0.9, 0.999] and params["sample"]["variance"] == "beta"
     assert params["model"]["arch"] == "ddpm" and params["model"]["dropout"] == 0.1
+    assert re.search(r"\n  steps: 6 +# optimizer steps\n", text), "params.yaml lost its comments"
     loss_rows = [line.split("\t") for line in (repo / "metrics/train_loss.tsv").read_text().splitlines()[1:]]
     assert [r[2] for r in loss_rows] == ["0", "5e-05", "0.0001", "0.00015", "0.0002", "0.0002"]  # warm-up
     train_metrics = json.loads((repo / "metrics/train.json").read_text())
@@ -226,3 +256,8 @@ def test_paper_recipe_at_quick_size_runs_as_an_experiment(tmp_path: Path, tiny_c
     assert report["n_samples"] == 8 and report["comparable"] is False
     fid_rows = (repo / "metrics/train_fid.tsv").read_text().splitlines()[1:]
     assert [row.split("\t")[0] for row in fid_rows] == ["3", "6"]
+    # The same command again finds everything done: nothing retrains, the experiment is saved again.
+    again = run([sys.executable, "scripts/run_preset.py", "configs/ddpm-paper.yaml", "--workspace",
+                 "--source", str(tiny_cifar_archive.path), "--name", "paper-quick", "-S",
+                 f"data.md5={tiny_cifar_archive.md5}", *sets])
+    assert "Running stage 'train'" not in again.stdout + again.stderr
