@@ -8,18 +8,17 @@ preset that drifts from the paper fails here. Sources: the paper's Appendix B an
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 from committed import committed_text
 from test_ddpm_unet import PUBLISHED_CONFIG, PUBLISHED_PARAMETERS
+from test_run_preset import _script
 
 from ddpm_cifar import config
 from ddpm_cifar.ema import EMA
@@ -63,14 +62,6 @@ PAPER_VALUES: dict[tuple[str, str], Any] = {
     ("fid", "reference"): "train",               # trainfid50000: Table 1's FID is against the train set
     ("fid", "reference_count"): 0,
 }
-
-
-def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_preset", ROOT / "scripts" / "run_preset.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def composed(preset: Path) -> dict[str, Any]:
