@@ -131,7 +131,7 @@ class TrainConfig:
     # code before these keys existed (constant decay); params.yaml must name both all the same.
     ema_inv_gamma: float = 1.0
     ema_power: float | None = None
-    # Linear learning-rate warm-up over this many steps (train.learning_rate); 0 = none.
+    # Linear learning-rate warm-up over this many steps (ddpm_cifar.train.learning_rate); 0 = none.
     warmup_steps: int = 0
     fid_variance: str = "posterior"  # the training-time FID's DDPM variance, as sample.variance
 
