@@ -4,8 +4,10 @@
                                  [-S section.key=value ...] [--workspace] [--dry-run]
 
 Presets: configs/quick.yaml (the whole DAG at CPU size), configs/ddpm-paper.yaml (Ho et al.'s
-CIFAR-10 recipe). `-S` values go on top of the preset's. The params are checked before DVC
-starts (a bad value is one line naming the key); --dry-run stops there and prints the command.
+CIFAR-10 recipe). A preset's params are the study's as committed (HEAD's params.yaml) with the
+preset's values and then the `-S` values on top, whatever experiment the workspace's params.yaml
+holds. They are checked before DVC starts (a bad value is one line naming the key); --dry-run
+stops there and prints the command.
 
 The experiment runs in a temporary copy of the checkout (`dvc exp run --temp`): params.yaml,
 dvc.lock and the workspace's outputs stay as committed, and the results live in DVC's experiment
@@ -32,8 +34,6 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ddpm_cifar import config, fileio
 from ddpm_cifar.cifar_archive import CIFAR10_MD5, CIFAR10_URL
@@ -83,52 +83,79 @@ def set_args(overlay: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def with_sets(overlay: dict[str, dict[str, Any]], sets: list[str]) -> dict[str, dict[str, Any]]:
-    """``overlay`` with each ``section.key=value`` of ``sets`` on top (value read as YAML, as DVC's
-    -S does), so that every key is passed to DVC once."""
-    out = {section: dict(values or {}) for section, values in overlay.items()}
+    """``overlay`` with each ``section.key=value`` of ``sets`` on top (the value read as params.yaml
+    reads it: ``1e-4`` is a number), so that every key is passed to DVC once."""
+    out = {section: dict(values) for section, values in overlay.items()}
     for item in sets:
         dotted, eq, text = item.partition("=")
         section, dot, key = dotted.partition(".")
         if not eq or not dot or not section or not key:
             sys.exit(f"error: -S {item!r}: expected section.key=value, e.g. -S train.lr=1e-4")
-        try:
-            out.setdefault(section, {})[key] = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            sys.exit(f"error: -S {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})")
+        out.setdefault(section, {})[key] = _or_exit(config.parse_yaml, text, f"-S {item!r}")
     return out
 
 
-def check(params_path: Path, overlay: dict[str, dict[str, Any]]) -> None:
-    """Refuse, in one line naming the key, an overlay that would make ``params_path`` invalid."""
+def _or_exit(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, a ConfigError ending the script in one line."""
     try:
-        raw = config.read_yaml(params_path)
-        for section, values in overlay.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"preset section {section!r} must be a mapping of keys")
-            if not isinstance(raw.get(section), dict):
-                raise ConfigError(f"unknown params section {section!r} (known: {', '.join(config.SECTIONS)})")
-            raw[section] = {**raw[section], **values}
-        params = config.Params(raw, tuple(config.SECTIONS), source=str(params_path))
-        for section in config.SECTIONS:
-            params.section(section)
+        return fn(*args)
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
 
 
-def load_overlay(preset: Path) -> dict[str, Any]:
+def study_params() -> dict[str, Any]:
+    """params.yaml as committed (HEAD), what every key a preset does not list keeps: the workspace's
+    may hold another experiment (`dvc exp apply`, a --workspace run). The file itself outside git."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:params.yaml"], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        return _or_exit(config.read_yaml, ROOT / "params.yaml")
+    study = _or_exit(config.parse_yaml, proc.stdout, "HEAD:params.yaml")
+    if not isinstance(study, dict):
+        sys.exit("error: HEAD:params.yaml must hold a mapping of sections")
+    return study
+
+
+def plan(study: dict[str, Any], workspace: dict[str, Any],
+         overlay: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The values to set so that the workspace's params become the study's with ``overlay`` on top:
+    the overlay's, and the study's wherever the workspace holds something else."""
+    unknown = [section for section in overlay if not isinstance(study.get(section), dict)]
+    if unknown:
+        sys.exit(f"error: unknown params section {unknown[0]!r} (known: {', '.join(config.SECTIONS)})")
+    changes: dict[str, dict[str, Any]] = {}
+    for section, values in study.items():
+        target = {**(values or {}), **overlay.get(section, {})}
+        have = workspace.get(section) if isinstance(workspace.get(section), dict) else {}
+        differ = {key: value for key, value in target.items() if key not in have or have[key] != value}
+        if differ:
+            changes[section] = differ
+    return changes
+
+
+def check(workspace: dict[str, Any], changes: dict[str, dict[str, Any]]) -> None:
+    """Refuse, in one line naming the key, params that the workspace's with ``changes`` would make."""
+    raw = dict(workspace)
+    for section, values in changes.items():
+        have = raw.get(section)
+        raw[section] = {**(have if isinstance(have, dict) else {}), **values}
+    params = _or_exit(config.Params, raw, tuple(config.SECTIONS), "the preset's params")
+    for section in config.SECTIONS:
+        _or_exit(params.section, section)
+
+
+def load_overlay(preset: Path) -> dict[str, dict[str, Any]]:
     if not preset.is_file():
         sys.exit(f"error: preset {preset} not found (presets: {', '.join(_presets())})")
-    try:
-        overlay = yaml.safe_load(preset.read_text()) or {}
-    except yaml.YAMLError as exc:
-        sys.exit(f"error: {preset} is not valid YAML ({str(exc).splitlines()[0]})")
-    if not isinstance(overlay, dict):
-        sys.exit(f"error: {preset} must hold a mapping of params sections")
+    overlay = _or_exit(config.read_yaml, preset)
+    bad = [section for section, values in overlay.items() if not isinstance(values, dict)]
+    if bad:
+        sys.exit(f"error: {preset}: section {bad[0]!r} must be a mapping of keys")
     return overlay
 
 
-def write_params(path: Path, overlay: dict[str, dict[str, Any]]) -> None:
-    """Set the overlay's values in ``path`` in place, keeping its comments and layout (ruamel, as
+def write_params(path: Path, changes: dict[str, dict[str, Any]]) -> None:
+    """Set ``changes``' values in ``path`` in place, keeping its comments and layout (ruamel, as
     DVC's own -S does); lists stay in flow style, null stays null."""
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
@@ -139,12 +166,12 @@ def write_params(path: Path, overlay: dict[str, dict[str, Any]]) -> None:
     rt.representer.add_representer(
         type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(path.read_text())
-    for section, values in overlay.items():
+    for section, values in changes.items():
         for key, value in values.items():
             if isinstance(value, list):
                 value = CommentedSeq(value)
                 value.fa.set_flow_style()
-            doc[section][key] = value
+            doc.setdefault(section, {})[key] = value
     with fileio.atomic_path(path) as tmp, open(tmp, "w") as f:
         rt.dump(doc, f)
 
@@ -173,16 +200,16 @@ def run_dvc(cmd: list[str], name: str, workspace: bool) -> None:
              "run keeps nothing; for long runs use --workspace, which resumes)")
 
 
-def run_in_workspace(overlay: dict[str, dict[str, Any]], name: str, dry_run: bool) -> None:
+def run_in_workspace(changes: dict[str, dict[str, Any]], name: str, dry_run: bool) -> None:
     """The preset's values written into params.yaml, `dvc repro`, then `dvc exp save`. Not `dvc exp
     run`, which checks the workspace's outputs out afresh and so drops an unfinished training
     checkpoint: `dvc repro` keeps it (persist: true), and training resumes from it."""
     repro, save = ["dvc", "repro"], ["dvc", "exp", "save", "--force", "-n", name]
-    print(f"params.yaml: {sum(len(v) for v in overlay.values())} values set from the preset", flush=True)
+    print(f"params.yaml: {sum(len(v) for v in changes.values())} values set", flush=True)
     print("$ " + shlex.join(repro) + "\n$ " + shlex.join(save), flush=True)
     if dry_run:
         return
-    write_params(ROOT / "params.yaml", overlay)
+    write_params(ROOT / "params.yaml", changes)
     run_dvc(repro, name, workspace=True)
     run_dvc(save, name, workspace=True)
 
@@ -201,15 +228,17 @@ def main() -> None:
     args = ap.parse_args()
     overlay = load_overlay(args.preset)
     source, md5, why = data_source(args.source)
-    overlay["data"] = {**(overlay.get("data") or {}), "source": source, "md5": md5}
+    overlay["data"] = {**overlay.get("data", {}), "source": source, "md5": md5}
     overlay = with_sets(overlay, args.set)
-    check(ROOT / "params.yaml", overlay)
+    workspace = _or_exit(config.read_yaml, ROOT / "params.yaml")
+    changes = plan(study_params(), workspace, overlay)
+    check(workspace, changes)
     name = args.name or f"{args.preset.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"data: {overlay['data']['source']} ({why})", flush=True)
     if args.workspace:
-        run_in_workspace(overlay, name, args.dry_run)
+        run_in_workspace(changes, name, args.dry_run)
     else:
-        cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(overlay)]
+        cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(changes)]
         print("$ " + shlex.join(cmd), flush=True)
         if args.dry_run:
             return

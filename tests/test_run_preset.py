@@ -10,6 +10,7 @@ from types import ModuleType
 
 import pytest
 import yaml
+from committed import committed_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +83,30 @@ def test_help_runs() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_preset.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--source" in proc.stdout
+
+
+def test_a_preset_starts_from_the_committed_study_whatever_the_workspace_holds() -> None:
+    """After `dvc exp apply` or a --workspace run, params.yaml holds another experiment: the preset's
+    unlisted keys must still get the study's values, or `make quick` after `make paper-recipe` would
+    run the paper's network at the quick size."""
+    from ddpm_cifar import config
+
+    script = _script()
+    study = config.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")
+    quick = config.read_yaml(ROOT / "configs" / "quick.yaml")
+    paper = config.read_yaml(ROOT / "configs" / "ddpm-paper.yaml")
+    workspace = {s: {**v, **paper.get(s, {})} for s, v in study.items()}  # the paper recipe applied
+    changes = script.plan(study, workspace, quick)
+    assert changes["model"]["arch"] == "unet" and changes["model"]["dim"] == 16  # study's, then quick's
+    assert changes["train"]["adam_betas"] == study["train"]["adam_betas"] == [0.9, 0.99]
+    assert changes["sample"]["variance"] == "posterior" and "n" in changes["sample"]
+    script.check(workspace, changes)  # exits on invalid params
+    # On the committed study itself only the preset's values that differ are set.
+    assert script.plan(study, study, quick) == {
+        s: {k: v for k, v in values.items() if study[s][k] != v} for s, values in quick.items()}
+
+
+def test_set_values_read_like_params_yaml() -> None:
+    overlay = _script().with_sets({"train": {"lr": 1.0}}, ["train.lr=5e-4", "sample.strip_seeds=[1, 2]"])
+    # 5e-4 is a number, as DVC reads it (plain YAML 1.1 would give the string "5e-4")
+    assert overlay == {"train": {"lr": 5e-4}, "sample": {"strip_seeds": [1, 2]}}

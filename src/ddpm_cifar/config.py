@@ -281,14 +281,20 @@ _Loader.add_implicit_resolver(
 )
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text as params files are read (``1e-4`` a float, as DVC reads it); ``source`` names it
+    in the one-line error."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of over 4,300 digits
+        raise ConfigError(f"{source} is not valid YAML: {exc}".splitlines()[0]) from exc
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} not found")
-    try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
-    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of over 4,300 digits
-        raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    data = parse_yaml(path.read_text(), str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections")
     return data
