@@ -255,6 +255,15 @@ def _write_bad(path: Path, kind: str, marker: Path) -> None:
         path.write_bytes(b"")
 
 
+# The reason a refusal gives for the kinds of bad file that have one of their own.
+REASON = {
+    "code-in-torch-zip": "(it holds a Python object (posix.system)",
+    "truncated-state-dict": "(truncated or corrupt: a damaged zip archive)",
+    "truncated-stats": "(truncated or corrupt: a damaged zip archive)",
+    "empty": "(empty or cut short)",
+}
+
+
 def _refusal(load, path: Path) -> str:
     # No warning either: torch warns over two lines about a foreign pickle's protocol before refusing it.
     with pytest.raises(UserError) as info, warnings.catch_warnings(record=True) as caught:
@@ -278,12 +287,7 @@ def test_unreadable_inception_weights_are_one_line_of_ours(tmp_path: Path, kind:
     assert message.endswith(
         f"): get the official file again with `python scripts/get_inception.py {path}` "
         f"(it replaces a damaged file), or copy {fid.OFFICIAL_INCEPTION_FILENAME} to {path}")
-    if kind == "code-in-torch-zip":
-        assert "(it holds a Python object (posix.system)" in message
-    if kind == "truncated-state-dict":
-        assert "(truncated or corrupt: a damaged zip archive)" in message
-    if kind == "empty":
-        assert "(empty or cut short)" in message
+    assert REASON.get(kind, "") in message
 
 
 def test_unreadable_random_inception_says_the_stage_makes_it_again(tmp_path: Path) -> None:
@@ -306,10 +310,7 @@ def test_unreadable_stats_are_one_line_of_ours(tmp_path: Path, kind: str) -> Non
     assert not marker.exists()
     assert message.startswith(f"{path} is not an FID statistics .npz (")
     assert "make it again (`dvc repro` reruns the ref_stats stage" in message
-    if kind == "truncated-stats":
-        assert "(truncated or corrupt: a damaged zip archive)" in message
-    if kind == "empty":
-        assert "(empty or cut short)" in message
+    assert REASON.get(kind, "") in message
 
 
 def test_stats_that_are_one_array_or_python_objects_are_refused(tmp_path: Path) -> None:
