@@ -54,15 +54,22 @@ def fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Tra
     Device type and precision are in it because RNG and loss-scaler states do not carry over
     between CPU and GPU, or between fp16 and bf16.
     """
-    train = {k: v for k, v in to_dict(cfg).items() if k not in NON_TRAJECTORY_KEYS}
-    if not train["warmup_steps"]:
-        del train["warmup_steps"]  # as before the key existed, so that those checkpoints still resume
-    model = to_dict(model_cfg)
-    if model["arch"] == "unet":
-        del model["arch"]  # as before model.arch existed, so that those checkpoints still resume
+    train = _without_added_defaults("train", {k: v for k, v in to_dict(cfg).items()
+                                              if k not in NON_TRAJECTORY_KEYS})
+    model = _without_added_defaults("model", to_dict(model_cfg))
     blob = json.dumps([TRAJECTORY_VERSION, model, to_dict(diffusion_cfg), train, data_id,
                        device.type, precision_for(device, cfg.amp)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Keys added to a section after checkpoints existed, with the value that means what those
+# checkpoints did: at that value a key stays out of the fingerprint, so that they still resume.
+ADDED_KEYS = {"model": {"arch": "unet"}, "train": {"warmup_steps": 0}}
+
+
+def _without_added_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    added = ADDED_KEYS.get(section, {})
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
 
 
 def precision_for(device: torch.device, amp: bool) -> str:
