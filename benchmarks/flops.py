@@ -11,6 +11,7 @@ estimate, labelled as one.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import torch
@@ -37,11 +38,19 @@ def per_image(net: torch.nn.Module, backward: bool) -> float:
     return counter.get_total_flops() / BATCH
 
 
+def study_model() -> dict:
+    """The study's model section as committed (the workspace's params.yaml may hold an experiment)."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:params.yaml"], capture_output=True,
+                          text=True)
+    text = proc.stdout if proc.returncode == 0 else (ROOT / "params.yaml").read_text()
+    return yaml.safe_load(text)["model"]
+
+
 def main() -> None:
-    study = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]
+    study = study_model()
     paper = {**study, **yaml.safe_load((ROOT / "configs" / "ddpm-paper.yaml").read_text())["model"]}
     rows = []
-    for name, raw in (("study (params.yaml)", study), ("paper (configs/ddpm-paper.yaml)", paper)):
+    for name, raw in (("study (params.yaml at HEAD)", study), ("paper (configs/ddpm-paper.yaml)", paper)):
         net = build_model(config.parse_section("model", raw, config.ModelConfig))
         rows.append((name, count_parameters(net), per_image(net, False), per_image(net, True)))
     print(f"{'network':34s} {'params':>11s} {'GFLOP fwd':>10s} {'GFLOP fwd+bwd':>14s}")
