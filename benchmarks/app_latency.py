@@ -30,7 +30,7 @@ import torch
 from playwright.sync_api import Page, sync_playwright
 
 from ddpm_cifar.app.ui import DEFAULT_SAMPLER
-from ddpm_cifar.samplers import SAMPLERS
+from ddpm_cifar.diffusion.samplers import SAMPLERS
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -39,9 +39,9 @@ LOAD_ONLY = "import sys; from ddpm_cifar import checkpoint; checkpoint.load_mode
 # second time warm (the app samples 8 images per network call on CPU, so batch_size=8).
 DIRECT = """
 import sys, time
-from ddpm_cifar import checkpoint
-from ddpm_cifar.samplers import SamplerSpec
-from ddpm_cifar.sampling import generate_images
+from ddpm_cifar.models import checkpoint
+from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.diffusion.generate import generate_images
 model, diffusion, _ = checkpoint.load_model(sys.argv[1])
 c = model.config
 seeds, sampler, steps = list(range(int(sys.argv[2]))), sys.argv[3], int(sys.argv[4])

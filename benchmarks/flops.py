@@ -18,9 +18,9 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm_cifar import config
-from ddpm_cifar.networks import build_model
-from ddpm_cifar.unet import count_parameters
+from ddpm_cifar.models.networks import build_model
+from ddpm_cifar.models.unet import count_parameters
+from ddpm_cifar.runtime import config
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4

@@ -24,11 +24,11 @@ import torch
 from denoising_diffusion_pytorch import GaussianDiffusion as TheirDiffusion
 from denoising_diffusion_pytorch import Unet as TheirUnet
 
-from ddpm_cifar.config import DiffusionConfig, ModelConfig
-from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.samplers import SamplerSpec
-from ddpm_cifar.sampling import for_sampling, generate_images
-from ddpm_cifar.unet import UNet, count_parameters
+from ddpm_cifar.diffusion.generate import for_sampling, generate_images
+from ddpm_cifar.diffusion.process import GaussianDiffusion
+from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.models.unet import UNet, count_parameters
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig
 
 DIFFUSION_CFG = DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_v",
                                 min_snr_gamma=None)  # lucidrains' defaults, as in the study

@@ -1,6 +1,6 @@
 """Training images/s of the study's configuration through the real training loop, AMP on and off.
 
-Runs ``ddpm_cifar.train.train`` (EMA, gradient accumulation, clipping, checkpoints, everything the
+Runs ``ddpm_cifar.training.loop.train`` (EMA, gradient accumulation, clipping, checkpoints, everything the
 train stage does but the training-time FID) for a few hundred steps on random images, once with
 ``amp: true`` (bf16 autocast, or fp16 with loss scaling where bf16 is unsupported) and once with
 ``amp: false`` (float32), in the same process, and prints both rates and their ratio.
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm_cifar.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm_cifar.train import TrainOutputs, train
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cifar.training.loop import TrainOutputs, train
 
 MODEL = ModelConfig(image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2,
                     full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0)

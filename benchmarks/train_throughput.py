@@ -27,12 +27,12 @@ import torch
 from denoising_diffusion_pytorch import GaussianDiffusion as TheirDiffusion
 from denoising_diffusion_pytorch import Unet as TheirUnet
 
-from ddpm_cifar.config import DiffusionConfig, ModelConfig
-from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.train_state import precision_for
-from ddpm_cifar.unet import UNet, count_parameters
+from ddpm_cifar.diffusion.process import GaussianDiffusion
+from ddpm_cifar.models.unet import UNet, count_parameters
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig
+from ddpm_cifar.training.state import precision_for
 
-# The study's settings (Adam as in train.py / params.yaml; the reference Trainer's betas).
+# The study's settings (Adam as in training/loop.py / params.yaml; the reference Trainer's betas).
 LR = 8e-5
 ADAM_BETAS = (0.9, 0.99)
 MAX_GRAD_NORM = 1.0
@@ -95,18 +95,18 @@ def make_ours(device: torch.device, precision: str, seed: int, compile_model: bo
     model = UNet(MODEL_CFG).to(device)
     params = count_parameters(model)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # as train.py does on CUDA
+        model = model.to(memory_format=torch.channels_last)  # as training/loop.py does on CUDA
     net: torch.nn.Module = torch.compile(model) if compile_model else model  # type: ignore[assignment]
     diffusion = GaussianDiffusion(DIFFUSION_CFG)
     opt = torch.optim.Adam(model.parameters(), lr=LR, betas=ADAM_BETAS)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    # t and noise come from a generator of our own, drawn inside the step like train.py does, so
+    # t and noise come from a generator of our own, drawn inside the step like training/loop.py does, so
     # their cost is part of the step on both sides (theirs draws them inside forward()).
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     model.train()
 
     def step(img01: torch.Tensor) -> float:
-        x0 = img01 * 2 - 1  # train.py's BatchSource hands the loss [-1, 1] images
+        x0 = img01 * 2 - 1  # training/batches.py's BatchSource hands the loss [-1, 1] images
         if device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
         t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=device, generator=gen)
@@ -143,7 +143,7 @@ def make_theirs(device: torch.device, precision: str, seed: int) -> Contender:
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
     # Their Trainer gets mixed precision from accelerate; a plain torch.autocast is the same thing
-    # for one process, and it is what train.py uses for ours.
+    # for one process, and it is what training/loop.py uses for ours.
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -158,7 +158,7 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    # Both training loops read the loss every step (train.py for its log, their Trainer for its
+    # Both training loops read the loss every step (training/loop.py for its log, their Trainer for its
     # progress bar); the .item() also synchronises CUDA at the end of every step.
     return loss.item()
 

@@ -19,14 +19,14 @@ from unittest import mock
 import numpy as np
 import torch
 
-from ddpm_cifar import checkpoint
 from ddpm_cifar.app.engine import Demo, TorchWorker, load_demo_model
-from ddpm_cifar.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm_cifar.samplers import SamplerSpec
-from ddpm_cifar.sampling import FixedBatch, generate_images
-from ddpm_cifar.tracking import Tracker
-from ddpm_cifar.train import TrainOutputs, train
-from ddpm_cifar.unet import UNet
+from ddpm_cifar.diffusion.generate import FixedBatch, generate_images
+from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.models import checkpoint
+from ddpm_cifar.models.unet import UNet
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cifar.training.loop import TrainOutputs, train
+from ddpm_cifar.training.tracking import Tracker
 
 DEV = torch.device("cuda")
 SMALL = ModelConfig(image_size=32, channels=3, dim=32, dim_mults=(1, 2, 2), num_res_blocks=1,

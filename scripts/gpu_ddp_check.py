@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ddpm_cifar.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.samplers import SamplerSpec
-from ddpm_cifar.sampling import generate_images, generate_images_sharded
-from ddpm_cifar.train import TrainOutputs, train
-from ddpm_cifar.unet import UNet
+from ddpm_cifar.diffusion.generate import generate_images, generate_images_sharded
+from ddpm_cifar.diffusion.process import GaussianDiffusion
+from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.models.unet import UNet
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cifar.training.loop import TrainOutputs, train
 
 DEV = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # cpu: a smoke run
 SMALL = ModelConfig(image_size=32, channels=3, dim=32, dim_mults=(1, 2, 2), num_res_blocks=1,

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ddpm_cifar.config import DiffusionConfig, ModelConfig
-from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.fid import load_inception, save_random_inception, statistics_sharded
-from ddpm_cifar.samplers import SamplerSpec
-from ddpm_cifar.sampling import generate_images_sharded
-from ddpm_cifar.unet import UNet
+from ddpm_cifar.diffusion.generate import generate_images_sharded
+from ddpm_cifar.diffusion.process import GaussianDiffusion
+from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.evaluation.fid import load_inception, save_random_inception, statistics_sharded
+from ddpm_cifar.models.unet import UNet
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig
 
 PAPER = ModelConfig(image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2,
                     full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0)

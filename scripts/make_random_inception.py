@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.fid import load_inception, save_random_inception
+from ddpm_cifar.evaluation.fid import load_inception, save_random_inception
+from ddpm_cifar.runtime.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,9 +35,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ddpm_cifar import config, fileio
-from ddpm_cifar.cifar_archive import CIFAR10_MD5, CIFAR10_URL
-from ddpm_cifar.errors import ConfigError
+from ddpm_cifar.data.cifar_archive import CIFAR10_MD5, CIFAR10_URL
+from ddpm_cifar.runtime import config, fileio
+from ddpm_cifar.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_URL, OFFICIAL_MD5 = CIFAR10_URL, CIFAR10_MD5

@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from gaussian_oracle import Gaussian, GaussianOracle, frechet_to_truth  # noqa: E402
 
-from ddpm_cifar.config import DiffusionConfig  # noqa: E402
-from ddpm_cifar.diffusion import GaussianDiffusion  # noqa: E402
-from ddpm_cifar.samplers import SamplerSpec, final, run_sampler  # noqa: E402
+from ddpm_cifar.diffusion.process import GaussianDiffusion  # noqa: E402
+from ddpm_cifar.diffusion.samplers import SamplerSpec, final, run_sampler  # noqa: E402
+from ddpm_cifar.runtime.config import DiffusionConfig  # noqa: E402
 
 SHAPE = (3, 2, 2)  # 12 dimensions
 SAMPLERS = [  # (label, sampler, eta, spacing)

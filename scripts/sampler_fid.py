@@ -14,13 +14,13 @@ import argparse
 import time
 from pathlib import Path
 
-from ddpm_cifar import checkpoint
-from ddpm_cifar.cli import default_device, run
-from ddpm_cifar.evaluation import fid_sharded
-from ddpm_cifar.fid import load_inception, load_stats
-from ddpm_cifar.reports import check_same_inception, comparability
-from ddpm_cifar.samplers import SamplerSpec
-from ddpm_cifar.sampling import for_sampling, generate_images
+from ddpm_cifar.diffusion.generate import for_sampling, generate_images
+from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.evaluation.fid import load_inception, load_stats
+from ddpm_cifar.evaluation.reports import check_same_inception, comparability
+from ddpm_cifar.evaluation.scoring import fid_sharded
+from ddpm_cifar.models import checkpoint
+from ddpm_cifar.runtime.stage import default_device, run
 
 
 def main() -> None:

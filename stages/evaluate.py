@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_cifar.cli import launched_ranks, run
-from ddpm_cifar.config import load_params
-from ddpm_cifar.distributed import is_main, process_group
-from ddpm_cifar.evaluation import fid_sharded
-from ddpm_cifar.fid import load_inception, load_stats
-from ddpm_cifar.fileio import write_json
-from ddpm_cifar.outputs import claim_outputs
-from ddpm_cifar.reports import check_same_inception, fid_report, metrics_of
+from ddpm_cifar.evaluation.fid import load_inception, load_stats
+from ddpm_cifar.evaluation.reports import check_same_inception, fid_report, metrics_of
+from ddpm_cifar.evaluation.scoring import fid_sharded
+from ddpm_cifar.runtime.config import load_params
+from ddpm_cifar.runtime.distributed import is_main, process_group
+from ddpm_cifar.runtime.fileio import write_json
+from ddpm_cifar.runtime.outputs import claim_outputs
+from ddpm_cifar.runtime.stage import launched_ranks, run
 
 PARAMS = ("fid.inception_weights", "fid.batch_size", "distributed")
 

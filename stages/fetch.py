@@ -3,10 +3,10 @@
 import argparse
 from pathlib import Path
 
-from ddpm_cifar.cli import run
-from ddpm_cifar.config import load_params
-from ddpm_cifar.fetch import fetch_cifar10
-from ddpm_cifar.outputs import claim_outputs
+from ddpm_cifar.data.fetch import fetch_cifar10
+from ddpm_cifar.runtime.config import load_params
+from ddpm_cifar.runtime.outputs import claim_outputs
+from ddpm_cifar.runtime.stage import run
 
 PARAMS = ("data",)
 

@@ -10,10 +10,7 @@ it reruns everything that scored with it.
 import argparse
 from pathlib import Path
 
-from ddpm_cifar.cli import run
-from ddpm_cifar.config import load_params
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.fid import (
+from ddpm_cifar.evaluation.fid import (
     OFFICIAL_INCEPTION_FILENAME,
     OFFICIAL_INCEPTION_URL,
     download_official_inception,
@@ -21,7 +18,10 @@ from ddpm_cifar.fid import (
     random_inception_seed,
     save_random_inception,
 )
-from ddpm_cifar.outputs import claim_outputs
+from ddpm_cifar.runtime.config import load_params
+from ddpm_cifar.runtime.errors import UserError
+from ddpm_cifar.runtime.outputs import claim_outputs
+from ddpm_cifar.runtime.stage import run
 
 PARAMS = ("fid.inception_weights",)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ddpm_cifar.cli import run
-from ddpm_cifar.fileio import atomic_path
-from ddpm_cifar.outputs import claim_outputs
-from ddpm_cifar.plots import save_fid_comparison, save_training_curves
-from ddpm_cifar.reports import fid_tables
+from ddpm_cifar.evaluation.plots import save_fid_comparison, save_training_curves
+from ddpm_cifar.evaluation.reports import fid_tables
+from ddpm_cifar.runtime.fileio import atomic_path
+from ddpm_cifar.runtime.outputs import claim_outputs
+from ddpm_cifar.runtime.stage import run
 
 PARAMS: tuple[str, ...] = ()
 

@@ -10,18 +10,18 @@ import os
 import shutil
 from pathlib import Path
 
-from ddpm_cifar.cli import launched_ranks, run
-from ddpm_cifar.config import load_params, to_dict
-from ddpm_cifar.ddpm_unet import diffusion_config
-from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.distributed import is_main, process_group
-from ddpm_cifar.evaluation import fid_of_model
-from ddpm_cifar.fid import load_inception, load_stats
-from ddpm_cifar.fileio import file_digest, write_json
-from ddpm_cifar.networks import load_pretrained
-from ddpm_cifar.outputs import claim_outputs
-from ddpm_cifar.reports import PRETRAINED, check_same_inception, fid_report, metrics_of
-from ddpm_cifar.sampling import for_sampling, sample_cache_key
+from ddpm_cifar.diffusion.generate import for_sampling, sample_cache_key
+from ddpm_cifar.diffusion.process import GaussianDiffusion
+from ddpm_cifar.evaluation.fid import load_inception, load_stats
+from ddpm_cifar.evaluation.reports import PRETRAINED, check_same_inception, fid_report, metrics_of
+from ddpm_cifar.evaluation.scoring import fid_of_model
+from ddpm_cifar.models.ddpm_unet import diffusion_config
+from ddpm_cifar.models.networks import load_pretrained
+from ddpm_cifar.runtime.config import load_params, to_dict
+from ddpm_cifar.runtime.distributed import is_main, process_group
+from ddpm_cifar.runtime.fileio import file_digest, write_json
+from ddpm_cifar.runtime.outputs import claim_outputs
+from ddpm_cifar.runtime.stage import launched_ranks, run
 
 PARAMS = ("pretrained", "sample", "fid.inception_weights", "fid.batch_size", "distributed")
 

@@ -7,13 +7,13 @@ import json
 import os
 from pathlib import Path
 
-from ddpm_cifar.cli import launched_ranks, run
-from ddpm_cifar.config import load_params
-from ddpm_cifar.data import load_split
-from ddpm_cifar.distributed import is_main, process_group
-from ddpm_cifar.fid import load_inception, load_stats, save_stats, statistics_sharded
-from ddpm_cifar.outputs import claim_outputs
-from ddpm_cifar.reports import reference_meta
+from ddpm_cifar.data.splits import load_split
+from ddpm_cifar.evaluation.fid import load_inception, load_stats, save_stats, statistics_sharded
+from ddpm_cifar.evaluation.reports import reference_meta
+from ddpm_cifar.runtime.config import load_params
+from ddpm_cifar.runtime.distributed import is_main, process_group
+from ddpm_cifar.runtime.outputs import claim_outputs
+from ddpm_cifar.runtime.stage import launched_ranks, run
 
 PARAMS = ("fid", "distributed")
 

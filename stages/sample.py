@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_cifar import checkpoint, sampling
-from ddpm_cifar.cli import launched_ranks, run
-from ddpm_cifar.config import load_params, to_dict
-from ddpm_cifar.distributed import is_main, process_group
-from ddpm_cifar.fileio import atomic_path, file_digest
-from ddpm_cifar.outputs import claim_outputs
-from ddpm_cifar.plots import save_denoising_strip, save_grid
+from ddpm_cifar.diffusion import generate
+from ddpm_cifar.evaluation.plots import save_denoising_strip, save_grid
+from ddpm_cifar.models import checkpoint
+from ddpm_cifar.runtime.config import load_params, to_dict
+from ddpm_cifar.runtime.distributed import is_main, process_group
+from ddpm_cifar.runtime.fileio import atomic_path, file_digest
+from ddpm_cifar.runtime.outputs import claim_outputs
+from ddpm_cifar.runtime.stage import launched_ranks, run
 
 PARAMS = ("sample", "distributed")
 
@@ -35,12 +36,12 @@ def main() -> None:
     with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
           claim_outputs("sample", [args.out.parent, args.plots, args.partial], lock=is_main())):
         model, diffusion, ckpt = checkpoint.load_model(args.checkpoint, device)
-        net, mc = sampling.for_sampling(model, device, compile=cfg.compile), model.config
-        spec = sampling.SamplerSpec.from_sample(cfg)
+        net, mc = generate.for_sampling(model, device, compile=cfg.compile), model.config
+        spec = generate.SamplerSpec.from_sample(cfg)
         where = dict(shape=(mc.channels, mc.image_size, mc.image_size), device=device)
         seeds = [cfg.seed + i for i in range(cfg.n)]
-        key = sampling.sample_cache_key(file_digest(args.checkpoint), cfg, device)
-        images = sampling.generate_images_sharded(net, diffusion, seeds, spec, batch_size=cfg.batch_size,
+        key = generate.sample_cache_key(file_digest(args.checkpoint), cfg, device)
+        images = generate.generate_images_sharded(net, diffusion, seeds, spec, batch_size=cfg.batch_size,
                                                   cache_dir=args.partial, cache_key=key, **where)
         if images is None:
             return  # not rank 0: its share is with rank 0, which writes everything
@@ -50,8 +51,8 @@ def main() -> None:
         shutil.rmtree(args.partial, ignore_errors=True)  # the finished batches now live in --out
         save_grid(images[: cfg.grid_images], args.plots / "sample_grid.png")
         # The strip has always been sampled without autocast, also where the images use bf16.
-        strip_spec = sampling.SamplerSpec.from_sample(cfg, precision="fp32")
-        frames, timesteps = sampling.denoising_frames(net, diffusion, list(cfg.strip_seeds), strip_spec,
+        strip_spec = generate.SamplerSpec.from_sample(cfg, precision="fp32")
+        frames, timesteps = generate.denoising_frames(net, diffusion, list(cfg.strip_seeds), strip_spec,
                                                       frames=cfg.strip_frames, **where)
         save_denoising_strip(frames, timesteps, args.plots / "denoise_strip.png")
         print(f"{len(images)} samples ({cfg.sampler}, {cfg.steps} steps) -> {args.out}")

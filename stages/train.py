@@ -8,15 +8,15 @@ import json
 import os
 from pathlib import Path
 
-from ddpm_cifar.cli import launched_ranks, run
-from ddpm_cifar.config import load_params
-from ddpm_cifar.data import load_split
-from ddpm_cifar.distributed import is_main, process_group
-from ddpm_cifar.evaluation import training_fid
-from ddpm_cifar.fileio import file_digest, write_json
-from ddpm_cifar.outputs import claim_outputs
-from ddpm_cifar.tracking import Tracker, make_tracker
-from ddpm_cifar.train import TrainOutputs, train
+from ddpm_cifar.data.splits import load_split
+from ddpm_cifar.evaluation.scoring import training_fid
+from ddpm_cifar.runtime.config import load_params
+from ddpm_cifar.runtime.distributed import is_main, process_group
+from ddpm_cifar.runtime.fileio import file_digest, write_json
+from ddpm_cifar.runtime.outputs import claim_outputs
+from ddpm_cifar.runtime.stage import launched_ranks, run
+from ddpm_cifar.training.loop import TrainOutputs, train
+from ddpm_cifar.training.tracking import Tracker, make_tracker
 
 PARAMS = ("model", "diffusion", "train", "fid.inception_weights", "distributed")
 # Read but deliberately not DVC params: they change how the stage runs, never what it computes.

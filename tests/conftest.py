@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_cifar.fid import save_random_inception
+from ddpm_cifar.evaluation.fid import save_random_inception
 
 TINY_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                 "dog", "frog", "horse", "ship", "truck")

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm_cifar.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm_cifar.train import TrainOutputs
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cifar.training.loop import TrainOutputs
 
 
 def tiny_model(**kw: object) -> ModelConfig:
@@ -85,8 +85,8 @@ def one_thread() -> Iterator[None]:
 def save_tiny_checkpoint(path: Path, *, seed: int = 0, step: int = 7, model: dict | None = None,
                          diffusion: dict | None = None) -> Path:
     """A checkpoint in the format training writes (EMA weights only), with random weights."""
-    from ddpm_cifar import checkpoint
-    from ddpm_cifar.unet import UNet
+    from ddpm_cifar.models import checkpoint
+    from ddpm_cifar.models.unet import UNet
 
     model_cfg, diffusion_cfg = tiny_model(**(model or {})), tiny_diffusion(**(diffusion or {}))
     torch.manual_seed(seed)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddpm_cifar.diffusion import GaussianDiffusion
+from ddpm_cifar.diffusion.process import GaussianDiffusion
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def whitened_errors(samples: np.ndarray, data: Gaussian) -> tuple[float, float]:
 
 def frechet_to_truth(samples: np.ndarray, data: Gaussian) -> float:
     """Fréchet distance between the samples' fitted Gaussian and the true one."""
-    from ddpm_cifar.fid import FidStats, frechet_distance, statistics
+    from ddpm_cifar.evaluation.fid import FidStats, frechet_distance, statistics
 
     return frechet_distance(statistics(samples), FidStats(data.mean, data.cov, -1))
 

@@ -20,13 +20,13 @@ import torch
 from factories import one_thread, save_tiny_checkpoint, tiny_model
 from PIL import Image
 
-from ddpm_cifar import checkpoint
 from ddpm_cifar.app import engine, serve, ui
 from ddpm_cifar.app.engine import MAX_IMAGES, Demo, DemoModel, Progress, Result, TorchWorker, load_demo_model
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.plots import image_grid
-from ddpm_cifar.samplers import SamplerSpec
-from ddpm_cifar.sampling import generate_images
+from ddpm_cifar.diffusion.generate import generate_images
+from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.evaluation.plots import image_grid
+from ddpm_cifar.models import checkpoint
+from ddpm_cifar.runtime.errors import UserError
 
 MICRO_BATCH = 8  # the app's default on CPU
 
@@ -533,7 +533,7 @@ def _mismatched(path: Path, ckpts: tuple[Path, Path]) -> Path:
 @pytest.mark.parametrize(("make", "match"), [
     (lambda p, c: p, r"not found"),
     (lambda p, c: (p.write_bytes(b"not a checkpoint at all"), p)[1], r"is not a readable checkpoint"),
-    (lambda p, c: _foreign_state_dict(p), r"is not a ddpm_cifar.checkpoint/1 checkpoint"),
+    (lambda p, c: _foreign_state_dict(p), r"is not a ddpm_cifar.models.checkpoint/1 checkpoint"),
     (_mismatched, r"weights do not fit the stored model config"),
 ])
 def test_bad_checkpoints_are_one_message_at_start_up(ckpts: tuple[Path, Path], tmp_path: Path,

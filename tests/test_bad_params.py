@@ -2,7 +2,7 @@
 
 One row per (dotted key, bad value): the committed params.yaml with that one value changed must
 fail to load, with a one-line message that names the key (what a stage prints as ``error: ...``).
-The bounds themselves, and where each comes from, are in ddpm_cifar/config_checks.py.
+The bounds themselves, and where each comes from, are in ddpm_cifar/runtime/bounds.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 import yaml
 from committed import committed_text
 
-from ddpm_cifar import config
-from ddpm_cifar.errors import ConfigError
+from ddpm_cifar.runtime import config
+from ddpm_cifar.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN, INF = float("nan"), float("inf")

@@ -1,4 +1,5 @@
-"""Tests for ddpm_cifar.checkpoint: what training writes loads back exactly, bad files are UserErrors."""
+"""Tests for ddpm_cifar.models.checkpoint: what training writes loads back exactly, bad files are
+UserErrors."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import pytest
 import torch
 from factories import one_thread, random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs
 
-from ddpm_cifar import checkpoint
-from ddpm_cifar.config import DiffusionConfig, ModelConfig
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.train import TrainOutputs, train
-from ddpm_cifar.unet import UNet
+from ddpm_cifar.models import checkpoint
+from ddpm_cifar.models.unet import UNet
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig
+from ddpm_cifar.runtime.errors import UserError
+from ddpm_cifar.training.loop import TrainOutputs, train
 
 
 @pytest.fixture(autouse=True)

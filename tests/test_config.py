@@ -1,4 +1,4 @@
-"""Tests for ddpm_cifar.config: the repo's params.yaml parses, and loading is strict."""
+"""Tests for ddpm_cifar.runtime.config: the repo's params.yaml parses, and loading is strict."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 from committed import committed_text
 
-from ddpm_cifar.config import (
+from ddpm_cifar.runtime.config import (
     SECTIONS,
     DataConfig,
     DiffusionConfig,
@@ -25,7 +25,7 @@ from ddpm_cifar.config import (
     load_params,
     to_dict,
 )
-from ddpm_cifar.errors import ConfigError, UserError
+from ddpm_cifar.runtime.errors import ConfigError, UserError
 
 # As committed, not as an experiment in the workspace may have left it (tests/committed.py).
 REPO_PARAMS_TEXT = committed_text("params.yaml")
@@ -312,13 +312,13 @@ def test_params_key_must_be_a_field() -> None:
 
 
 def test_config_knows_the_samplers_the_library_has() -> None:
-    from ddpm_cifar.config import SAMPLER_NAMES, SPACING_NAMES, VARIANCE_NAMES
-    from ddpm_cifar.samplers import SAMPLERS, SPACINGS, VARIANCES
+    from ddpm_cifar.diffusion.samplers import SAMPLERS, SPACINGS, VARIANCES
+    from ddpm_cifar.runtime.config import SAMPLER_NAMES, SPACING_NAMES, VARIANCE_NAMES
     assert tuple(SAMPLERS) == SAMPLER_NAMES and SPACINGS == SPACING_NAMES and VARIANCES == VARIANCE_NAMES
 
 
 def test_distributed_section_checks() -> None:
-    from ddpm_cifar.config import DistributedConfig
+    from ddpm_cifar.runtime.config import DistributedConfig
 
     assert DistributedConfig(nnodes=2, nproc_per_node=4, rdzv_endpoint="node0:29500").world_size == 8
     with pytest.raises(ConfigError, match="distributed.nproc_per_node"):
@@ -330,9 +330,9 @@ def test_distributed_section_checks() -> None:
 
 
 def test_launched_ranks_must_match_params() -> None:
-    from ddpm_cifar.cli import launched_ranks
-    from ddpm_cifar.config import DistributedConfig
-    from ddpm_cifar.errors import UserError
+    from ddpm_cifar.runtime.config import DistributedConfig
+    from ddpm_cifar.runtime.errors import UserError
+    from ddpm_cifar.runtime.stage import launched_ranks
 
     two = DistributedConfig(nnodes=1, nproc_per_node=2, rdzv_endpoint="localhost:0")
     env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
@@ -353,7 +353,7 @@ def _leaf_types(tp: Any) -> set[Any]:
 def test_every_numeric_field_has_a_range() -> None:
     """A numeric field added without a bound would reach torch unchecked; a bound for a field that
     does not exist (a typo) would check nothing."""
-    from ddpm_cifar.config_checks import BOUNDS, PATTERNS
+    from ddpm_cifar.runtime.bounds import BOUNDS, PATTERNS
 
     fields = {f"{s}.{k}": tp for s, cls in SECTIONS.items() for k, tp in typing.get_type_hints(cls).items()}
     numeric = {key for key, tp in fields.items() if _leaf_types(tp) & {int, float}}

@@ -1,5 +1,5 @@
-"""Tests for fetching CIFAR-10 and image folders into .npz splits (ddpm_cifar.fetch and the readers
-it uses) and for loading them back (ddpm_cifar.data)."""
+"""Tests for fetching CIFAR-10 and image folders into .npz splits (ddpm_cifar.data.fetch and the readers
+it uses) and for loading them back (ddpm_cifar.data.splits)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_cifar import cifar_archive, data, fileio
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.fetch import fetch_cifar10
+from ddpm_cifar.data import cifar_archive, splits
+from ddpm_cifar.data.fetch import fetch_cifar10
+from ddpm_cifar.runtime import fileio
+from ddpm_cifar.runtime.errors import UserError
 
 if TYPE_CHECKING:  # fixtures hand these over; conftest is not imported at run time
     from conftest import TinyCifarArchive, TinyImageFolder
@@ -54,13 +55,13 @@ def test_official_format_round_trips_pixels_and_labels(
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
     for split, rows, labels in (("train", arc.rows_train, arc.labels_train),
                                 ("test", arc.rows_test, arc.labels_test)):
-        images, got_labels = data.load_split(tmp_path / "out", split)
+        images, got_labels = splits.load_split(tmp_path / "out", split)
         assert images.dtype == np.uint8 and images.shape == (len(rows), 32, 32, 3)
         assert got_labels.dtype == np.int64
         np.testing.assert_array_equal(images, _chw_rows_to_nhwc(rows))
         np.testing.assert_array_equal(got_labels, labels)
     # Spot-check one pixel by hand: image 7, row 3, column 5, blue channel.
-    images, _ = data.load_split(tmp_path / "out", "train")
+    images, _ = splits.load_split(tmp_path / "out", "train")
     assert images[7, 3, 5, 2] == arc.rows_train[7, 2 * 1024 + 3 * 32 + 5]
 
 
@@ -69,7 +70,7 @@ def test_official_format_with_md5_none_is_accepted(
     meta = _fetch(tiny_cifar_archive.path, tmp_path, md5=None)
     assert meta["format"] == "cifar10-python" and meta["official"] is False
     assert meta["archive_md5"] == tiny_cifar_archive.md5
-    images, _ = data.load_split(tmp_path / "out", "test")
+    images, _ = splits.load_split(tmp_path / "out", "test")
     np.testing.assert_array_equal(images, _chw_rows_to_nhwc(tiny_cifar_archive.rows_test))
 
 
@@ -78,7 +79,7 @@ def test_official_format_reads_numpy1_pickles(
     arc = make_cifar_archive(legacy_numpy_names=True)
     assert b"numpy.core.multiarray" in _member_bytes(arc.path, "cifar-10-batches-py/test_batch")
     _fetch(arc.path, tmp_path, md5=None)
-    images, labels = data.load_split(tmp_path / "out", "test")
+    images, labels = splits.load_split(tmp_path / "out", "test")
     np.testing.assert_array_equal(images, _chw_rows_to_nhwc(arc.rows_test))
     np.testing.assert_array_equal(labels, arc.labels_test)
 
@@ -120,7 +121,7 @@ def test_official_format_refuses_pickle_that_runs_code(
 
 def _assert_matches(out_dir: Path, folder: TinyImageFolder) -> None:
     for split in ("train", "test"):
-        images, labels = data.load_split(out_dir, split)
+        images, labels = splits.load_split(out_dir, split)
         np.testing.assert_array_equal(images, folder.expected[split][0])
         np.testing.assert_array_equal(labels, folder.expected[split][1])
 
@@ -148,7 +149,7 @@ def test_image_folder_rgb_png_pixels_are_exact(
         assert img.mode == "RGB"
         pixels = np.asarray(img)
     fetch_cifar10(str(tiny_imagefolder.root), tmp_path / "out", cache_dir=tmp_path / "c")
-    images, labels = data.load_split(tmp_path / "out", "train")
+    images, labels = splits.load_split(tmp_path / "out", "train")
     np.testing.assert_array_equal(images[1], pixels)
     assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
@@ -158,9 +159,9 @@ def test_image_folder_without_splits_is_all_train(
     meta = fetch_cifar10(str(tiny_imagefolder.root / "train"), tmp_path / "out",
                          cache_dir=tmp_path / "c")
     assert (meta["n_train"], meta["n_test"]) == (9, 0)
-    _, labels = data.load_split(tmp_path / "out", "train")
+    _, labels = splits.load_split(tmp_path / "out", "train")
     np.testing.assert_array_equal(labels, tiny_imagefolder.expected["train"][1])
-    images, labels = data.load_split(tmp_path / "out", "test")
+    images, labels = splits.load_split(tmp_path / "out", "test")
     assert images.shape == (0, 32, 32, 3) and images.dtype == np.uint8 and labels.shape == (0,)
 
 
@@ -285,7 +286,7 @@ def test_fetch_reads_links_that_stay_inside_the_archive(tmp_path: Path) -> None:
     meta = _fetch(tarball, tmp_path)
     assert (meta["classes"], meta["n_train"], meta["n_test"]) == (["cat", "dog"], 2, 1)
     for split, n in (("train", 2), ("test", 1)):
-        images, _ = data.load_split(tmp_path / "out", split)
+        images, _ = splits.load_split(tmp_path / "out", split)
         np.testing.assert_array_equal(images, np.stack([pixels] * n))
 
 
@@ -371,7 +372,7 @@ def test_non_tar_file_is_rejected_in_one_line(tmp_path: Path, content: bytes) ->
 
 def test_load_split_missing_dir_tells_to_fetch(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="dvc repro fetch"):
-        data.load_split(tmp_path / "does-not-exist", "train")
+        splits.load_split(tmp_path / "does-not-exist", "train")
 
 
 def test_class_list_is_official_order() -> None:

@@ -1,4 +1,4 @@
-"""Tests for ddpm_cifar.ddpm_unet: equivalence with diffusers' UNet2DModel, loading, config checks.
+"""Tests for ddpm_cifar.models.ddpm_unet: equivalence with diffusers' UNet2DModel, loading, config checks.
 
 diffusers is a test-only dependency: it builds the reference network and writes folders in the layout
 of https://huggingface.co/google/ddpm-cifar10-32, with random weights (nothing is downloaded).
@@ -18,7 +18,8 @@ from diffusers import UNet2DModel
 from factories import one_thread
 from safetensors.torch import save_file
 
-from ddpm_cifar.ddpm_unet import (
+from ddpm_cifar.diffusion.process import linear_betas
+from ddpm_cifar.models.ddpm_unet import (
     BIN_NAME,
     CONFIG_NAME,
     HUB_URL,
@@ -30,9 +31,8 @@ from ddpm_cifar.ddpm_unet import (
     diffusion_config,
     load_diffusers_folder,
 )
-from ddpm_cifar.diffusion import linear_betas
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.unet import count_parameters
+from ddpm_cifar.models.unet import count_parameters
+from ddpm_cifar.runtime.errors import UserError
 
 diffusers.utils.logging.set_verbosity_error()  # it warns about attention_head_dim=None, as published
 

@@ -1,4 +1,4 @@
-"""Tests for ddpm_cifar.diffusion against closed forms computed independently in numpy float64."""
+"""Tests for ddpm_cifar.diffusion.process against closed forms computed independently in numpy float64."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from factories import one_thread, tiny_diffusion, tiny_model
 
-from ddpm_cifar.diffusion import GaussianDiffusion, posterior_coefficients
-from ddpm_cifar.unet import UNet
+from ddpm_cifar.diffusion.process import GaussianDiffusion, posterior_coefficients
+from ddpm_cifar.models.unet import UNet
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")

@@ -15,15 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from factories import one_thread, random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs
 
-from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.distributed import rank_and_world, shard, unshard
-from ddpm_cifar.ema import EMA
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.fid import load_inception, save_random_inception, statistics_sharded
-from ddpm_cifar.samplers import SamplerSpec
-from ddpm_cifar.sampling import generate_images, generate_images_sharded
-from ddpm_cifar.train import TrainResult, train
-from ddpm_cifar.unet import LinearAttention, ResBlock, UNet
+from ddpm_cifar.diffusion.generate import generate_images, generate_images_sharded
+from ddpm_cifar.diffusion.process import GaussianDiffusion
+from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.evaluation.fid import load_inception, save_random_inception, statistics_sharded
+from ddpm_cifar.models.unet import LinearAttention, ResBlock, UNet
+from ddpm_cifar.runtime.distributed import rank_and_world, shard, unshard
+from ddpm_cifar.runtime.errors import UserError
+from ddpm_cifar.training.ema import EMA
+from ddpm_cifar.training.loop import TrainResult, train
 
 SEEDS = list(range(100, 111))  # 11 images: the ranks get 6 and 5, so batches are padded too
 SPEC = SamplerSpec("dpmpp_2m", 4)

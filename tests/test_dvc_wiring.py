@@ -1,6 +1,6 @@
 """dvc.yaml against the code: params, deps, commands, outputs, metrics and plots (no dvc run).
 
-Every stage script declares a module-level ``PARAMS`` (what :func:`ddpm_cifar.config.load_params`
+Every stage script declares a module-level ``PARAMS`` (what :func:`ddpm_cifar.runtime.config.load_params`
 lets it read); DVC only reruns a stage for the params its ``params:`` list names, so the two must
 be the same set or a changed hyperparameter silently fails to invalidate the stage.
 """
@@ -21,7 +21,7 @@ import pytest
 import yaml
 from committed import committed_yaml
 
-from ddpm_cifar import config
+from ddpm_cifar.runtime import config
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = ROOT / "dvc.yaml"
@@ -226,7 +226,7 @@ def stage_closure(name: str) -> set[str]:
     """The package files stage ``name`` runs: its script's import closure, and the launcher's."""
     want = import_closure(ROOT / "stages" / f"{name}.py")
     if name in LAUNCHED_STAGES:  # the command runs the launcher module too
-        want |= {f"src/{PACKAGE}/launch.py"} | import_closure(PACKAGE_DIR / "launch.py")
+        want |= {f"src/{PACKAGE}/runtime/launch.py"} | import_closure(PACKAGE_DIR / "runtime" / "launch.py")
     return want
 
 
@@ -251,13 +251,14 @@ def test_import_closure_follows_imports_transitively(tmp_path: Path) -> None:
     """The closure itself: the sample stage runs the samplers through a module it imports, and a
     stage that imported the app would pull in the subpackage's files."""
     closure = import_closure(ROOT / "stages/sample.py")
-    assert {f"src/{PACKAGE}/{m}.py" for m in ("__init__", "sampling", "samplers", "diffusion")} <= closure
+    assert {f"src/{PACKAGE}/{m}.py" for m in ("__init__", "diffusion/generate", "diffusion/samplers",
+                                                    "diffusion/process")} <= closure
     fetch = import_closure(ROOT / "stages/fetch.py")
-    assert f"src/{PACKAGE}/sampling.py" not in fetch and f"src/{PACKAGE}/data.py" in fetch
+    assert f"src/{PACKAGE}/diffusion/generate.py" not in fetch and f"src/{PACKAGE}/data/splits.py" in fetch
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from ddpm_cifar.app.engine import Demo\n")
     app = import_closure(probe)
-    assert {f"src/{PACKAGE}/{m}.py" for m in ("app/__init__", "app/engine", "checkpoint")} <= app
+    assert {f"src/{PACKAGE}/{m}.py" for m in ("app/__init__", "app/engine", "models/checkpoint")} <= app
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -267,13 +268,14 @@ def test_no_stage_imports_the_app_and_only_train_imports_training(name: str) -> 
     closure = import_closure(ROOT / "stages" / f"{name}.py")
     assert not any(p.startswith(f"src/{PACKAGE}/app/") for p in closure), f"stage {name} imports the app"
     if name != "train":
-        training = {f"src/{PACKAGE}/{m}.py" for m in ("train", "train_state", "runlog", "ema", "tracking")}
+        training = {f"src/{PACKAGE}/{m}.py" for m in ("training/loop", "training/state", "training/runlog",
+                                                             "training/ema", "training/tracking")}
         assert not closure & training, f"stage {name} imports training code: {sorted(closure & training)}"
 
 
 # The data-parallel stages start through the launcher with the process counts from params (plain python
 # for one process, torchrun for more: DDP, sharded sampling/FID).
-LAUNCH = ["python", "-m", "ddpm_cifar.launch", "--nnodes", "${distributed.nnodes}",
+LAUNCH = ["python", "-m", "ddpm_cifar.runtime.launch", "--nnodes", "${distributed.nnodes}",
           "--nproc-per-node", "${distributed.nproc_per_node}",
           "--rdzv-endpoint", "${distributed.rdzv_endpoint}"]
 

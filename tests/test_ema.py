@@ -1,4 +1,4 @@
-"""Tests for ddpm_cifar.ema: the closed form of a geometric average, and ema-pytorch step by step."""
+"""Tests for ddpm_cifar.training.ema: the closed form of a geometric average, and ema-pytorch step by step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_cifar.ema import EMA
+from ddpm_cifar.training.ema import EMA
 
 
 class _Net(nn.Module):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from factories import tiny_train
 
-from ddpm_cifar.config import SampleConfig
-from ddpm_cifar.evaluation import training_fid_id
-from ddpm_cifar.samplers import SAMPLING_VERSION
-from ddpm_cifar.sampling import sample_cache_key
+from ddpm_cifar.diffusion.generate import sample_cache_key
+from ddpm_cifar.diffusion.samplers import SAMPLING_VERSION
+from ddpm_cifar.evaluation.scoring import training_fid_id
+from ddpm_cifar.runtime.config import SampleConfig
 
 SAMPLE = SampleConfig(n=10, sampler="ddim", steps=50, eta=0.0, spacing="quadratic", compile=False,
                       batch_size=5, seed=0, clip_x0=True, grid_images=4, strip_seeds=(0,), strip_frames=5)

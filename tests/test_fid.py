@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_cifar import fid
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.fileio import file_digest
+from ddpm_cifar.evaluation import fid
+from ddpm_cifar.runtime.errors import UserError
+from ddpm_cifar.runtime.fileio import file_digest
 
 DIM = 16
 

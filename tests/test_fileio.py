@@ -1,4 +1,5 @@
-"""Tests for ddpm_cifar.fileio: atomic writes, and the removal of the temp files a killed writer leaves."""
+"""Tests for ddpm_cifar.runtime.fileio: atomic writes, and the removal of the temp files a killed
+writer leaves."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm_cifar.fileio import (
+from ddpm_cifar.runtime.fileio import (
     STALE_WITH_LIVE_PID_S,
     STALE_WITHOUT_PID_S,
     atomic_path,
@@ -23,7 +24,7 @@ from ddpm_cifar.fileio import (
 # A writer that opens an atomic write, says so, and waits mid-write to be killed (or let go).
 WRITER = """
 import sys, time
-from ddpm_cifar.fileio import atomic_path
+from ddpm_cifar.runtime.fileio import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half a checkpoint")
     print(tmp.name, flush=True)

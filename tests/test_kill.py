@@ -34,7 +34,7 @@ from test_pipeline_e2e import (
     init_git,
 )
 
-from ddpm_cifar import config
+from ddpm_cifar.runtime import config
 
 if TYPE_CHECKING:
     from conftest import TinyCifarArchive

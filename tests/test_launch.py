@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ddpm_cifar.launch import command
+from ddpm_cifar.runtime.launch import command
 
 PROBE = "import os, sys; print(os.getpid(), os.environ.get('LOCAL_RANK'), sys.argv[1:])"
 
@@ -15,7 +15,7 @@ def test_one_process_becomes_the_script_itself(tmp_path: Path) -> None:
     """No launcher stays behind: the script runs with the launcher's pid, and no torchrun variables."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    launch = [sys.executable, "-m", "ddpm_cifar.launch", "--nnodes", "1", "--nproc-per-node", "1",
+    launch = [sys.executable, "-m", "ddpm_cifar.runtime.launch", "--nnodes", "1", "--nproc-per-node", "1",
               "--rdzv-endpoint", "localhost:0"]
     proc = subprocess.Popen([*launch, str(script), "--out", "x"], stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=60)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from factories import one_thread, random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs
 
-from ddpm_cifar import checkpoint
-from ddpm_cifar.config import ModelConfig
-from ddpm_cifar.ddpm_unet import DdpmUNet, DdpmUNetConfig, SelfAttention
-from ddpm_cifar.errors import ConfigError, UserError
-from ddpm_cifar.networks import build_model, ddpm_unet_config, model_config_of
-from ddpm_cifar.train import train
-from ddpm_cifar.unet import UNet, count_parameters
+from ddpm_cifar.models import checkpoint
+from ddpm_cifar.models.ddpm_unet import DdpmUNet, DdpmUNetConfig, SelfAttention
+from ddpm_cifar.models.networks import build_model, ddpm_unet_config, model_config_of
+from ddpm_cifar.models.unet import UNet, count_parameters
+from ddpm_cifar.runtime.config import ModelConfig
+from ddpm_cifar.runtime.errors import ConfigError, UserError
+from ddpm_cifar.training.loop import train
 
 # Ho et al.'s CIFAR-10 network as params.yaml writes it.
 PAPER_DDPM = ModelConfig(image_size=32, channels=3, dim=128, dim_mults=(1, 2, 2, 2), num_res_blocks=2,
@@ -82,7 +82,7 @@ def test_checkpoints_from_before_model_arch_still_load(tmp_path: Path) -> None:
 def test_ddpm_arch_starts_from_ho_et_al_initialisation() -> None:
     """diffusion_tf/nn.py: Glorot-uniform weights (variance_scaling fan_avg, scale 1) and zero
     biases; scale 1e-10 for each residual branch's last layer and the output conv."""
-    from ddpm_cifar.ddpm_unet import ResnetBlock
+    from ddpm_cifar.models.ddpm_unet import ResnetBlock
 
     torch.manual_seed(0)
     net = build_model(PAPER_DDPM)

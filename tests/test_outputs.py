@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.outputs import claim_outputs
+from ddpm_cifar.runtime.errors import UserError
+from ddpm_cifar.runtime.outputs import claim_outputs
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from ddpm_cifar.outputs import claim_outputs
+from ddpm_cifar.runtime.outputs import claim_outputs
 with claim_outputs("train", [Path(sys.argv[1])]):
     print("holding", flush=True)
     time.sleep(600)

@@ -28,7 +28,7 @@ import yaml
 from committed import committed_text
 from PIL import Image
 
-from ddpm_cifar import config
+from ddpm_cifar.runtime import config
 
 if TYPE_CHECKING:  # fixtures hand these over; conftest is not imported at run time
     from conftest import TinyCifarArchive
@@ -213,8 +213,10 @@ def _check_reruns_follow_imports(run: Runner, repo: Path) -> None:
     nothing; an edit to the samplers reruns what samples, never fetch, inception or ref_stats. A
     run-only param (W&B) reruns nothing either."""
     for rel, expect in (("src/ddpm_cifar/app/ui.py", set()),
-                        ("src/ddpm_cifar/sampling.py", {"train", "sample", "evaluate", "pretrained"}),
-                        ("src/ddpm_cifar/samplers.py", {"train", "sample", "evaluate", "pretrained"})):
+                        ("src/ddpm_cifar/diffusion/generate.py",
+                         {"train", "sample", "evaluate", "pretrained"}),
+                        ("src/ddpm_cifar/diffusion/samplers.py",
+                         {"train", "sample", "evaluate", "pretrained"})):
         path = repo / rel
         before = path.read_bytes()
         path.write_bytes(before + b"\n# an edit\n")

@@ -21,12 +21,12 @@ from committed import committed_text
 from test_ddpm_unet import PUBLISHED_CONFIG, PUBLISHED_PARAMETERS
 from test_run_preset import _script
 
-from ddpm_cifar import config
-from ddpm_cifar.ema import EMA
-from ddpm_cifar.networks import build_model, ddpm_unet_config
-from ddpm_cifar.samplers import SamplerSpec
-from ddpm_cifar.train import learning_rate
-from ddpm_cifar.unet import count_parameters
+from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.models.networks import build_model, ddpm_unet_config
+from ddpm_cifar.models.unet import count_parameters
+from ddpm_cifar.runtime import config
+from ddpm_cifar.training.ema import EMA
+from ddpm_cifar.training.loop import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -114,7 +114,7 @@ def test_paper_preset_builds_the_published_35_7m_network() -> None:
 
 
 def test_paper_linear_betas_run_from_1e4_to_0_02() -> None:
-    from ddpm_cifar.diffusion import GaussianDiffusion
+    from ddpm_cifar.diffusion.process import GaussianDiffusion
 
     betas = GaussianDiffusion(_section(PAPER, "diffusion")).betas
     assert len(betas) == 1000 and betas[0].item() == pytest.approx(1e-4, rel=1e-12)

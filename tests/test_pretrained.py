@@ -18,12 +18,12 @@ from factories import one_thread, random_images, save_tiny_checkpoint
 from PIL import Image
 
 from ddpm_cifar.app.engine import Demo, load_demo_model
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.fid import compute_statistics, load_inception, save_random_inception, save_stats
-from ddpm_cifar.fileio import file_digest
-from ddpm_cifar.networks import load_pretrained
-from ddpm_cifar.plots import save_fid_comparison
-from ddpm_cifar.reports import PRETRAINED, reference_meta
+from ddpm_cifar.evaluation.fid import compute_statistics, load_inception, save_random_inception, save_stats
+from ddpm_cifar.evaluation.plots import save_fid_comparison
+from ddpm_cifar.evaluation.reports import PRETRAINED, reference_meta
+from ddpm_cifar.models.networks import load_pretrained
+from ddpm_cifar.runtime.errors import UserError
+from ddpm_cifar.runtime.fileio import file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model with the published network's structure (attention at the second level, DDPM's

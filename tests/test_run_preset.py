@@ -89,7 +89,7 @@ def test_a_preset_starts_from_the_committed_study_whatever_the_workspace_holds()
     """After `dvc exp apply` or a --workspace run, params.yaml holds another experiment: the preset's
     unlisted keys must still get the study's values, or `make quick` after `make paper-recipe` would
     run the paper's network at the quick size."""
-    from ddpm_cifar import config
+    from ddpm_cifar.runtime import config
 
     script = _script()
     study = config.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ddpm_cifar.runlog import RunLogger, read_log
-from ddpm_cifar.tracking import Tracker
+from ddpm_cifar.training.runlog import RunLogger, read_log
+from ddpm_cifar.training.tracking import Tracker
 
 
 class Recorder(Tracker):

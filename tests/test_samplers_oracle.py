@@ -76,9 +76,16 @@ from gaussian_oracle import (
 )
 from scipy import stats
 
-from ddpm_cifar.config import DiffusionConfig
-from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.samplers import VARIANCES, ImageNoise, SamplerSpec, final, run_sampler, spaced_timesteps
+from ddpm_cifar.diffusion.process import GaussianDiffusion
+from ddpm_cifar.diffusion.samplers import (
+    VARIANCES,
+    ImageNoise,
+    SamplerSpec,
+    final,
+    run_sampler,
+    spaced_timesteps,
+)
+from ddpm_cifar.runtime.config import DiffusionConfig
 
 SHAPE = (3, 2, 2)  # 12-dimensional "images"
 N = 10_000

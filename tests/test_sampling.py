@@ -1,4 +1,4 @@
-"""Tests for ddpm_cifar.sampling: the sampler spec, per-image seeds, the DDPM posterior step,
+"""Tests for ddpm_cifar.diffusion.generate: the sampler spec, per-image seeds, the DDPM posterior step,
 quantisation, caching."""
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import pytest
 import torch
 from factories import one_thread, tiny_diffusion, tiny_model, tiny_train
 
-from ddpm_cifar.config import SampleConfig
-from ddpm_cifar.diffusion import GaussianDiffusion
-from ddpm_cifar.errors import UserError
-from ddpm_cifar.samplers import (
+from ddpm_cifar.diffusion.generate import FixedBatch, denoising_frames, generate_images, to_uint8
+from ddpm_cifar.diffusion.process import GaussianDiffusion
+from ddpm_cifar.diffusion.samplers import (
     SAMPLERS,
     SPACINGS,
     ImageNoise,
@@ -27,8 +26,9 @@ from ddpm_cifar.samplers import (
     run_sampler,
     spaced_timesteps,
 )
-from ddpm_cifar.sampling import FixedBatch, denoising_frames, generate_images, to_uint8
-from ddpm_cifar.unet import UNet
+from ddpm_cifar.models.unet import UNet
+from ddpm_cifar.runtime.config import SampleConfig
+from ddpm_cifar.runtime.errors import UserError
 
 SHAPE = (3, 8, 8)
 SEEDS = list(range(10, 18))
@@ -281,7 +281,7 @@ def test_image_noise_is_standard_normal_and_independent() -> None:
 
 def test_noise_hash_is_splitmix64() -> None:
     """The int64 tensor hash against a plain-Python splitmix64 finaliser, on edge values too."""
-    from ddpm_cifar.samplers import _mix64, _mix64_int
+    from ddpm_cifar.diffusion.samplers import _mix64, _mix64_int
     def reference(z: int) -> int:
         m = (1 << 64) - 1
         z &= m

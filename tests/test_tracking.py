@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from factories import FakeWandb
 
-from ddpm_cifar.config import WandbConfig
-from ddpm_cifar.tracking import Tracker, make_tracker
+from ddpm_cifar.runtime.config import WandbConfig
+from ddpm_cifar.training.tracking import Tracker, make_tracker
 
 
 def test_disabled_tracker_is_a_noop_and_does_not_import_wandb(tmp_path: Path,

@@ -1,4 +1,4 @@
-"""Tests for ddpm_cifar.train: exact resume, fresh starts, torn logs, and the batch source."""
+"""Tests for ddpm_cifar.training.loop: exact resume, fresh starts, torn logs, and the batch source."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from factories import (
     train_outputs,
 )
 
-from ddpm_cifar.batches import BatchSource
-from ddpm_cifar.config import TrainConfig, WandbConfig
-from ddpm_cifar.tracking import Tracker, make_tracker
-from ddpm_cifar.train import TrainOutputs, TrainResult, train
-from ddpm_cifar.train_state import fingerprint
+from ddpm_cifar.runtime.config import TrainConfig, WandbConfig
+from ddpm_cifar.training.batches import BatchSource
+from ddpm_cifar.training.loop import TrainOutputs, TrainResult, train
+from ddpm_cifar.training.state import fingerprint
+from ddpm_cifar.training.tracking import Tracker, make_tracker
 
 IMAGES = random_images(n=12, size=8, seed=3)
 CPU = torch.device("cpu")
@@ -98,7 +98,7 @@ def test_straight_run_outputs(straight: Run) -> None:
     ckpt = torch.load(straight.outputs.checkpoint, weights_only=True)
     # The raw weights moved away from their initialisation, and the EMA lags behind them.
     torch.manual_seed(0)
-    from ddpm_cifar.unet import UNet
+    from ddpm_cifar.models.unet import UNet
 
     init = UNet(tiny_model()).state_dict()
     assert any(not torch.equal(init[k], ckpt["model"][k]) for k in init)
@@ -265,7 +265,7 @@ def test_warmup_sets_the_lr_the_optimizer_uses(tmp_path: Path) -> None:
     # The first step, at lr 0, leaves the weights where they started: the lr reached Adam.
     first = _train(tmp_path / "first", tiny_train(steps=1, warmup_steps=3))
     torch.manual_seed(0)
-    from ddpm_cifar.unet import UNet
+    from ddpm_cifar.models.unet import UNet
 
     init = UNet(tiny_model()).state_dict()
     weights = torch.load(first.outputs.checkpoint, weights_only=True)["model"]
@@ -382,7 +382,7 @@ def test_interruption_during_training_fid_leaves_no_gap_in_the_fid_curve(tmp_pat
 
 def test_checkpoint_bytes_are_reproducible(tmp_path: Path) -> None:
     """Equal payloads must give equal files, or DVC reruns sampling after a no-op training rerun."""
-    from ddpm_cifar import checkpoint
+    from ddpm_cifar.models import checkpoint
 
     payload = {"step": 1, "w": torch.arange(6.0)}
     checkpoint.save(tmp_path / "a.pt", payload)
@@ -418,7 +418,7 @@ def test_a_new_fid_reference_restarts_the_fid_curve_but_not_training(tmp_path: P
 
 
 def test_images_of_another_size_are_refused(tmp_path: Path) -> None:
-    from ddpm_cifar.errors import UserError
+    from ddpm_cifar.runtime.errors import UserError
 
     with pytest.raises(UserError, match="model.image_size"):
         train(tiny_model(), tiny_diffusion(), tiny_train(), images=np.zeros((4, 16, 16, 3), np.uint8),

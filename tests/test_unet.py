@@ -1,4 +1,4 @@
-"""Tests for ddpm_cifar.unet: shapes, size of the paper model, time conditioning, config checks."""
+"""Tests for ddpm_cifar.models.unet: shapes, size of the paper model, time conditioning, config checks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from factories import one_thread, tiny_model
 
-from ddpm_cifar.config import ModelConfig
-from ddpm_cifar.errors import ConfigError
-from ddpm_cifar.unet import UNet, count_parameters
+from ddpm_cifar.models.unet import UNet, count_parameters
+from ddpm_cifar.runtime.config import ModelConfig
+from ddpm_cifar.runtime.errors import ConfigError
 
 PAPER = dict(image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2,
              full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0)

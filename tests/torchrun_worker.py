@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from factories import random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs  # noqa: E402
 
-from ddpm_cifar.cli import run  # noqa: E402
-from ddpm_cifar.distributed import process_group  # noqa: E402
-from ddpm_cifar.train import BatchSource, train  # noqa: E402
+from ddpm_cifar.runtime.distributed import process_group  # noqa: E402
+from ddpm_cifar.runtime.stage import run  # noqa: E402
+from ddpm_cifar.training.loop import BatchSource, train  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 sampling reported as a stream of events (progress, then each model's result). No Gradio here.
 
 Image i of a request with seed s is sampled from seed s + i, and the network always sees batches
-of the same shape (:class:`~ddpm_cifar.sampling.FixedBatch`), so image i is the same pixels
+of the same shape (:class:`~ddpm_cifar.diffusion.generate.FixedBatch`), so image i is the same pixels
 whether 1 or 100 images are asked for. With two models, both sample from the same seeds.
 """
 
@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .. import checkpoint
-from ..ddpm_unet import diffusion_config as ddpm_diffusion_config
-from ..diffusion import GaussianDiffusion
-from ..errors import UserError
-from ..networks import load_pretrained
-from ..plots import image_grid
-from ..samplers import USES_ETA, USES_VARIANCE, SamplerSpec, run_sampler
-from ..sampling import FixedBatch, frame_indices, to_uint8
+from ..diffusion.generate import FixedBatch, frame_indices, to_uint8
+from ..diffusion.process import GaussianDiffusion
+from ..diffusion.samplers import USES_ETA, USES_VARIANCE, SamplerSpec, run_sampler
+from ..evaluation.plots import image_grid
+from ..models import checkpoint
+from ..models.ddpm_unet import diffusion_config as ddpm_diffusion_config
+from ..models.networks import load_pretrained
+from ..runtime.errors import UserError
 
 T = TypeVar("T")
 

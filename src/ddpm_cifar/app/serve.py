@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli import default_device
-from ..errors import UserError
+from ..runtime.errors import UserError
+from ..runtime.stage import default_device
 from .engine import Demo, TorchWorker, load_demo_model
 from .ui import CSS, THEME, build_app
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import gradio as gr
 
-from ..errors import UserError
-from ..plots import image_grid, save_png
-from ..samplers import SAMPLERS, SPACINGS, VARIANCES
+from ..diffusion.samplers import SAMPLERS, SPACINGS, VARIANCES
+from ..evaluation.plots import image_grid, save_png
+from ..runtime.errors import UserError
 from .engine import MAX_IMAGES, MAX_SEED, Demo, Progress, Request, Result, TorchWorker, describe, strip_image
 
 # 32x32 samples are shown enlarged to fill their box, as blocky pixels rather than the browser's blur.

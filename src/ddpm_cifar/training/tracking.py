@@ -3,7 +3,7 @@
 Disabled by default. When enabled it runs online if it can and falls back to offline mode (no
 key, no network) with a warning; offline runs can be uploaded later with ``wandb sync``.
 
-A tracker is made before training and started by :func:`ddpm_cifar.train.train` once it knows
+A tracker is made before training and started by :func:`ddpm_cifar.training.loop.train` once it knows
 whether it resumes: a resumed run continues the W&B run whose id its checkpoint holds.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import WandbConfig
+from ..runtime.config import WandbConfig
 
 
 class Tracker:

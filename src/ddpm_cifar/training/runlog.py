@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .fileio import atomic_path
+from ..runtime.fileio import atomic_path
 from .tracking import Tracker
 
 RUNNING_LOSS_STEPS = 100  # the loss shown on the bar and reported as final: a mean of the last steps

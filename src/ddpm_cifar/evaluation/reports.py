@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from ..runtime.errors import UserError
 
 if TYPE_CHECKING:  # a type only: the plots stage reads reports without loading torch and Inception
     from .fid import InceptionInfo

@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import SampleConfig, TrainConfig
-from .diffusion import GaussianDiffusion, Model
-from .distributed import broadcast_from_main
+from ..diffusion.generate import for_sampling, generate_images_sharded
+from ..diffusion.process import GaussianDiffusion, Model
+from ..diffusion.samplers import SAMPLING_VERSION, SamplerSpec
+from ..runtime.config import SampleConfig, TrainConfig
+from ..runtime.distributed import broadcast_from_main
+from ..runtime.fileio import file_digest
 from .fid import FidStats, frechet_distance, load_inception, load_stats, statistics_sharded
-from .fileio import file_digest
 from .reports import check_same_inception
-from .samplers import SAMPLING_VERSION, SamplerSpec
-from .sampling import for_sampling, generate_images_sharded
 
 # What train() calls for the training-time FID, on every rank: (EMA model, diffusion) -> FID.
 FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]

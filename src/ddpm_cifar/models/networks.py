@@ -1,4 +1,4 @@
-"""The denoising network a :class:`~ddpm_cifar.config.ModelConfig` describes.
+"""The denoising network a :class:`~ddpm_cifar.runtime.config.ModelConfig` describes.
 
 Both take ``(x, t)``, x of shape (B, C, H, W) and t of shape (B,) integer timesteps, and return a
 tensor shaped like x: what the diffusion's objective asks for. Neither knows about noise schedules.
@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from ..runtime.config import ModelConfig
+from ..runtime.errors import ConfigError, UserError
 from .ddpm_unet import (
     CONFIG_NAME,
     DdpmUNet,
@@ -23,7 +24,6 @@ from .ddpm_unet import (
     load_diffusers_folder,
     weights_file,
 )
-from .errors import ConfigError, UserError
 from .unet import UNet
 
 
@@ -98,8 +98,8 @@ def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> t
     and the weights file it read.
 
     The network is in eval mode with its ``config`` attribute set to the ModelConfig that builds it,
-    as :func:`ddpm_cifar.checkpoint.load_model` leaves it. The diffusion it was trained with is
-    :func:`ddpm_cifar.ddpm_unet.diffusion_config`.
+    as :func:`ddpm_cifar.models.checkpoint.load_model` leaves it. The diffusion it was trained with is
+    :func:`ddpm_cifar.models.ddpm_unet.diffusion_config`.
     """
     net = load_diffusers_folder(folder)
     net.config = model_config_of(net.settings, str(Path(folder) / CONFIG_NAME))

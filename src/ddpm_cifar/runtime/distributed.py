@@ -8,7 +8,7 @@ one, so a single process runs the same code. What is sharded lives beside what i
 Sampling and Inception shard by whole batches: of the batches one process would run, rank r of w
 runs batches r, r + w, r + 2w, ... and the results are put back in order. Every image owns its
 noise (a function of its seed), the network always sees full batches of the same shape
-(:class:`~ddpm_cifar.sampling.FixedBatch`), and each batch holds the same images as in one process,
+(:class:`~ddpm_cifar.diffusion.generate.FixedBatch`), and each batch holds the same images as in one process,
 so the images and features are those of a single-process run, bit for bit.
 """
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import DiffusionConfig
+from ..runtime.config import DiffusionConfig
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

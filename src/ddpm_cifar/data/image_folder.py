@@ -5,7 +5,7 @@ of ``<class>/`` sub-folders (then everything is training data), possibly inside 
 that every path shares. Classes are numbered in sorted order of their names; within a split the
 images come sorted by class, then by file name. Every image must be 32x32; it is converted to
 RGB. Hidden files and folders (``.name``) are skipped. In an archive, members are read in place
-(:mod:`ddpm_cifar.tar_members`), links included, in archive order.
+(:mod:`ddpm_cifar.data.tar_members`), links included, in archive order.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data import IMAGE_SIZE, Split
-from .errors import UserError
+from ..runtime.errors import UserError
+from .splits import IMAGE_SIZE, Split
 from .tar_members import TAR_READ_ERRORS, Parts, member_parts, one_line, read_member
 
 FORMAT_IMAGE_FOLDER = "image-folder"

@@ -8,7 +8,7 @@ So an archive is accepted or refused the same way however it is consumed, and "c
 its folder" holds for every archive the pipeline takes.
 
 Errors (unreadable, truncated or corrupt archives, unsafe members) are one-line
-:class:`~ddpm_cifar.errors.UserError` messages.
+:class:`~ddpm_cifar.runtime.errors.UserError` messages.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
-from .errors import UserError
+from ..runtime.errors import UserError
 
 # A path inside an archive or image folder, as components relative to its root.
 Parts = tuple[str, ...]

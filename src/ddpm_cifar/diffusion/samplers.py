@@ -1,5 +1,5 @@
 """Samplers: they take the model as a callable and yield every intermediate step. How many images
-in what batches, cached and sharded, is :mod:`ddpm_cifar.sampling`'s job.
+in what batches, cached and sharded, is :mod:`ddpm_cifar.diffusion.generate`'s job.
 
 Randomness is per image: every noise value is a pure function of the image's seed, the draw's
 index in the chain and the element's position (a counter-based generator), so image i gets the same
@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .diffusion import GaussianDiffusion, Model, posterior_coefficients
-from .errors import UserError
+from ..runtime.errors import UserError
+from .process import GaussianDiffusion, Model, posterior_coefficients
 
 if TYPE_CHECKING:  # types only: the sampling code does not depend on the config module
-    from .config import SampleConfig, TrainConfig
+    from ..runtime.config import SampleConfig, TrainConfig
 
 # Bump when the same seeds and settings would give other images (the noise generator, a sampler's
 # arithmetic), so that cached sample batches and the training-time FID curve are not reused.

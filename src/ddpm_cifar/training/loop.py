@@ -1,12 +1,12 @@
 """The training loop, top to bottom: data, model, EMA, resume, steps, checkpoints, logs.
 
 :func:`train` reads top to bottom; what it carries from step to step is one
-:class:`~ddpm_cifar.train_state.TrainState` (model, EMA, optimizer, loss scaler, noise generator,
+:class:`~ddpm_cifar.training.state.TrainState` (model, EMA, optimizer, loss scaler, noise generator,
 step, world history), which ``train_state.resume`` restores from a checkpoint (exactly),
 :func:`train_step` advances and ``train_state.save`` writes. What the run reports (logs, bar, W&B)
-goes through one :class:`~ddpm_cifar.runlog.RunLogger`.
+goes through one :class:`~ddpm_cifar.training.runlog.RunLogger`.
 
-Data parallel: inside a process group (see :mod:`ddpm_cifar.distributed`) the model is wrapped in
+Data parallel: inside a process group (see :mod:`ddpm_cifar.runtime.distributed`) the model is wrapped in
 DistributedDataParallel and ``train.batch_size`` stays the global micro-batch: rank r of w takes
 images [r*b, (r+1)*b) of it, b = batch_size / w. The images, their timesteps and their noise are
 drawn for the whole global batch on every rank and then sliced, so they do not depend on the world
@@ -25,19 +25,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import checkpoint
+from ..diffusion.process import GaussianDiffusion
+from ..models import checkpoint
+from ..models.unet import count_parameters
+from ..runtime.config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
+from ..runtime.distributed import broadcast_from_main, mean_over_ranks, rank_and_world
+from ..runtime.errors import UserError
 from .batches import BatchSource
-from .config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
-from .diffusion import GaussianDiffusion
-from .distributed import broadcast_from_main, mean_over_ranks, rank_and_world
-from .errors import UserError
 from .runlog import RunLogger
+from .state import CheckpointMeta, TrainOutputs, TrainState, fingerprint, resume, save
 from .tracking import Tracker
-from .train_state import CheckpointMeta, TrainOutputs, TrainState, fingerprint, resume, save
-from .unet import count_parameters
 
 if TYPE_CHECKING:  # a type only: training does not import the FID code it is handed
-    from .evaluation import FidFn
+    from ..evaluation.scoring import FidFn
 
 
 
@@ -139,8 +139,8 @@ def _sample_grid(state: TrainState, diffusion: GaussianDiffusion, model_cfg: Mod
                  cfg: TrainConfig) -> np.ndarray:
     """16 images of the EMA weights with the training-time FID's sampler, for W&B (in fp32, as
     this grid has always been sampled)."""
-    from .samplers import SamplerSpec  # only when W&B is on
-    from .sampling import generate_images
+    from ..diffusion.generate import generate_images
+    from ..diffusion.samplers import SamplerSpec  # only when W&B is on
 
     return generate_images(state.ema.model, diffusion, list(range(16)),
                            SamplerSpec.from_train(cfg, precision="fp32"), batch_size=16,

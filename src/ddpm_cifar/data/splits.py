@@ -1,7 +1,7 @@
 """The data set on disk: ``train.npz`` and ``test.npz``, as the fetch stage writes them.
 
 Each file holds ``images`` (uint8, NHWC, 32x32 RGB) and ``labels`` (int64, one per image); a
-``meta.json`` beside them says where the data came from (:mod:`ddpm_cifar.fetch`, which turns a
+``meta.json`` beside them says where the data came from (:mod:`ddpm_cifar.data.fetch`, which turns a
 CIFAR-10 archive or an image folder into these files). Training and the reference statistics
 read them with :func:`load_split`, which needs none of the readers of the sources.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fileio
-from .errors import UserError
+from ..runtime import fileio
+from ..runtime.errors import UserError
 
 IMAGE_SIZE = 32
 

@@ -1,6 +1,7 @@
 """Start a stage script with the process counts of params.yaml's ``distributed`` section.
 
-    python -m ddpm_cifar.launch --nnodes 1 --nproc-per-node 1 --rdzv-endpoint localhost:0 stages/train.py
+    python -m ddpm_cifar.runtime.launch --nnodes 1 --nproc-per-node 1 --rdzv-endpoint localhost:0 \
+        stages/train.py
 
 One process in all, the default: the script replaces this process (exec), so the stage runs as a
 plain ``python stages/train.py`` would: there is no launcher in between that could outlive it or
@@ -22,7 +23,8 @@ import sys
 
 def command(argv: list[str] | None = None) -> list[str]:
     """The command line this launcher becomes."""
-    ap = argparse.ArgumentParser(prog="python -m ddpm_cifar.launch", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m ddpm_cifar.runtime.launch",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--nnodes", type=int, required=True)
     ap.add_argument("--nproc-per-node", type=int, required=True)
     ap.add_argument("--rdzv-endpoint", required=True)

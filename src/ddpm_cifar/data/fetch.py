@@ -8,9 +8,9 @@ Accepted sources:
   (a copy made elsewhere) or a tarball of an image folder; the format is told from the content.
 * a path to a directory: an image folder.
 
-The readers live in :mod:`ddpm_cifar.cifar_archive` (official format) and
-:mod:`ddpm_cifar.image_folder`; archives are opened and vetted by :mod:`ddpm_cifar.tar_members`.
-Output: ``train.npz``, ``test.npz`` (:mod:`ddpm_cifar.data`) and ``meta.json``.
+The readers live in :mod:`ddpm_cifar.data.cifar_archive` (official format) and
+:mod:`ddpm_cifar.data.image_folder`; archives are opened and vetted by :mod:`ddpm_cifar.data.tar_members`.
+Output: ``train.npz``, ``test.npz`` (:mod:`ddpm_cifar.data.splits`) and ``meta.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import fileio
+from ..runtime import fileio
+from ..runtime.errors import UserError
 from .cifar_archive import (
     CIFAR10_MD5,
     FORMAT_OFFICIAL,
@@ -26,14 +27,13 @@ from .cifar_archive import (
     official_members,
     read_official,
 )
-from .data import Split, save_split
-from .errors import UserError
 from .image_folder import (
     FORMAT_IMAGE_FOLDER,
     LAYOUT_HINT,
     read_image_folder_dir,
     read_image_folder_tar,
 )
+from .splits import Split, save_split
 from .tar_members import open_checked
 
 

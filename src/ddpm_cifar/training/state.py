@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
-from .config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
-from .distributed import all_ranks_agree, broadcast_from_main, rank_and_world
+from ..models import checkpoint
+from ..models.networks import build_model
+from ..runtime.config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
+from ..runtime.distributed import all_ranks_agree, broadcast_from_main, rank_and_world
+from ..runtime.errors import UserError
 from .ema import EMA
-from .errors import UserError
-from .networks import build_model
 from .runlog import RunLogger
 
 # Train keys that do not change the trajectory: a checkpoint still resumes when only these differ

@@ -4,7 +4,7 @@
 ``test_batch`` and ``batches.meta`` (the class names), each a Python 2 pickle. The pickles are
 loaded by an unpickler that only builds numpy arrays and plain containers, so a foreign archive
 in this format cannot run code. Members are read from the archive in place
-(:mod:`ddpm_cifar.tar_members`).
+(:mod:`ddpm_cifar.data.tar_members`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from . import fileio
-from .data import IMAGE_SIZE, Split
-from .errors import UserError
+from ..runtime import fileio
+from ..runtime.errors import UserError
+from .splits import IMAGE_SIZE, Split
 from .tar_members import TAR_READ_ERRORS, member_parts, one_line, read_member
 
 try:  # numpy >= 2 moved the pickle helper; old pickles still name numpy.core.multiarray

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from ..runtime.config import ModelConfig
 
 
 def _groups(channels: int) -> int:

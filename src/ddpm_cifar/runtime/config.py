@@ -19,13 +19,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .config_checks import SEED_MAX, WIDTH_MAX, check_field, check_fields
+from .bounds import SEED_MAX, WIDTH_MAX, check_field, check_fields
 from .errors import ConfigError
 
 T = TypeVar("T")
 
 
-# The names ddpm_cifar.sampling implements (a test keeps the two in step; config stays free of torch).
+# The names ddpm_cifar.diffusion.samplers implements (a test keeps the two in step; config stays free
+# of torch).
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")
 SPACING_NAMES = ("uniform", "trailing", "quadratic")
 VARIANCE_NAMES = ("posterior", "beta")  # DDPM's sigma^2: beta tilde or beta
@@ -109,7 +110,7 @@ class TrainConfig:
     lr: float
     adam_betas: tuple[float, float]
     max_grad_norm: float | None
-    # The EMA of the study's trainer (ema-pytorch, see ddpm_cifar.ema): updated once every
+    # The EMA of the study's trainer (ema-pytorch, see ddpm_cifar.training.ema): updated once every
     # ema_update_every optimizer steps; a copy of the weights while at most ema_start_step steps
     # came before, an average after, with a decay that warms up to ema_decay (ema_power below).
     ema_decay: float  # the most the decay reaches
@@ -131,7 +132,7 @@ class TrainConfig:
     # code before these keys existed (constant decay); params.yaml must name both all the same.
     ema_inv_gamma: float = 1.0
     ema_power: float | None = None
-    # Linear learning-rate warm-up over this many steps (ddpm_cifar.train.learning_rate); 0 = none.
+    # Linear learning-rate warm-up over this many steps (ddpm_cifar.training.loop.learning_rate); 0 = none.
     warmup_steps: int = 0
     fid_variance: str = "posterior"  # the training-time FID's DDPM variance, as sample.variance
 

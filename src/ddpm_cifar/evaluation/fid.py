@@ -34,9 +34,16 @@ from torch import nn
 from torchvision.models.inception import Inception3
 from tqdm import tqdm
 
-from .distributed import gather_to_main, rank_and_world, shard
-from .errors import UserError
-from .fileio import atomic_path, download, file_digest, load_weights_only, verify_checksum, why_unreadable
+from ..runtime.distributed import gather_to_main, rank_and_world, shard
+from ..runtime.errors import UserError
+from ..runtime.fileio import (
+    atomic_path,
+    download,
+    file_digest,
+    load_weights_only,
+    verify_checksum,
+    why_unreadable,
+)
 
 OFFICIAL_INCEPTION_URL = FID_WEIGHTS_URL
 OFFICIAL_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"

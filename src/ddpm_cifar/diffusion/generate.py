@@ -1,6 +1,6 @@
 """Sampling images: one per seed, in batches of one shape (:class:`FixedBatch`), finished batches
 cached so that an interrupted run resumes, split over a process group's ranks, quantised to uint8;
-and the denoising strip's frames. The samplers themselves are in :mod:`ddpm_cifar.samplers`.
+and the denoising strip's frames. The samplers themselves are in :mod:`ddpm_cifar.diffusion.samplers`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .diffusion import GaussianDiffusion, Model
-from .distributed import gather_to_all, gather_to_main, rank_and_world, shard
-from .fileio import atomic_path
+from ..runtime.distributed import gather_to_all, gather_to_main, rank_and_world, shard
+from ..runtime.fileio import atomic_path
+from .process import GaussianDiffusion, Model
 from .samplers import SAMPLING_VERSION, SamplerSpec, final, run_sampler
 
 if TYPE_CHECKING:  # types only: the sampling code does not depend on the config module
-    from .config import SampleConfig
+    from ..runtime.config import SampleConfig
 
 
 class FixedBatch:

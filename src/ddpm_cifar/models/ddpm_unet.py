@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DiffusionConfig
-from .errors import UserError
+from ..runtime.config import DiffusionConfig
+from ..runtime.errors import UserError
 
 HUB_URL = "https://huggingface.co/google/ddpm-cifar10-32"
 CONFIG_NAME = "config.json"

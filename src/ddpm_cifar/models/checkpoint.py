@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from .config import DiffusionConfig, ModelConfig, parse_section, to_dict
-from .diffusion import GaussianDiffusion
-from .errors import ConfigError, UserError
-from .fileio import atomic_path, load_weights_only, why_unreadable
+from ..diffusion.process import GaussianDiffusion
+from ..runtime.config import DiffusionConfig, ModelConfig, parse_section, to_dict
+from ..runtime.errors import ConfigError, UserError
+from ..runtime.fileio import atomic_path, load_weights_only, why_unreadable
 from .networks import build_model
 
-FORMAT = "ddpm_cifar.checkpoint/1"
+FORMAT = "ddpm_cifar.models.checkpoint/1"
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
