@@ -40,17 +40,16 @@ LOAD_ONLY = "import sys; from ddpm_cifar import checkpoint; checkpoint.load_mode
 DIRECT = """
 import sys, time
 from ddpm_cifar.models import checkpoint
-from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.diffusion.generate import generate_images
-model, diffusion, _ = checkpoint.load_model(sys.argv[1])
-c = model.config
+loaded = checkpoint.load_model(sys.argv[1])
+model, diffusion = loaded.net, loaded.diffusion
 seeds, sampler, steps = list(range(int(sys.argv[2]))), sys.argv[3], int(sys.argv[4])
 # the app's default timestep spacing, quadratic
 for _ in range(2):
     t0 = time.perf_counter()
-    generate_images(model, diffusion, seeds, SamplerSpec(sampler, steps, "quadratic", precision="fp32"),
-                    batch_size=8, shape=(c.channels, c.image_size, c.image_size), device="cpu",
-                    progress=False)
+    generate_images(model, diffusion, seeds, SamplerConfig(sampler, steps, "quadratic"), batch_size=8,
+                    shape=loaded.shape, device="cpu", precision="fp32", progress=False)
     print(time.perf_counter() - t0)
 """
 

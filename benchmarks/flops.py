@@ -3,7 +3,7 @@
 Counted by ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs; convolutions, matmuls and
 attention; normalisations and activations are not counted) on CPU, for one forward pass (a sampling
 step) and one forward and backward pass (a training image). The ratio scales a throughput measured
-for one network to an estimate for the other: the README's cost of `make paper-recipe` is such an
+for one network to an estimate for the other: docs/recipes.md's cost of `make paper-recipe` is such an
 estimate, labelled as one.
 
     python benchmarks/flops.py

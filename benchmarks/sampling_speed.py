@@ -26,9 +26,8 @@ from denoising_diffusion_pytorch import Unet as TheirUnet
 
 from ddpm_cifar.diffusion.generate import for_sampling, generate_images
 from ddpm_cifar.diffusion.process import GaussianDiffusion
-from ddpm_cifar.diffusion.samplers import SamplerSpec
 from ddpm_cifar.models.unet import UNet, count_parameters
-from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, SamplerConfig
 
 DIFFUSION_CFG = DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_v",
                                 min_snr_gamma=None)  # lucidrains' defaults, as in the study
@@ -39,7 +38,7 @@ def model_config(paper: bool) -> ModelConfig:
     # lucidrains' defaults: full attention at the innermost level, 4 heads of 32.
     return ModelConfig(image_size=32, channels=3, dim=dim, dim_mults=mults, num_res_blocks=2,
                        full_attn=tuple(i == len(mults) - 1 for i in range(len(mults))), attn_heads=4,
-                       attn_dim_head=32, dropout=0.0)
+                       attn_dim_head=32, dropout=0.0, arch="unet")
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -81,7 +80,7 @@ def main() -> None:
     seeds = list(range(args.batch))
 
     def ours(sampler: str, steps: int) -> Callable[[], object]:
-        spec = SamplerSpec(sampler, steps, "quadratic")  # bf16 autocast on CUDA, as the sample stage
+        spec = SamplerConfig(sampler, steps, "quadratic")  # bf16 autocast on CUDA, as the sample stage
         return lambda: generate_images(net, ours_diff, seeds, spec, batch_size=args.batch, shape=(3, 32, 32),
                                        device=device, progress=False)
 

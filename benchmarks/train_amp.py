@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
 from ddpm_cifar.training.loop import TrainOutputs, train
 
 MODEL = ModelConfig(image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2,
-                    full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0)
+                    full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0,
+                    arch="unet")
 DIFFUSION = DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_v",
                             min_snr_gamma=None)
 
@@ -43,8 +44,8 @@ def main() -> None:
                           adam_betas=(0.9, 0.99), max_grad_norm=1.0, ema_decay=0.995, ema_update_every=10,
                           ema_start_step=100, ema_inv_gamma=1.0, ema_power=2 / 3, amp=amp, seed=0,
                           checkpoint_every=args.steps, fid_every=0,
-                          fid_samples=0, fid_sampler="ddpm", fid_sample_steps=1, fid_spacing="uniform",
-                          fid_batch_size=1, sample_grid_every=0)
+                          fid_samples=0, fid_sampler=SamplerConfig("ddpm", 1), fid_batch_size=1,
+                          sample_grid_every=0, warmup_steps=0)
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             outputs = TrainOutputs(root / "checkpoint.pt", root / "ema.pt", root / "loss.tsv",

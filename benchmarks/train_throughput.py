@@ -44,8 +44,7 @@ CUDA_DEFAULTS = {"warmup": 10, "steps": 30, "repeats": 5}
 
 MODEL_CFG = ModelConfig(
     image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2,
-    full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0,
-)
+    full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0, arch="unet")
 DIFFUSION_CFG = DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_v",
                                 min_snr_gamma=None)
 

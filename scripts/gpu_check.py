@@ -21,27 +21,27 @@ import torch
 
 from ddpm_cifar.app.engine import Demo, TorchWorker, load_demo_model
 from ddpm_cifar.diffusion.generate import FixedBatch, generate_images
-from ddpm_cifar.diffusion.samplers import SamplerSpec
 from ddpm_cifar.models import checkpoint
 from ddpm_cifar.models.unet import UNet
-from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
 from ddpm_cifar.training.loop import TrainOutputs, train
 from ddpm_cifar.training.tracking import Tracker
 
 DEV = torch.device("cuda")
 SMALL = ModelConfig(image_size=32, channels=3, dim=32, dim_mults=(1, 2, 2), num_res_blocks=1,
-                    full_attn=(False, False, True), attn_heads=2, attn_dim_head=16, dropout=0.0)
+                    full_attn=(False, False, True), attn_heads=2, attn_dim_head=16, dropout=0.0, arch="unet")
 PAPER = ModelConfig(image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2,
-                    full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0)
+                    full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0,
+                    arch="unet")
 DIFF = DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_v", min_snr_gamma=None)
 
 
 def train_cfg(steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=32, grad_accum=2, lr=1e-3, adam_betas=(0.9, 0.99),
                        max_grad_norm=1.0, ema_decay=0.9, ema_update_every=1, ema_start_step=2, amp=True,
-                       seed=0, checkpoint_every=10, fid_every=0, fid_samples=8, fid_sampler="ddpm",
-                       fid_sample_steps=5, fid_spacing="uniform",
-                       fid_batch_size=8, sample_grid_every=0)
+                       seed=0, checkpoint_every=10, fid_every=0, fid_samples=8,
+                       fid_sampler=SamplerConfig("ddpm", 5), fid_batch_size=8, sample_grid_every=0,
+                       ema_inv_gamma=1.0, ema_power=None, warmup_steps=0)
 
 
 class Crash(Tracker):
@@ -87,8 +87,9 @@ def check_training(root: Path, images: np.ndarray, label: str) -> Path:
 
 
 def check_sampling(ema: Path) -> None:
-    model, diffusion, _ = checkpoint.load_model(ema, DEV)
-    spec, common = SamplerSpec("ddpm", 20), dict(shape=(3, 32, 32), device=DEV, progress=False)
+    loaded = checkpoint.load_model(ema, DEV)
+    model, diffusion = loaded.net, loaded.diffusion
+    spec, common = SamplerConfig("ddpm", 20), dict(shape=(3, 32, 32), device=DEV, progress=False)
     many = generate_images(model, diffusion, list(range(100, 116)), spec, batch_size=16, **common)
     alone = generate_images(model, diffusion, [105], spec, batch_size=16, **common)
     other = generate_images(model, diffusion, list(range(100, 116)), spec, batch_size=4, **common)
@@ -123,13 +124,14 @@ def time_paper_sampling(root: Path) -> None:
     net = UNet(PAPER).to(DEV).eval().requires_grad_(False)
     path = root / "paper.pt"
     checkpoint.save(path, {**checkpoint.model_payload(PAPER, DIFF), "step": 0, "ema": net.state_dict()})
-    model, diffusion, _ = checkpoint.load_model(path, DEV)
+    loaded = checkpoint.load_model(path, DEV)
+    model, diffusion = loaded.net, loaded.diffusion
     n, steps = 256, 20
     common = dict(batch_size=n, shape=(3, 32, 32), device=DEV, progress=False)
-    generate_images(model, diffusion, list(range(n)), SamplerSpec("ddpm", 2), **common)  # warm-up
+    generate_images(model, diffusion, list(range(n)), SamplerConfig("ddpm", 2), **common)  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    generate_images(model, diffusion, list(range(n)), SamplerSpec("ddpm", steps), **common)
+    generate_images(model, diffusion, list(range(n)), SamplerConfig("ddpm", steps), **common)
     torch.cuda.synchronize()
     total = time.perf_counter() - t0
     x = torch.randn(n, 3, 32, 32, device=DEV)

@@ -24,26 +24,26 @@ import torch.multiprocessing as mp
 
 from ddpm_cifar.diffusion.generate import generate_images, generate_images_sharded
 from ddpm_cifar.diffusion.process import GaussianDiffusion
-from ddpm_cifar.diffusion.samplers import SamplerSpec
 from ddpm_cifar.models.unet import UNet
-from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
 from ddpm_cifar.training.loop import TrainOutputs, train
 
 DEV = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # cpu: a smoke run
 SMALL = ModelConfig(image_size=32, channels=3, dim=32, dim_mults=(1, 2, 2), num_res_blocks=1,
-                    full_attn=(False, False, True), attn_heads=2, attn_dim_head=16, dropout=0.1)
+                    full_attn=(False, False, True), attn_heads=2, attn_dim_head=16, dropout=0.1, arch="unet")
 DIFF = DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_v", min_snr_gamma=None)
 IMAGES = np.random.default_rng(0).integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)
 SEEDS = list(range(37))
-SPEC = SamplerSpec("dpmpp_2m", 10)  # bf16 autocast on CUDA
+SPEC = SamplerConfig("dpmpp_2m", 10)  # bf16 autocast on CUDA
 SAMPLE = dict(batch_size=8, shape=(3, 32, 32), device=DEV, progress=False)
 
 
 def cfg(steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=32, grad_accum=2, lr=2e-4, adam_betas=(0.9, 0.99),
                        max_grad_norm=1.0, ema_decay=0.9, ema_update_every=1, ema_start_step=2, amp=True,
-                       seed=0, checkpoint_every=10, fid_every=0, fid_samples=8, fid_sampler="ddpm",
-                       fid_sample_steps=5, fid_spacing="uniform", fid_batch_size=8, sample_grid_every=0)
+                       seed=0, checkpoint_every=10, fid_every=0, fid_samples=8,
+                       fid_sampler=SamplerConfig("ddpm", 5), fid_batch_size=8, sample_grid_every=0,
+                       ema_inv_gamma=1.0, ema_power=None, warmup_steps=0)
 
 
 def outputs(root: Path) -> TrainOutputs:
@@ -119,8 +119,10 @@ def main() -> None:
 
 def write_params(root: Path) -> Path:
     path = root / "params.yaml"
-    path.write_text("sample: {n: 4, sampler: ddim, steps: 2, eta: 0.0, spacing: uniform, compile: false, "
-                    "batch_size: 2, seed: 0, clip_x0: true, grid_images: 4, strip_seeds: [0], "
+    path.write_text("sample: {n: 4, sampler: {name: ddim, steps: 2, spacing: uniform, eta: 0.0, "
+                    "variance: posterior, "
+                    "clip_x0: true}, compile: false, "
+                    "batch_size: 2, seed: 0, grid_images: 4, strip_seeds: [0], "
                     "strip_frames: 2}\n"
                     "distributed: {nnodes: 1, nproc_per_node: 2, rdzv_endpoint: 'localhost:0'}\n")
     return path

@@ -19,13 +19,13 @@ import torch.multiprocessing as mp
 
 from ddpm_cifar.diffusion.generate import generate_images_sharded
 from ddpm_cifar.diffusion.process import GaussianDiffusion
-from ddpm_cifar.diffusion.samplers import SamplerSpec
 from ddpm_cifar.evaluation.fid import load_inception, save_random_inception, statistics_sharded
 from ddpm_cifar.models.unet import UNet
-from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, SamplerConfig
 
 PAPER = ModelConfig(image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2,
-                    full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0)
+                    full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0,
+                    arch="unet")
 DIFF = DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_v", min_snr_gamma=None)
 
 
@@ -38,7 +38,7 @@ def worker(rank: int, world: int, root: str) -> None:
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
     images = generate_images_sharded(net, GaussianDiffusion(DIFF).to(dev), list(range(1000)),
-                                     SamplerSpec("ddim", 3), batch_size=500, shape=(3, 32, 32), device=dev,
+                                     SamplerConfig("ddim", 3), batch_size=500, shape=(3, 32, 32), device=dev,
                                      progress=False)
     inception, _ = load_inception(Path(root) / "inception.pth", dev)
     pictures = np.random.default_rng(0).integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8)

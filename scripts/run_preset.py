@@ -25,6 +25,7 @@ prints which one it used. The copy is not the official archive, so FIDs on it ar
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -72,26 +73,53 @@ def data_source(given: str | None) -> tuple[str, str | None, str]:
              "(an official archive, or an image folder as a directory or .tar.gz)")
 
 
-def set_args(overlay: dict[str, dict[str, Any]]) -> list[str]:
-    """`-S section.key=value` for each value; JSON is valid YAML and keeps null, booleans and lists
-    unambiguous for DVC's parser."""
-    out = []
-    for section, values in overlay.items():
-        for key, value in values.items():
-            out += ["-S", f"{section}.{key}={json.dumps(value)}"]
+# A preset, -S values and params as flat {"section.key": value} maps: a block inside a section
+# (sample.sampler) is set key by key, so a preset that names sample.sampler.steps keeps the
+# study's other sampler settings, as `dvc exp run -S sample.sampler.steps=20` does.
+Flat = dict[str, Any]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> Flat:
+    out: Flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
     return out
 
 
-def with_sets(overlay: dict[str, dict[str, Any]], sets: list[str]) -> dict[str, dict[str, Any]]:
+def set_in(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree``'s value at ``dotted``, making the mappings on the way."""
+    *path, leaf = dotted.split(".")
+    for key in path:
+        if not isinstance(tree.get(key), dict):
+            tree[key] = {}
+        tree = tree[key]
+    tree[leaf] = value
+
+
+def set_args(changes: Flat) -> list[str]:
+    """`-S section.key=value` for each value; JSON is valid YAML and keeps null, booleans and lists
+    unambiguous for DVC's parser."""
+    out = []
+    for dotted, value in changes.items():
+        out += ["-S", f"{dotted}={json.dumps(value)}"]
+    return out
+
+
+def with_sets(overlay: Flat, sets: list[str]) -> Flat:
     """``overlay`` with each ``section.key=value`` of ``sets`` on top (the value read as params.yaml
     reads it: ``1e-4`` is a number), so that every key is passed to DVC once."""
-    out = {section: dict(values) for section, values in overlay.items()}
+    out = dict(overlay)
     for item in sets:
         dotted, eq, text = item.partition("=")
         section, dot, key = dotted.partition(".")
         if not eq or not dot or not section or not key:
             sys.exit(f"error: -S {item!r}: expected section.key=value, e.g. -S train.lr=1e-4")
-        out.setdefault(section, {})[key] = _or_exit(config.parse_yaml, text, f"-S {item!r}")
+        value = _or_exit(config.parse_yaml, text, f"-S {item!r}")
+        out.update(flatten(value, dotted + ".") if isinstance(value, dict) and value else {dotted: value})
     return out
 
 
@@ -116,45 +144,40 @@ def study_params() -> dict[str, Any]:
     return study
 
 
-def plan(study: dict[str, Any], workspace: dict[str, Any],
-         overlay: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def plan(study: dict[str, Any], workspace: dict[str, Any], overlay: Flat) -> Flat:
     """The values to set so that the workspace's params become the study's with ``overlay`` on top:
     the overlay's, and the study's wherever the workspace holds something else."""
-    unknown = [section for section in overlay if not isinstance(study.get(section), dict)]
+    unknown = [k for k in overlay if not isinstance(study.get(k.split(".")[0]), dict)]
     if unknown:
-        sys.exit(f"error: unknown params section {unknown[0]!r} (known: {', '.join(config.SECTIONS)})")
-    changes: dict[str, dict[str, Any]] = {}
-    for section, values in study.items():
-        target = {**(values or {}), **overlay.get(section, {})}
-        have = workspace.get(section) if isinstance(workspace.get(section), dict) else {}
-        differ = {key: value for key, value in target.items() if key not in have or have[key] != value}
-        if differ:
-            changes[section] = differ
-    return changes
+        sys.exit(f"error: unknown params section {unknown[0].split('.')[0]!r} "
+                 f"(known: {', '.join(config.SECTIONS)})")
+    missing = object()
+    have = flatten(workspace)
+    target = {**flatten(study), **overlay}
+    return {k: v for k, v in target.items() if have.get(k, missing) != v}
 
 
-def check(workspace: dict[str, Any], changes: dict[str, dict[str, Any]]) -> None:
+def check(workspace: dict[str, Any], changes: Flat) -> None:
     """Refuse, in one line naming the key, params that the workspace's with ``changes`` would make."""
-    raw = dict(workspace)
-    for section, values in changes.items():
-        have = raw.get(section)
-        raw[section] = {**(have if isinstance(have, dict) else {}), **values}
+    raw = copy.deepcopy(workspace)
+    for dotted, value in changes.items():
+        set_in(raw, dotted, value)
     params = _or_exit(config.Params, raw, tuple(config.SECTIONS), "the preset's params")
     for section in config.SECTIONS:
         _or_exit(params.section, section)
 
 
-def load_overlay(preset: Path) -> dict[str, dict[str, Any]]:
+def load_overlay(preset: Path) -> Flat:
     if not preset.is_file():
         sys.exit(f"error: preset {preset} not found (presets: {', '.join(_presets())})")
     overlay = _or_exit(config.read_yaml, preset)
     bad = [section for section, values in overlay.items() if not isinstance(values, dict)]
     if bad:
         sys.exit(f"error: {preset}: section {bad[0]!r} must be a mapping of keys")
-    return overlay
+    return flatten(overlay)
 
 
-def write_params(path: Path, changes: dict[str, dict[str, Any]]) -> None:
+def write_params(path: Path, changes: Flat) -> None:
     """Set ``changes``' values in ``path`` in place, keeping its comments and layout (ruamel, as
     DVC's own -S does); lists stay in flow style, null stays null."""
     from ruamel.yaml import YAML
@@ -166,12 +189,15 @@ def write_params(path: Path, changes: dict[str, dict[str, Any]]) -> None:
     rt.representer.add_representer(
         type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(path.read_text())
-    for section, values in changes.items():
-        for key, value in values.items():
-            if isinstance(value, list):
-                value = CommentedSeq(value)
-                value.fa.set_flow_style()
-            doc.setdefault(section, {})[key] = value
+    for dotted, value in changes.items():
+        if isinstance(value, list):
+            value = CommentedSeq(value)
+            value.fa.set_flow_style()
+        *path_keys, leaf = dotted.split(".")
+        node = doc
+        for key in path_keys:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     with fileio.atomic_path(path) as tmp, open(tmp, "w") as f:
         rt.dump(doc, f)
 
@@ -200,12 +226,12 @@ def run_dvc(cmd: list[str], name: str, workspace: bool) -> None:
              "run keeps nothing; for long runs use --workspace, which resumes)")
 
 
-def run_in_workspace(changes: dict[str, dict[str, Any]], name: str, dry_run: bool) -> None:
+def run_in_workspace(changes: Flat, name: str, dry_run: bool) -> None:
     """The preset's values written into params.yaml, `dvc repro`, then `dvc exp save`. Not `dvc exp
     run`, which checks the workspace's outputs out afresh and so drops an unfinished training
     checkpoint: `dvc repro` keeps it (persist: true), and training resumes from it."""
     repro, save = ["dvc", "repro"], ["dvc", "exp", "save", "--force", "-n", name]
-    print(f"params.yaml: {sum(len(v) for v in changes.values())} values set", flush=True)
+    print(f"params.yaml: {len(changes)} values set", flush=True)
     print("$ " + shlex.join(repro) + "\n$ " + shlex.join(save), flush=True)
     if dry_run:
         return
@@ -228,13 +254,13 @@ def main() -> None:
     args = ap.parse_args()
     overlay = load_overlay(args.preset)
     source, md5, why = data_source(args.source)
-    overlay["data"] = {**overlay.get("data", {}), "source": source, "md5": md5}
+    overlay.update({"data.source": source, "data.md5": md5})
     overlay = with_sets(overlay, args.set)
     workspace = _or_exit(config.read_yaml, ROOT / "params.yaml")
     changes = plan(study_params(), workspace, overlay)
     check(workspace, changes)
     name = args.name or f"{args.preset.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"data: {overlay['data']['source']} ({why})", flush=True)
+    print(f"data: {overlay['data.source']} ({why})", flush=True)
     if args.workspace:
         run_in_workspace(changes, name, args.dry_run)
     else:

@@ -2,7 +2,7 @@
 
 The network is the exact denoiser of Gaussian data (tests/gaussian_oracle.py), so every error in
 the table is the sampler's own: discretisation, plus the sampling noise of N samples, which the
-"exact samples" line measures. Prints a Markdown table (the README's).
+"exact samples" line measures. Prints a Markdown table (docs/samplers.md's).
 
     python scripts/sampler_accuracy.py                       # the study's schedule (sigmoid), N=20000
     python scripts/sampler_accuracy.py --schedule linear --n 5000
@@ -20,8 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from gaussian_oracle import Gaussian, GaussianOracle, frechet_to_truth  # noqa: E402
 
 from ddpm_cifar.diffusion.process import GaussianDiffusion  # noqa: E402
-from ddpm_cifar.diffusion.samplers import SamplerSpec, final, run_sampler  # noqa: E402
-from ddpm_cifar.runtime.config import DiffusionConfig  # noqa: E402
+from ddpm_cifar.diffusion.samplers import final, run_sampler  # noqa: E402
+from ddpm_cifar.runtime.config import (
+    DiffusionConfig,  # noqa: E402
+    SamplerConfig,  # noqa: E402
+)
 
 SHAPE = (3, 2, 2)  # 12 dimensions
 SAMPLERS = [  # (label, sampler, eta, spacing)
@@ -55,7 +58,7 @@ def main() -> None:
     for label, name, eta, spacing in SAMPLERS:
         cells = []
         for steps in args.steps:
-            spec = SamplerSpec(name, steps, spacing, eta, clip_x0=False)
+            spec = SamplerConfig(name, steps, spacing, eta, clip_x0=False)
             x = final(run_sampler(oracle, diffusion, list(range(args.n)), spec, shape=SHAPE, device="cpu"))
             cells.append(f"{frechet_to_truth(x.double().reshape(args.n, -1).numpy(), data):.4f}")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)

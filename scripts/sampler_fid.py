@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 from ddpm_cifar.diffusion.generate import for_sampling, generate_images
-from ddpm_cifar.diffusion.samplers import SamplerSpec
 from ddpm_cifar.evaluation.fid import load_inception, load_stats
 from ddpm_cifar.evaluation.reports import check_same_inception, comparability
 from ddpm_cifar.evaluation.scoring import fid_sharded
 from ddpm_cifar.models import checkpoint
+from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.stage import default_device, run
 
 
@@ -34,19 +34,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=250)
     args = ap.parse_args()
     device = default_device()
-    model, diffusion, _ = checkpoint.load_model(args.checkpoint, device)
-    net = for_sampling(model, device)
+    model = checkpoint.load_model(args.checkpoint, device)
+    net, diffusion, shape = for_sampling(model.net, device), model.diffusion, model.shape
     inception, info = load_inception(args.inception, device)
     ref, ref_meta = load_stats(args.ref)
     check_same_inception(ref_meta, info)
     reasons = comparability(ref_meta, info, args.n)
-    shape = (model.config.channels, model.config.image_size, model.config.image_size)
     print(f"| sampler | steps | spacing | eta | FID@{args.n} | sampling time |")
     print("|---|---:|---|---:|---:|---:|")
     for text in args.specs:
         parts = text.split(":")
-        spec = SamplerSpec(parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "quadratic",
-                           float(parts[3]) if len(parts) > 3 else 0.0)
+        spec = SamplerConfig(parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "quadratic",
+                             float(parts[3]) if len(parts) > 3 else 0.0)
         t0 = time.perf_counter()
         images = generate_images(net, diffusion, list(range(args.n)), spec, batch_size=args.batch,
                                  shape=shape, device=device, progress=False)

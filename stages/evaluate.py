@@ -5,7 +5,6 @@ Under torchrun (params distributed) each rank runs Inception on its share of the
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,8 @@ import numpy as np
 from ddpm_cifar.evaluation.fid import load_inception, load_stats
 from ddpm_cifar.evaluation.reports import check_same_inception, fid_report, metrics_of
 from ddpm_cifar.evaluation.scoring import fid_sharded
-from ddpm_cifar.runtime.config import load_params
-from ddpm_cifar.runtime.distributed import is_main, process_group
 from ddpm_cifar.runtime.fileio import write_json
-from ddpm_cifar.runtime.outputs import claim_outputs
-from ddpm_cifar.runtime.stage import launched_ranks, run
+from ddpm_cifar.runtime.stage import stage
 
 PARAMS = ("fid.inception_weights", "fid.batch_size", "distributed")
 
@@ -30,9 +26,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("metrics/fid.json"))
     ap.add_argument("--report", type=Path, default=Path("reports/fid.json"))
     args = ap.parse_args()
-    params = load_params(args.params, PARAMS)
-    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
-          claim_outputs("evaluate", [args.out.parent, args.report.parent], lock=is_main())):
+    with stage("evaluate", args.params, PARAMS, [args.out.parent, args.report.parent]) as run:
+        params, device = run.params, run.device
         inception, info = load_inception(params.key("fid.inception_weights"), device)
         ref, ref_meta = load_stats(args.ref)
         check_same_inception(ref_meta, info)
@@ -40,7 +35,7 @@ def main() -> None:
             images, sample_cfg = f["images"], json.loads(str(f["config"]))
             checkpoint_step = int(f["checkpoint_step"])
         fid = fid_sharded(images, inception, ref, batch_size=params.key("fid.batch_size"), device=device)
-        if not is_main():
+        if not run.main:
             return
         report = fid_report(fid, n_samples=len(images), sample_cfg=sample_cfg, ref_meta=ref_meta, info=info)
         write_json(args.report, {**report, "checkpoint_step": checkpoint_step})
@@ -51,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

@@ -18,10 +18,8 @@ from ddpm_cifar.evaluation.fid import (
     random_inception_seed,
     save_random_inception,
 )
-from ddpm_cifar.runtime.config import load_params
 from ddpm_cifar.runtime.errors import UserError
-from ddpm_cifar.runtime.outputs import claim_outputs
-from ddpm_cifar.runtime.stage import run
+from ddpm_cifar.runtime.stage import stage
 
 PARAMS = ("fid.inception_weights",)
 
@@ -49,13 +47,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    path = Path(load_params(args.params, PARAMS).key("fid.inception_weights"))
-    with claim_outputs("inception", [path.parent]):
-        ensure(path)
-    _, info = load_inception(path)
+    with stage("inception", args.params, PARAMS) as run:
+        path = Path(run.params.key("fid.inception_weights"))
+        with run.claim([path.parent]):
+            ensure(path)
+        _, info = load_inception(path)
     kind = "official" if info.official else "NOT the official weights: FIDs will be flagged"
     print(f"Inception weights {path}: sha256 {info.sha256[:12]}… ({kind})")
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

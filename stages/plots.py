@@ -12,14 +12,14 @@ import yaml
 from ddpm_cifar.evaluation.plots import save_fid_comparison, save_training_curves
 from ddpm_cifar.evaluation.reports import fid_tables
 from ddpm_cifar.runtime.fileio import atomic_path
-from ddpm_cifar.runtime.outputs import claim_outputs
-from ddpm_cifar.runtime.stage import run
+from ddpm_cifar.runtime.stage import stage
 
 PARAMS: tuple[str, ...] = ()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--fid", type=Path, default=Path("reports/fid.json"))
     ap.add_argument("--pretrained", type=Path, default=Path("reports/pretrained_fid.json"))
     ap.add_argument("--baselines", type=Path, default=Path("baselines.yaml"))
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--fid-log", type=Path, default=Path("metrics/train_fid.tsv"))
     ap.add_argument("--out", type=Path, default=Path("plots"))
     args = ap.parse_args()
-    with claim_outputs("plots", [args.out]):
+    with stage("plots", args.params, PARAMS, [args.out]):
         ours = json.loads(args.fid.read_text())
         baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
         pretrained = json.loads(args.pretrained.read_text())
@@ -43,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

@@ -3,25 +3,20 @@
 Same sampler settings, per-image seeds and sample count (params sample), reference statistics and
 Inception weights -> metrics/pretrained_fid.json (the numbers) and reports/pretrained_fid.json (the
 provenance and the weights' SHA-256), as "pretrained DDPM (measured)". Off unless
-params pretrained.enabled; the weights are not in the repository (README)."""
+params pretrained.enabled; the weights are not in the repository (docs/pretrained.md)."""
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 
 from ddpm_cifar.diffusion.generate import for_sampling, sample_cache_key
-from ddpm_cifar.diffusion.process import GaussianDiffusion
 from ddpm_cifar.evaluation.fid import load_inception, load_stats
 from ddpm_cifar.evaluation.reports import PRETRAINED, check_same_inception, fid_report, metrics_of
 from ddpm_cifar.evaluation.scoring import fid_of_model
-from ddpm_cifar.models.ddpm_unet import diffusion_config
 from ddpm_cifar.models.networks import load_pretrained
-from ddpm_cifar.runtime.config import load_params, to_dict
-from ddpm_cifar.runtime.distributed import is_main, process_group
+from ddpm_cifar.runtime.config import to_dict
 from ddpm_cifar.runtime.fileio import file_digest, write_json
-from ddpm_cifar.runtime.outputs import claim_outputs
-from ddpm_cifar.runtime.stage import launched_ranks, run
+from ddpm_cifar.runtime.stage import stage
 
 PARAMS = ("pretrained", "sample", "fid.inception_weights", "fid.batch_size", "distributed")
 
@@ -34,13 +29,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("metrics/pretrained_fid.json"))
     ap.add_argument("--report", type=Path, default=Path("reports/pretrained_fid.json"))
     args = ap.parse_args()
-    params = load_params(args.params, PARAMS)
-    cfg, sample = params.section("pretrained"), params.section("sample")
-    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
-          claim_outputs("pretrained", [args.out.parent, args.report.parent, args.partial],
-                        lock=is_main())):
+    with stage("pretrained", args.params, PARAMS, [args.out.parent, args.report.parent, args.partial]) as run:
+        params, device = run.params, run.device
+        cfg, sample = params.section("pretrained"), params.section("sample")
         if not cfg.enabled:
-            if is_main():
+            if run.main:
                 write_json(args.report, {"name": PRETRAINED, "enabled": False})
                 write_json(args.out, {"enabled": False})
                 print("pretrained.enabled is false: nothing to score")
@@ -51,13 +44,12 @@ def main() -> None:
         inception, info = load_inception(params.key("fid.inception_weights"), device)
         ref, ref_meta = load_stats(args.ref)
         check_same_inception(ref_meta, info)
-        net, mc = for_sampling(model, device, compile=sample.compile), model.config
-        fid = fid_of_model(net, GaussianDiffusion(diffusion_config()).to(device), sample, inception, ref,
-                           shape=(mc.channels, mc.image_size, mc.image_size),
+        net = for_sampling(model.net, device, compile=sample.compile)
+        fid = fid_of_model(net, model.diffusion, sample, inception, ref, shape=model.shape,
                            fid_batch_size=params.key("fid.batch_size"), device=device, cache_dir=args.partial,
                            cache_key=sample_cache_key(digest, sample, device),
                            desc="pretrained")
-        if is_main():
+        if run.main:
             report = fid_report(fid, n_samples=sample.n, sample_cfg=to_dict(sample), ref_meta=ref_meta,
                                 info=info)
             write_json(args.report, {"name": PRETRAINED, "enabled": True, **report, "weights": str(weights),
@@ -68,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

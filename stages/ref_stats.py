@@ -4,16 +4,12 @@ Under torchrun (params distributed) each rank runs Inception on its share of the
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from ddpm_cifar.data.splits import load_split
 from ddpm_cifar.evaluation.fid import load_inception, load_stats, save_stats, statistics_sharded
 from ddpm_cifar.evaluation.reports import reference_meta
-from ddpm_cifar.runtime.config import load_params
-from ddpm_cifar.runtime.distributed import is_main, process_group
-from ddpm_cifar.runtime.outputs import claim_outputs
-from ddpm_cifar.runtime.stage import launched_ranks, run
+from ddpm_cifar.runtime.stage import stage
 
 PARAMS = ("fid", "distributed")
 
@@ -24,10 +20,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/cifar10"))
     ap.add_argument("--out", type=Path, default=Path("data/fid_ref.npz"))
     args = ap.parse_args()
-    params = load_params(args.params, PARAMS)
-    cfg = params.section("fid")
-    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
-          claim_outputs("ref_stats", [args.out.parent], lock=is_main())):
+    with stage("ref_stats", args.params, PARAMS, [args.out.parent]) as run:
+        cfg, device = run.params.section("fid"), run.device
         inception, info = load_inception(cfg.inception_weights, device)
         if cfg.reference in ("train", "test"):
             images, _ = load_split(args.data, cfg.reference)
@@ -41,10 +35,10 @@ def main() -> None:
         else:  # precomputed statistics (e.g. pytorch-fid's); trusted only as far as its own meta says
             stats, given = load_stats(cfg.reference)
             meta = {**reference_meta(cfg.reference, stats.n, {}, info), **given, "provided": cfg.reference}
-        if is_main():
+        if run.main:
             save_stats(args.out, stats, meta)
             print(f"reference statistics of {meta['reference']} ({stats.n} images) -> {args.out}")
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

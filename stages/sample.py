@@ -5,7 +5,6 @@ same as with one process."""
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,11 +13,9 @@ import numpy as np
 from ddpm_cifar.diffusion import generate
 from ddpm_cifar.evaluation.plots import save_denoising_strip, save_grid
 from ddpm_cifar.models import checkpoint
-from ddpm_cifar.runtime.config import load_params, to_dict
-from ddpm_cifar.runtime.distributed import is_main, process_group
+from ddpm_cifar.runtime.config import to_dict
 from ddpm_cifar.runtime.fileio import atomic_path, file_digest
-from ddpm_cifar.runtime.outputs import claim_outputs
-from ddpm_cifar.runtime.stage import launched_ranks, run
+from ddpm_cifar.runtime.stage import stage
 
 PARAMS = ("sample", "distributed")
 
@@ -31,32 +28,27 @@ def main() -> None:
     ap.add_argument("--partial", type=Path, default=Path("samples/partial"))
     ap.add_argument("--plots", type=Path, default=Path("plots"))
     args = ap.parse_args()
-    params = load_params(args.params, PARAMS)
-    cfg = params.section("sample")
-    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
-          claim_outputs("sample", [args.out.parent, args.plots, args.partial], lock=is_main())):
-        model, diffusion, ckpt = checkpoint.load_model(args.checkpoint, device)
-        net, mc = generate.for_sampling(model, device, compile=cfg.compile), model.config
-        spec = generate.SamplerSpec.from_sample(cfg)
-        where = dict(shape=(mc.channels, mc.image_size, mc.image_size), device=device)
+    with stage("sample", args.params, PARAMS, [args.out.parent, args.plots, args.partial]) as run:
+        cfg, device = run.params.section("sample"), run.device
+        model = checkpoint.load_model(args.checkpoint, device)
+        net, diffusion = generate.for_sampling(model.net, device, compile=cfg.compile), model.diffusion
+        where = dict(shape=model.shape, device=device)
         seeds = [cfg.seed + i for i in range(cfg.n)]
         key = generate.sample_cache_key(file_digest(args.checkpoint), cfg, device)
-        images = generate.generate_images_sharded(net, diffusion, seeds, spec, batch_size=cfg.batch_size,
-                                                  cache_dir=args.partial, cache_key=key, **where)
+        images = generate.generate_images_sharded(net, diffusion, seeds, cfg.sampler, cache_dir=args.partial,
+                                                  batch_size=cfg.batch_size, cache_key=key, **where)
         if images is None:
             return  # not rank 0: its share is with rank 0, which writes everything
         with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
             np.savez(f, images=images, seeds=np.asarray(seeds), config=json.dumps(to_dict(cfg)),
-                     checkpoint_step=int(ckpt["step"]))
+                     checkpoint_step=model.step)
         shutil.rmtree(args.partial, ignore_errors=True)  # the finished batches now live in --out
         save_grid(images[: cfg.grid_images], args.plots / "sample_grid.png")
-        # The strip has always been sampled without autocast, also where the images use bf16.
-        strip_spec = generate.SamplerSpec.from_sample(cfg, precision="fp32")
-        frames, timesteps = generate.denoising_frames(net, diffusion, list(cfg.strip_seeds), strip_spec,
+        frames, timesteps = generate.denoising_frames(net, diffusion, list(cfg.strip_seeds), cfg.sampler,
                                                       frames=cfg.strip_frames, **where)
         save_denoising_strip(frames, timesteps, args.plots / "denoise_strip.png")
-        print(f"{len(images)} samples ({cfg.sampler}, {cfg.steps} steps) -> {args.out}")
+        print(f"{len(images)} samples ({cfg.sampler.name}, {cfg.sampler.steps} steps) -> {args.out}")
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

@@ -10,11 +10,8 @@ from pathlib import Path
 
 from ddpm_cifar.data.splits import load_split
 from ddpm_cifar.evaluation.scoring import training_fid
-from ddpm_cifar.runtime.config import load_params
-from ddpm_cifar.runtime.distributed import is_main, process_group
 from ddpm_cifar.runtime.fileio import file_digest, write_json
-from ddpm_cifar.runtime.outputs import claim_outputs
-from ddpm_cifar.runtime.stage import launched_ranks, run
+from ddpm_cifar.runtime.stage import stage
 from ddpm_cifar.training.loop import TrainOutputs, train
 from ddpm_cifar.training.tracking import Tracker, make_tracker
 
@@ -32,11 +29,10 @@ def main() -> None:
     ap.add_argument("--metrics", type=Path, default=Path("metrics"))
     ap.add_argument("--reports", type=Path, default=Path("reports"))
     args = ap.parse_args()
-    params = load_params(args.params, PARAMS + RUN_PARAMS)
-    model_cfg, diffusion_cfg = params.section("model"), params.section("diffusion")
-    cfg = params.section("train")
-    with (process_group(*launched_ranks(params.section("distributed"), os.environ)) as device,
-          claim_outputs("train", [args.models, args.metrics, args.reports], lock=is_main())):
+    with stage("train", args.params, PARAMS + RUN_PARAMS, [args.models, args.metrics, args.reports]) as run:
+        params, device = run.params, run.device
+        model_cfg, diffusion_cfg = params.section("model"), params.section("diffusion")
+        cfg = params.section("train")
         images, _ = load_split(args.data, "train")
         fid_fn, fid_id, fid_meta = None, "", {}
         if cfg.fid_every:
@@ -47,7 +43,7 @@ def main() -> None:
         config = {**params.as_dict(), "dataset": json.loads(meta.read_text()) if meta.is_file() else None}
         # `dvc exp run` names the experiment in DVC_EXP_NAME: the W&B run's name unless params give one.
         tracker = (make_tracker(params.section("wandb"), config, args.models / "wandb",
-                                default_name=os.environ.get("DVC_EXP_NAME")) if is_main() else Tracker())
+                                default_name=os.environ.get("DVC_EXP_NAME")) if run.main else Tracker())
         outputs = TrainOutputs(args.models / "checkpoint.pt", args.models / "ema.pt",
                                args.metrics / "train_loss.tsv", args.metrics / "train_fid.tsv")
         try:
@@ -56,11 +52,11 @@ def main() -> None:
                            fid_id=fid_id)
         finally:
             tracker.finish()
-        if is_main():
+        if run.main:
             write_json(args.metrics / "train.json", result.metrics())
             write_json(args.reports / "train.json",
                        {**result.report(), "device": device.type, **fid_meta, **tracker.info()})
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

@@ -3,7 +3,7 @@ of its own) and the flags it runs with on a closed network.
 
 Where the browser or Playwright is missing a test is skipped, except under CI (the env var CI set
 and non-empty): there the setup installs both, so a missing one fails the test instead of letting
-the browser tests pass by not running.
+the browser tests pass by not running (conftest.missing, the rule for every optional dependency).
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import os
 import shutil
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn
 
-import pytest
+from conftest import missing, require
 
 SETUP_HINT = "run `make setup-browser`"
 # Flags for a closed network: without the background-networking ones Chromium keeps dialling out.
@@ -24,24 +23,9 @@ _CANDIDATES = ("/usr/bin/chromium",)
 _ON_PATH = ("chromium", "chromium-browser")
 
 
-def in_ci() -> bool:
-    return bool(os.environ.get("CI"))
-
-
-def missing(message: str, module_level: bool = False) -> NoReturn:
-    """Skips the test, or under CI fails it: there a missing piece is a broken setup."""
-    if in_ci():
-        pytest.fail(f"{message} (CI is set, so this fails instead of skipping)", pytrace=False)
-    pytest.skip(message, allow_module_level=module_level)
-
-
 def sync_playwright_api(module_level: bool = True) -> ModuleType:
     """playwright.sync_api, or a skip (a failure under CI) where Playwright is not installed."""
-    try:
-        import playwright.sync_api as api
-    except ImportError:
-        missing("Playwright is not installed (the test extra installs it: make setup)", module_level)
-    return api
+    return require("playwright.sync_api", module_level)
 
 
 def find_chromium() -> str | None:

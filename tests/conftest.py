@@ -1,20 +1,60 @@
-"""Shared fixtures. Data fixtures build tiny stand-ins for CIFAR-10 so tests never download."""
+"""Shared fixtures. Data fixtures build tiny stand-ins for CIFAR-10 so tests never download.
+
+Also what every test module may use: the ``one_thread`` fixture, and :func:`require` for an optional
+dependency (``from conftest import require``), which skips a test where the package is missing but
+fails it under CI.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
+import os
 import pickle
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
+import factories
 import numpy as np
 import pytest
 from PIL import Image
 
 from ddpm_cifar.evaluation.fid import save_random_inception
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run: the env var CI set and non-empty (GitHub's runners and .ci/run)."""
+    return bool(os.environ.get("CI"))
+
+
+def missing(message: str, module_level: bool = False) -> NoReturn:
+    """Skips the test, or under CI fails it: there the setup installs every optional piece the tests
+    use, so a missing one is a broken setup, not a reason to pass by not running."""
+    if in_ci():
+        pytest.fail(f"{message} (CI is set, so this fails instead of skipping)", pytrace=False)
+    pytest.skip(message, allow_module_level=module_level)
+
+
+def require(module: str, module_level: bool = False) -> ModuleType:
+    """``pytest.importorskip`` that fails instead under CI (:func:`missing`): the imported module."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        missing(f"cannot import {module}: {first} (the test extra installs it: make setup)", module_level)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test (:func:`factories.one_thread`). Modules of tests on
+    tiny tensors apply it to each of their tests: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with factories.one_thread():
+        yield
 
 TINY_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                 "dog", "frog", "horse", "ship", "truck")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
 from ddpm_cifar.training.loop import TrainOutputs
 
 
 def tiny_model(**kw: object) -> ModelConfig:
     base = dict(image_size=8, channels=3, dim=16, dim_mults=(1, 2), num_res_blocks=1,
-                full_attn=(False, True), attn_heads=2, attn_dim_head=8, dropout=0.0)
+                full_attn=(False, True), attn_heads=2, attn_dim_head=8, dropout=0.0, arch="unet")
     return ModelConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -31,9 +32,9 @@ def tiny_train(**kw: object) -> TrainConfig:
     # then averages with the study's warm-up: decay 0.37, 0.52, 0.60, 0.66 at steps 3 to 6.
     base = dict(steps=6, batch_size=4, grad_accum=2, lr=1e-3, adam_betas=(0.9, 0.99),
                 max_grad_norm=1.0, ema_decay=0.9, ema_update_every=1, ema_start_step=1,
-                ema_inv_gamma=1.0, ema_power=2 / 3,
+                ema_inv_gamma=1.0, ema_power=2 / 3, warmup_steps=0,
                 amp=True, seed=0, checkpoint_every=3, fid_every=0,
-                fid_samples=8, fid_sampler="ddpm", fid_sample_steps=5, fid_spacing="uniform",
+                fid_samples=8, fid_sampler=SamplerConfig("ddpm", 5, "uniform"),
                 fid_batch_size=8, sample_grid_every=0)
     return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
 
@@ -80,6 +81,13 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it), for a server under test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def save_tiny_checkpoint(path: Path, *, seed: int = 0, step: int = 7, model: dict | None = None,

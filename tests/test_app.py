@@ -3,7 +3,6 @@ the Blocks layout (ddpm_cifar.app.ui), and the command line (ddpm_cifar.app.serv
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -17,24 +16,21 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from factories import one_thread, save_tiny_checkpoint, tiny_model
+from factories import free_port, save_tiny_checkpoint, tiny_model
 from PIL import Image
 
 from ddpm_cifar.app import engine, serve, ui
 from ddpm_cifar.app.engine import MAX_IMAGES, Demo, DemoModel, Progress, Result, TorchWorker, load_demo_model
 from ddpm_cifar.diffusion.generate import generate_images
-from ddpm_cifar.diffusion.samplers import SamplerSpec
 from ddpm_cifar.evaluation.plots import image_grid
 from ddpm_cifar.models import checkpoint
+from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.errors import UserError
 
 MICRO_BATCH = 8  # the app's default on CPU
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +273,7 @@ def test_torch_worker_passes_errors_on() -> None:
     (2, "ddpm", 21, 0, r"steps must be from 1 to 20"),
     (2, "ddpm", 5, -1, r"seed must be from 0 to 2147483647, got -1"),
     (2, "ddpm", 5, 2**31, r"seed must be from 0"),
-    (2, "euler", 5, 0, r"unknown sampler 'euler'; choose one of: ddpm, ddim, dpmpp_2m"),
+    (2, "euler", 5, 0, r"sampler\.name must be one of ddpm, ddim, dpmpp_2m; got 'euler'"),
 ])
 def test_out_of_range_values_are_refused(demo: Demo, n: object, sampler: object, steps: object,
                                          seed: object, match: str) -> None:
@@ -285,8 +281,8 @@ def test_out_of_range_values_are_refused(demo: Demo, n: object, sampler: object,
         demo.check(n, sampler, steps, seed)
 
 
-@pytest.mark.parametrize(("eta", "match"), [(-0.1, "DDIM eta must be from 0 to 1, got -0.1"),
-                                             (1.5, "from 0 to 1, got 1.5"), (float("nan"), "got nan"),
+@pytest.mark.parametrize(("eta", "match"), [(-0.1, r"sampler\.eta must be in \[0, 1\], got -0\.1"),
+                                             (1.5, r"\[0, 1\], got 1\.5"), (float("nan"), "got nan"),
                                              ("x", "must be a number")])
 def test_ddim_eta_out_of_range_is_refused(demo: Demo, eta: object, match: str) -> None:
     with pytest.raises(UserError, match=match):
@@ -299,15 +295,13 @@ def test_ddim_eta_reaches_the_sampler(demo: Demo) -> None:
     assert np.abs(deterministic.astype(int) - noisy).mean() > 1
 
 
-def test_a_request_is_a_checked_sampler_spec(ckpts: tuple[Path, Path]) -> None:
+def test_a_request_is_a_checked_sampler_config(ckpts: tuple[Path, Path]) -> None:
     req = _demo(ckpts[0]).check(3, "ddim", 7, 0, "trailing", 0.25)
-    assert req.spec == SamplerSpec("ddim", 7, "trailing", 0.25, clip_x0=True, precision="auto")
+    assert req.spec == SamplerConfig("ddim", 7, "trailing", 0.25, clip_x0=True)
     req = _demo(ckpts[0]).check(3, "ddpm", 7, 0, "trailing", 0.0, "beta")
-    assert req.spec == SamplerSpec("ddpm", 7, "trailing", 0.0, precision="auto", variance="beta")
-    fp32 = Demo([load_demo_model(ckpts[0], "cpu")], device="cpu", micro_batch=2, precision="fp32")
-    assert fp32.check(3, "ddim", 7, 0).spec.precision == "fp32"
-    with pytest.raises(UserError, match="unknown timestep spacing 'log'"):
-        fp32.check(3, "ddim", 7, 0, "log")
+    assert req.spec == SamplerConfig("ddpm", 7, "trailing", 0.0, variance="beta")
+    with pytest.raises(UserError, match="sampler.spacing must be one of uniform, trailing, quadratic; got"):
+        _demo(ckpts[0]).check(3, "ddim", 7, 0, "log")
 
 
 # -- DDPM's variance ----------------------------------------------------------------------------
@@ -322,7 +316,7 @@ def test_ddpm_variance_reaches_the_sampler(demo: Demo) -> None:
     assert np.abs(beta.astype(int) - posterior).mean() > 1
     dm = demo.models[0]
     for variance, images in (("posterior", posterior), ("beta", beta)):
-        spec = SamplerSpec("ddpm", 10, "uniform", variance=variance)
+        spec = SamplerConfig("ddpm", 10, "uniform", variance=variance)
         direct = generate_images(dm.model, dm.diffusion, [3, 4, 5, 6, 7], spec, batch_size=MICRO_BATCH,
                                  shape=dm.shape, device="cpu", progress=False)
         np.testing.assert_array_equal(images, direct, err_msg=variance)
@@ -334,7 +328,7 @@ def test_unknown_ddpm_variance_is_one_line(demo: Demo, sampler: str, variance: o
     # Refused for every sampler, like a bad spacing: a typo should not pass because ddim ignores it.
     with pytest.raises(UserError) as info:
         demo.check(2, sampler, 5, 0, "uniform", 0.0, variance)
-    assert str(info.value) == f"unknown DDPM variance {variance!r}; choose one of: posterior, beta"
+    assert str(info.value) == f"sampler.variance must be one of posterior, beta; got {variance!r}"
 
 
 @pytest.mark.parametrize(("sampler", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("dpmpp_2m", 0.0)])
@@ -346,11 +340,11 @@ def test_variance_changes_nothing_for_the_other_samplers(demo: Demo, sampler: st
 
 
 def test_the_variance_is_reported_where_it_matters(demo: Demo, tmp_path: Path) -> None:
-    assert engine.describe(SamplerSpec("ddpm", 1000, "uniform", variance="beta")) == \
+    assert engine.describe(SamplerConfig("ddpm", 1000, "uniform", variance="beta")) == \
         "ddpm with 1000 steps (uniform spacing, σ² = beta)"
     # Not at its default, nor for a sampler that ignores it: either would suggest it changed the images.
-    assert engine.describe(SamplerSpec("ddpm", 20, "quadratic")) == "ddpm with 20 steps (quadratic spacing)"
-    assert engine.describe(SamplerSpec("ddim", 20, "trailing", 0.5, variance="beta")) == \
+    assert engine.describe(SamplerConfig("ddpm", 20, "quadratic")) == "ddpm with 20 steps (quadratic spacing)"
+    assert engine.describe(SamplerConfig("ddim", 20, "trailing", 0.5, variance="beta")) == \
         "ddim with 20 steps (trailing spacing, η = 0.5)"
     outs = list(ui.Handlers(demo, tmp_path).generate(2, "ddpm", 3, 0, variance="beta"))
     assert outs[-1]["status"] == ("Done: 2 image(s) per model, seeds 0–1, "
@@ -374,16 +368,10 @@ def test_handler_refuses_bad_values_with_a_gradio_message(ckpts: tuple[Path, Pat
     assert info.value.print_exception is False
     # The app is still usable afterwards.
     assert list(fn(2, "ddpm", 2, "uniform", 0.0, "posterior", 0, request))
-    with pytest.raises(gr.Error, match="unknown DDPM variance 'fixedlarge'; choose one of: posterior, beta"):
+    with pytest.raises(gr.Error, match="sampler.variance must be one of posterior, beta; got 'fixedlarge'"):
         list(fn(2, "ddpm", 2, "uniform", 0.0, "fixedlarge", 0, request))
-    assert capsys.readouterr().err == ("refused request: unknown DDPM variance 'fixedlarge'; "
-                                       "choose one of: posterior, beta\n")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert capsys.readouterr().err == ("refused request: sampler.variance must be one of posterior, beta; "
+                                       "got 'fixedlarge'\n")
 
 
 def test_a_refused_request_is_one_console_line_when_served(ckpts: tuple[Path, Path], tmp_path: Path,
@@ -394,7 +382,7 @@ def test_a_refused_request_is_one_console_line_when_served(ckpts: tuple[Path, Pa
     from gradio_client.exceptions import AppError
 
     blocks = ui.build_app(_demo(ckpts[0]), tmp_path)
-    blocks.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
+    blocks.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                           quiet=True)
     try:
         client = Client(blocks.local_url, verbose=False)
@@ -511,8 +499,8 @@ def test_models_load_once_from_their_own_config(ckpts: tuple[Path, Path], launch
     serve.main(["--checkpoint", str(ckpts[0]), "--compare", str(ckpts[1])])
     assert loads == 2
     (demo,) = built
-    assert [m.model.config for m in demo.models] == [tiny_model(), tiny_model()]
-    assert [m.step for m in demo.models] == [11, 22]
+    assert [m.loaded.config for m in demo.models] == [tiny_model(), tiny_model()]
+    assert [m.loaded.step for m in demo.models] == [11, 22]
     demo.images(demo.check(2, "ddpm", 2, 0))
     demo.images(demo.check(3, "ddpm", 2, 5))
     assert loads == 2  # sampling never reloads
@@ -533,7 +521,7 @@ def _mismatched(path: Path, ckpts: tuple[Path, Path]) -> Path:
 @pytest.mark.parametrize(("make", "match"), [
     (lambda p, c: p, r"not found"),
     (lambda p, c: (p.write_bytes(b"not a checkpoint at all"), p)[1], r"is not a readable checkpoint"),
-    (lambda p, c: _foreign_state_dict(p), r"is not a ddpm_cifar.models.checkpoint/1 checkpoint"),
+    (lambda p, c: _foreign_state_dict(p), r"is not a ddpm_cifar\.checkpoint/2 checkpoint"),
     (_mismatched, r"weights do not fit the stored model config"),
 ])
 def test_bad_checkpoints_are_one_message_at_start_up(ckpts: tuple[Path, Path], tmp_path: Path,

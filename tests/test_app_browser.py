@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from browser import CHROMIUM_ARGS, chromium_executable, sync_playwright_api
-from factories import save_tiny_checkpoint
+from factories import free_port, save_tiny_checkpoint
 from PIL import Image
 
 # Skipped where Playwright or Chromium is missing, failed instead under CI (tests/browser.py).
@@ -22,12 +21,6 @@ playwright = sync_playwright_api()
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PAD = 2  # the grid's gap between images, in pixels
 DONE = "document.querySelector('#status').innerText.startsWith('Done')"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_served(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -50,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # T = 200 so that a long request can be stopped before it ends.
     a = save_tiny_checkpoint(root / "first.pt", seed=0, diffusion={"timesteps": 200})
     b = save_tiny_checkpoint(root / "second.pt", seed=1, diffusion={"timesteps": 200})
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ddpm_cifar.app", "--checkpoint", str(a), "--compare",
                              str(b), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=root)

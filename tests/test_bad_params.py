@@ -62,15 +62,18 @@ BAD: list[tuple[str, Any]] = [
     ("train.checkpoint_every", 0), ("train.checkpoint_every", 10**9 + 1),
     ("train.fid_every", -1), ("train.fid_every", 10**9 + 1),
     ("train.fid_samples", 1), ("train.fid_samples", 100_001),
-    ("train.fid_sample_steps", 0), ("train.fid_sample_steps", 100_001),
+    ("train.fid_sampler.steps", 0), ("train.fid_sampler.steps", 100_001),
+    ("train.fid_sampler.name", "euler"), ("train.fid_sampler.eta", 1.5), ("train.fid_sampler", "ddpm"),
     ("train.fid_batch_size", 0), ("train.fid_batch_size", 65_537),
     ("train.sample_grid_every", -1), ("train.sample_grid_every", 10**9 + 1),
     ("train.warmup_steps", -1), ("train.warmup_steps", 10**9 + 1), ("train.warmup_steps", 1.5),
-    ("train.fid_variance", "fixedlarge"),
+    ("train.fid_sampler.variance", "fixedlarge"),
     # sample
     ("sample.n", 0), ("sample.n", 100_000_000_000),
-    ("sample.steps", 0), ("sample.steps", 100_001),
-    ("sample.eta", -0.1), ("sample.eta", 1.5), ("sample.eta", NAN),
+    ("sample.sampler.steps", 0), ("sample.sampler.steps", 100_001), ("sample.sampler.steps", 2.0),
+    ("sample.sampler.eta", -0.1), ("sample.sampler.eta", 1.5), ("sample.sampler.eta", NAN),
+    ("sample.sampler.name", "euler"), ("sample.sampler.spacing", "log"), ("sample.sampler.clip_x0", 1),
+    ("sample.sampler", "ddpm"), ("sample.sampler", {"name": "ddpm", "steps": 10}),
     ("sample.batch_size", 0), ("sample.batch_size", 65_537),
     ("sample.seed", -1), ("sample.seed", 2**63), ("sample.seed", 2**63 - 10),  # the last: seed + n - 1
     ("sample.grid_images", 0), ("sample.grid_images", 5_000),
@@ -78,7 +81,7 @@ BAD: list[tuple[str, Any]] = [
     ("sample.strip_seeds", []), ("sample.strip_seeds", [0, -1]), ("sample.strip_seeds", [2**63]),
     ("sample.strip_seeds", list(range(65))),
     ("sample.strip_frames", 0), ("sample.strip_frames", 101),
-    ("sample.variance", "large"), ("sample.variance", None),
+    ("sample.sampler.variance", "large"), ("sample.sampler.variance", None),
     # fid
     ("fid.inception_weights", ""), ("fid.reference", " "),
     ("fid.reference_count", -1), ("fid.reference_count", 1), ("fid.reference_count", 1_000_001),
@@ -100,8 +103,11 @@ def _row_id(row: tuple[str, Any]) -> str:
 def write_params(folder: Path, key: str, value: Any, base: dict[str, Any] | None = None) -> Path:
     """The committed params (or ``base``) with ``key`` set to ``value``, as ``folder``/params.yaml."""
     raw = copy.deepcopy(BASE if base is None else base)
-    section, name = key.split(".", 1)
-    raw[section][name] = value
+    *path, name = key.split(".")
+    node = raw
+    for part in path:
+        node = node[part]
+    node[name] = value
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))  # NaN and inf as YAML's .nan and .inf
     return path
@@ -120,8 +126,11 @@ def load_error(path: Path) -> str:
 
 def test_every_row_changes_a_committed_key() -> None:
     for key, _ in BAD:
-        section, name = key.split(".", 1)
-        assert name in BASE[section], f"{key} is not in params.yaml"
+        *path, name = key.split(".")
+        node = BASE
+        for part in path:
+            node = node[part]
+        assert name in node, f"{key} is not in params.yaml"
 
 
 @pytest.mark.parametrize(("key", "value"), BAD, ids=[_row_id(r) for r in BAD])
@@ -142,7 +151,11 @@ def test_committed_params_and_the_quick_preset_pass(tmp_path: Path) -> None:
     quick = yaml.safe_load(committed_text("configs/quick.yaml"))
     merged = copy.deepcopy(BASE)
     for section, values in quick.items():
-        merged[section].update(values)
+        for key, value in values.items():
+            if isinstance(value, dict):
+                merged[section][key].update(value)
+            else:
+                merged[section][key] = value
     for name, raw in (("committed", BASE), ("quick", merged)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -155,7 +168,8 @@ def test_at_the_bounds_values_load(tmp_path: Path) -> None:
     """The largest allowed values pass: the bounds are inclusive where the message says "at most"."""
     raw = copy.deepcopy(BASE)
     raw["sample"].update(n=1_000_000, seed=2**63 - 1_000_000, batch_size=65_536, grid_images=4_096,
-                         strip_seeds=[2**63 - 1] * 64, strip_frames=100, steps=100_000, eta=1.0)
+                         strip_seeds=[2**63 - 1] * 64, strip_frames=100)
+    raw["sample"]["sampler"].update(steps=100_000, eta=1.0)
     raw["train"].update(steps=10**9, seed=2**32 - 1, fid_samples=100_000, lr=1, adam_betas=[0.0, 0.999])
     raw["model"].update(dim=512, dim_mults=[1, 2, 4, 8], dropout=0.0)
     raw["diffusion"]["timesteps"] = 100_000

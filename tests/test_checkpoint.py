@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +20,7 @@ from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig
 from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.training.loop import TrainOutputs, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 @dataclass(frozen=True)
@@ -52,8 +47,9 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_load_model_gives_the_trained_ema_weights(trained: Trained) -> None:
-    model, diffusion, ckpt = checkpoint.load_model(trained.outputs.ema)
-    assert ckpt["step"] == 3
+    loaded = checkpoint.load_model(trained.outputs.ema)
+    model, diffusion = loaded.net, loaded.diffusion
+    assert loaded.step == 3 and loaded.shape == (3, 8, 8)
     x, t = _inputs()
     with torch.no_grad():
         got = model(x, t)
@@ -77,7 +73,7 @@ def test_load_model_gives_the_trained_ema_weights(trained: Trained) -> None:
 
 
 def test_load_model_can_pick_the_raw_weights(trained: Trained) -> None:
-    model, _, _ = checkpoint.load_model(trained.outputs.checkpoint, weights="model")
+    model = checkpoint.load_model(trained.outputs.checkpoint, weights="model").net
     raw = torch.load(trained.outputs.checkpoint, weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, raw["model"][k]), k
@@ -96,9 +92,19 @@ def test_stored_config_is_the_config_used(trained: Trained) -> None:
         "timesteps": 20, "beta_schedule": "cosine", "objective": "pred_v", "min_snr_gamma": 5.0,
     }
     assert checkpoint.configs(raw) == (trained.model_cfg, trained.diffusion_cfg)
-    model, diffusion, _ = checkpoint.load_model(trained.outputs.ema)
-    assert model.config == trained.model_cfg
-    assert diffusion.config == trained.diffusion_cfg
+    loaded = checkpoint.load_model(trained.outputs.ema)
+    assert loaded.config == trained.model_cfg
+    assert loaded.diffusion.config == trained.diffusion_cfg
+
+
+def test_a_checkpoint_of_an_older_format_is_one_line_naming_it(trained: Trained, tmp_path: Path) -> None:
+    raw = torch.load(trained.outputs.ema, weights_only=True)
+    old = tmp_path / "ema.pt"
+    torch.save({**raw, "format": "ddpm_cifar.checkpoint/1"}, old)
+    message = (r"ddpm_cifar\.checkpoint/1 checkpoint, from an older version of this pipeline \(this one "
+               r"reads ddpm_cifar\.checkpoint/2\): remove it and rerun `dvc repro`")
+    with pytest.raises(checkpoint.OlderCheckpoint, match=message):
+        checkpoint.load_model(old)
 
 
 def test_torch_load_is_called_with_weights_only(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from ddpm_cifar.runtime.config import (
     ModelConfig,
     Params,
     SampleConfig,
+    SamplerConfig,
     TrainConfig,
     WandbConfig,
     load_params,
@@ -42,14 +44,16 @@ BASE: dict[str, dict[str, Any]] = {
     "train": {"steps": 20000, "batch_size": 64, "grad_accum": 2, "lr": 0.0001, "adam_betas": [0.9, 0.99],
               "max_grad_norm": 1.0, "ema_decay": 0.995, "ema_update_every": 10, "ema_start_step": 100,
               "amp": True, "seed": 0, "checkpoint_every": 1000, "fid_every": 0,
-              "fid_samples": 1000, "fid_sampler": "dpmpp_2m", "fid_sample_steps": 20,
-              "fid_spacing": "quadratic", "fid_batch_size": 250,
-              "sample_grid_every": 0, "ema_inv_gamma": 1.0, "ema_power": 0.6666666666666666,
-              "warmup_steps": 0, "fid_variance": "posterior"},
-    "sample": {"n": 10000, "sampler": "ddpm", "steps": 1000, "eta": 0.0, "spacing": "quadratic",
+              "fid_samples": 1000,
+              "fid_sampler": {"name": "dpmpp_2m", "steps": 20, "spacing": "quadratic", "eta": 0.0,
+                              "variance": "posterior", "clip_x0": True},
+              "fid_batch_size": 250, "sample_grid_every": 0, "ema_inv_gamma": 1.0,
+              "ema_power": 0.6666666666666666, "warmup_steps": 0},
+    "sample": {"n": 10000,
+               "sampler": {"name": "ddpm", "steps": 1000, "spacing": "quadratic", "eta": 0.0,
+                           "variance": "posterior", "clip_x0": True},
                "compile": True, "batch_size": 250, "seed": 0,
-               "clip_x0": True, "grid_images": 64, "strip_seeds": [0, 1, 2, 3], "strip_frames": 20,
-               "variance": "posterior"},
+               "grid_images": 64, "strip_seeds": [0, 1, 2, 3], "strip_frames": 20},
     "fid": {"inception_weights": "data/inception/pt_inception.pth", "reference": "train",
             "reference_count": 0, "batch_size": 200},
     "wandb": {"enabled": False, "project": "ddpm", "run_name": None, "entity": None, "mode": "online"},
@@ -95,7 +99,9 @@ def test_base_params_parse_into_typed_dataclasses(write_params) -> None:
     assert s["data"] == DataConfig(source="official", md5="c58f30108f718f92721af3b95e74349a")
     assert s["model"] == ModelConfig(image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8),
                                      num_res_blocks=2, full_attn=(False, False, False, True),
-                                     attn_heads=4, attn_dim_head=32, dropout=0.0)
+                                     attn_heads=4, attn_dim_head=32, dropout=0.0, arch="unet")
+    assert s["sample"].sampler == SamplerConfig("ddpm", 1000, "quadratic", 0.0, "posterior", True)
+    assert s["train"].fid_sampler == SamplerConfig("dpmpp_2m", 20, "quadratic")
     assert s["diffusion"] == DiffusionConfig(timesteps=1000, beta_schedule="sigmoid", objective="pred_v",
                                              min_snr_gamma=None)
     train = s["train"]
@@ -312,9 +318,32 @@ def test_params_key_must_be_a_field() -> None:
 
 
 def test_config_knows_the_samplers_the_library_has() -> None:
-    from ddpm_cifar.diffusion.samplers import SAMPLERS, SPACINGS, VARIANCES
-    from ddpm_cifar.runtime.config import SAMPLER_NAMES, SPACING_NAMES, VARIANCE_NAMES
-    assert tuple(SAMPLERS) == SAMPLER_NAMES and SPACINGS == SPACING_NAMES and VARIANCES == VARIANCE_NAMES
+    from ddpm_cifar.diffusion.samplers import SAMPLERS, spaced_timesteps
+    from ddpm_cifar.runtime.config import SAMPLER_NAMES, SPACING_NAMES
+
+    assert tuple(SAMPLERS) == SAMPLER_NAMES
+    for spacing in SPACING_NAMES:
+        assert len(spaced_timesteps(100, 10, spacing)) == 10, spacing
+
+
+def test_a_sampler_block_is_read_key_by_key_and_named_in_errors(write_params) -> None:
+    path = write_params(lambda raw: raw["sample"]["sampler"].update(name="ddim", steps=50, eta=0.5))
+    assert load_params(path, ["sample"]).section("sample").sampler == SamplerConfig(
+        "ddim", 50, "quadratic", 0.5, "posterior", True)
+    def sampler(raw: dict) -> dict:
+        return raw["sample"]["sampler"]
+
+    for edit, match in [
+        (lambda raw: sampler(raw).update(steps="many"), r"^sample\.sampler\.steps must be an integer"),
+        (lambda raw: sampler(raw).update(typo=1), r"^unknown key sample\.sampler\.typo \(known: name,"),
+        (lambda raw: sampler(raw).pop("eta"), r"^missing key sample\.sampler\.eta$"),
+        (lambda raw: raw["sample"].update(sampler="ddpm"),
+         r"^sample\.sampler must be a mapping of name, steps, spacing, eta, variance, clip_x0; got 'ddpm'$"),
+        (lambda raw: raw["train"]["fid_sampler"].update(eta=2),
+         r"^train\.fid_sampler\.eta must be in \[0, 1\]"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_params(write_params(edit), ["sample", "train"]).as_dict()
 
 
 def test_distributed_section_checks() -> None:
@@ -355,7 +384,11 @@ def test_every_numeric_field_has_a_range() -> None:
     does not exist (a typo) would check nothing."""
     from ddpm_cifar.runtime.bounds import BOUNDS, PATTERNS
 
-    fields = {f"{s}.{k}": tp for s, cls in SECTIONS.items() for k, tp in typing.get_type_hints(cls).items()}
+    fields = {f"{s}.{k}": tp for s, cls in SECTIONS.items() for k, tp in typing.get_type_hints(cls).items()
+              if tp is not SamplerConfig}
+    # the sampler block, in sample and train alike, has its bounds under "sampler."
+    fields |= {f"sampler.{f.name}": typing.get_type_hints(SamplerConfig)[f.name]
+               for f in dataclasses.fields(SamplerConfig)}
     numeric = {key for key, tp in fields.items() if _leaf_types(tp) & {int, float}}
     assert set(BOUNDS) == numeric
     assert set(PATTERNS) <= {key for key, tp in fields.items() if str in _leaf_types(tp)}

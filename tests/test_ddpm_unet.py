@@ -7,7 +7,6 @@ of https://huggingface.co/google/ddpm-cifar10-32, with random weights (nothing i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +68,7 @@ SMALL_PUBLISHED_LAYOUT: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def _diffusers_config(config: dict[str, Any]) -> dict[str, Any]:

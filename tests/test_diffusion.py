@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from factories import one_thread, tiny_diffusion, tiny_model
+from factories import tiny_diffusion, tiny_model
 
 from ddpm_cifar.diffusion.process import GaussianDiffusion, posterior_coefficients
 from ddpm_cifar.models.unet import UNet
@@ -17,10 +16,7 @@ SCHEDULES = ("linear", "cosine", "sigmoid")
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def _diffusion(schedule: str = "linear", T: int = 20, objective: str = "pred_noise",

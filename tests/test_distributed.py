@@ -17,16 +17,16 @@ from factories import one_thread, random_images, tiny_diffusion, tiny_model, tin
 
 from ddpm_cifar.diffusion.generate import generate_images, generate_images_sharded
 from ddpm_cifar.diffusion.process import GaussianDiffusion
-from ddpm_cifar.diffusion.samplers import SamplerSpec
 from ddpm_cifar.evaluation.fid import load_inception, save_random_inception, statistics_sharded
 from ddpm_cifar.models.unet import LinearAttention, ResBlock, UNet
+from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.distributed import rank_and_world, shard, unshard
 from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.training.ema import EMA
 from ddpm_cifar.training.loop import TrainResult, train
 
 SEEDS = list(range(100, 111))  # 11 images: the ranks get 6 and 5, so batches are padded too
-SPEC = SamplerSpec("dpmpp_2m", 4)
+SPEC = SamplerConfig("dpmpp_2m", 4)
 OPTIONS = dict(batch_size=4, shape=(3, 8, 8), device="cpu", progress=False)
 IMAGES = random_images(n=12, size=8, seed=3)
 CPU = torch.device("cpu")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import require
 from torch import nn
 
 from ddpm_cifar.training.ema import EMA
@@ -146,7 +147,7 @@ def test_warm_up_decay() -> None:
 def test_matches_ema_pytorch_at_every_step(update_every: int, power: float | None) -> None:
     """The study's EMA, update for update: ema-pytorch's EMA.update() once per optimizer step, as
     denoising-diffusion-pytorch's Trainer calls it, against ours after each step."""
-    ema_pytorch = pytest.importorskip("ema_pytorch")
+    ema_pytorch = require("ema_pytorch")
     decay, start, steps = 0.9, 5, 150
     torch.manual_seed(0)
     model = _Net()

@@ -27,11 +27,9 @@ import yaml
 from test_pipeline_e2e import (
     INCEPTION_IN_REPO,
     Runner,
-    _copy_project,
-    _env,
     _read_tsv,
     _tiny_params,
-    init_git,
+    toy_repo,
 )
 
 from ddpm_cifar.runtime import config
@@ -50,11 +48,7 @@ KILL_PARAMS: dict[str, dict[str, Any]] = {
 
 
 def _project(root: Path, archive: TinyCifarArchive, inception: Path) -> tuple[Path, Runner]:
-    repo = root / "repo"
-    repo.mkdir(parents=True)
-    _copy_project(repo)
-    run = Runner(repo, _env(root, repo))
-    init_git(run)
+    repo, run = toy_repo(root)
     (repo / INCEPTION_IN_REPO).parent.mkdir(parents=True)
     shutil.copy(inception, repo / INCEPTION_IN_REPO)
     params = _tiny_params(config.read_yaml(repo / "params.yaml"), archive)

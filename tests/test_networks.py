@@ -64,19 +64,20 @@ def test_ddpm_arch_trains_checkpoints_and_reloads(tmp_path: Path) -> None:
                        images=random_images(8), data_id="random", outputs=outputs, device=torch.device("cpu"),
                        log=lambda _: None)
     assert result.step == 2
-    model, _, ckpt = checkpoint.load_model(outputs.ema)
-    assert isinstance(model, DdpmUNet) and model.config == tiny_model(**TINY_DDPM)
-    assert ckpt["model_config"]["arch"] == "ddpm"
+    loaded = checkpoint.load_model(outputs.ema)
+    assert isinstance(loaded.net, DdpmUNet) and loaded.config == tiny_model(**TINY_DDPM)
+    assert checkpoint.load(outputs.ema)["model_config"]["arch"] == "ddpm"
 
 
-def test_checkpoints_from_before_model_arch_still_load(tmp_path: Path) -> None:
-    path = tmp_path / "old.pt"
-    net = UNet(tiny_model())
+def test_a_checkpoint_names_its_network(tmp_path: Path) -> None:
+    path = tmp_path / "ema.pt"
     payload = checkpoint.model_payload(tiny_model(), tiny_diffusion())
-    del payload["model_config"]["arch"]  # as saved before the key existed
-    checkpoint.save(path, {**payload, "step": 1, "ema": net.state_dict()})
-    model, _, _ = checkpoint.load_model(path)
-    assert isinstance(model, UNet) and model.config.arch == "unet"
+    checkpoint.save(path, {**payload, "step": 1, "ema": UNet(tiny_model()).state_dict()})
+    assert isinstance(checkpoint.load_model(path).net, UNet)
+    del payload["model_config"]["arch"]
+    checkpoint.save(path, {**payload, "step": 1, "ema": UNet(tiny_model()).state_dict()})
+    with pytest.raises(UserError, match="missing key model.arch"):
+        checkpoint.load_model(path)
 
 
 def test_ddpm_arch_starts_from_ho_et_al_initialisation() -> None:

@@ -49,17 +49,19 @@ AFTER_SAMPLING = {"sample", "evaluate", "pretrained", "plots"}
 DATA_PARALLEL = {"ref_stats", "train", "sample", "evaluate", "pretrained"}  # under torchrun
 TIMEOUT_S = 600
 
-# Everything the toy run changes in params.yaml; every other key keeps the project's value.
+# Everything the toy run changes in params.yaml; every other key keeps the project's value (in a
+# block such as sample.sampler too).
 TINY_PARAMS: dict[str, dict[str, Any]] = {
     "model": dict(dim=8, dim_mults=[1, 2], num_res_blocks=1, full_attn=[False, True], attn_heads=1,
                   attn_dim_head=8),  # image_size stays 32: CIFAR images are 32x32
     "diffusion": dict(timesteps=20),
     "train": dict(steps=4, batch_size=4, grad_accum=1, checkpoint_every=2, fid_every=2, fid_samples=4,
-                  fid_sample_steps=5, fid_batch_size=4, sample_grid_every=0,
+                  fid_sampler=dict(steps=5), fid_batch_size=4, sample_grid_every=0,
                   # The EMA copies the weights at every one of the 4 steps, so sampling uses the trained
                   # weights; with the study's ema_update_every: 10 it would still hold the initial ones.
                   lr=1e-3, ema_update_every=1, ema_start_step=100),
-    "sample": dict(n=6, steps=5, batch_size=4, grid_images=4, strip_seeds=[0, 1], strip_frames=4),
+    "sample": dict(n=6, sampler=dict(steps=5), batch_size=4, grid_images=4, strip_seeds=[0, 1],
+                   strip_frames=4),
     "fid": dict(inception_weights=INCEPTION_IN_REPO, reference="train", reference_count=12, batch_size=6),
     "wandb": dict(enabled=False),
 }
@@ -140,13 +142,24 @@ def init_git(run: Runner) -> None:
         run.git("config", key, value)
 
 
+def toy_repo(root: Path) -> tuple[Path, Runner]:
+    """``root/repo``: a copy of the project (:func:`_copy_project`) in a new git repository, with
+    nothing committed yet, and a runner for commands in it."""
+    repo = root / "repo"
+    repo.mkdir(parents=True)
+    _copy_project(repo)
+    run = Runner(repo, _env(root, repo))
+    init_git(run)
+    return repo, run
+
+
 def _tiny_params(base: dict[str, Any], archive: TinyCifarArchive) -> dict[str, Any]:
     params = {section: dict(values or {}) for section, values in base.items()}
     overrides = {**TINY_PARAMS, "data": dict(source=str(archive.path), md5=archive.md5)}
     for section, values in overrides.items():
         for key, value in values.items():
             assert key in params.get(section, {}), f"params.yaml has no {section}.{key} to override"
-            params[section][key] = value
+            params[section][key] = {**params[section][key], **value} if isinstance(value, dict) else value
     assert set(params) == set(config.SECTIONS)
     for section, cls in config.SECTIONS.items():  # fail here, not three stages into dvc repro
         config.parse_section(section, params[section], cls)
@@ -242,11 +255,7 @@ def _ran(output: str) -> set[str]:
 
 def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchive,
                              e2e_random_inception: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _copy_project(repo)
-    run = Runner(repo, _env(tmp_path, repo))
-    init_git(run)
+    repo, run = toy_repo(tmp_path)
     if not (repo / ".dvc").is_dir():
         run.dvc("init", "-q")
     assert "analytics = false" in (repo / ".dvc" / "config").read_text()
@@ -278,7 +287,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     assert report["comparable"] is False
     reasons = report["not_comparable_because"]
     assert reasons and any("Inception" in r for r in reasons), reasons
-    assert report["sampling_steps"] == 5 and report["sampler"] == "ddpm", report
+    assert report["sampler"]["steps"] == 5 and report["sampler"]["name"] == "ddpm", report
     _assert_metrics_are_numbers(repo)
     assert json.loads((repo / "metrics/fid.json").read_text()) == {
         "fid": report["fid"], "n_samples": 6, "reference_n": 12, "comparable": False}

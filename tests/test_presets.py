@@ -21,7 +21,7 @@ from committed import committed_text
 from test_ddpm_unet import PUBLISHED_CONFIG, PUBLISHED_PARAMETERS
 from test_run_preset import _script
 
-from ddpm_cifar.diffusion.samplers import SamplerSpec
+from ddpm_cifar.diffusion.samplers import spaced_timesteps
 from ddpm_cifar.models.networks import build_model, ddpm_unet_config
 from ddpm_cifar.models.unet import count_parameters
 from ddpm_cifar.runtime import config
@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 PAPER = ROOT / "configs" / "ddpm-paper.yaml"
 
-# (section, key): value, with where it comes from.
-PAPER_VALUES: dict[tuple[str, str], Any] = {
+# (section, key) or (section, block, key): value, with where it comes from.
+PAPER_VALUES: dict[tuple[str, ...], Any] = {
     ("model", "arch"): "ddpm",                   # the paper's network, as published (google/ddpm-cifar10-32)
     ("model", "dim"): 128,                       # run_cifar.py: ch=128
     ("model", "dim_mults"): [1, 2, 2, 2],        # run_cifar.py: ch_mult=(1, 2, 2, 2)
@@ -56,22 +56,35 @@ PAPER_VALUES: dict[tuple[str, str], Any] = {
     ("train", "ema_start_step"): 0,              # make_ema: decay 1e-10 (a copy) at step 0 only
     ("train", "ema_power"): None,                # no decay warm-up
     ("sample", "n"): 50_000,                     # App. B "50000 samples"; num_inception_samples=50000
-    ("sample", "sampler"): "ddpm",               # Algorithm 2
-    ("sample", "steps"): 1000,                   # p_sample_loop over all T steps
-    ("sample", "variance"): "beta",              # model_var_type='fixedlarge'
-    ("sample", "clip_x0"): True,                 # p_sample(clip_denoised=True)
+    ("sample", "sampler", "name"): "ddpm",       # Algorithm 2
+    ("sample", "sampler", "steps"): 1000,        # p_sample_loop over all T steps
+    ("sample", "sampler", "variance"): "beta",   # model_var_type='fixedlarge'
+    ("sample", "sampler", "clip_x0"): True,      # p_sample(clip_denoised=True)
     ("fid", "reference"): "train",               # trainfid50000: Table 1's FID is against the train set
     ("fid", "reference_count"): 0,
 }
 
 
+def _overlay(raw: dict[str, Any], values: dict[str, Any], where: str) -> None:
+    """``values`` set key by key into ``raw``, into blocks too, as `-S section.block.key=` does."""
+    for key, value in values.items():
+        assert key in raw, f"params.yaml has no {where}{key}"
+        if isinstance(value, dict):
+            _overlay(raw[key], value, f"{where}{key}.")
+        else:
+            raw[key] = value
+
+
 def composed(preset: Path) -> dict[str, Any]:
     """The committed params.yaml with ``preset``'s values on top, as `-S` would set them."""
     raw = config.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")
-    for section, values in config.read_yaml(preset).items():
-        for key, value in values.items():
-            assert key in raw[section], f"{preset.name}: params.yaml has no {section}.{key}"
-            raw[section][key] = value
+    _overlay(raw, config.read_yaml(preset), f"{preset.name}: ")
+    return raw
+
+
+def _at(raw: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        raw = raw[key]
     return raw
 
 
@@ -94,11 +107,11 @@ def test_the_script_accepts_every_preset(preset: Path) -> None:
 
 def test_paper_preset_states_the_papers_values() -> None:
     raw = composed(PAPER)
-    wrong = {f"{s}.{k}": (raw[s][k], v) for (s, k), v in PAPER_VALUES.items() if raw[s][k] != v}
+    wrong = {".".join(p): (_at(raw, p), v) for p, v in PAPER_VALUES.items() if _at(raw, p) != v}
     assert not wrong, f"preset value, paper value: {wrong}"
     # Each of those values cites its source ([paper ...] or [code]) in the comment on its line.
     uncited = [line for line in PAPER.read_text().splitlines()
-               if line.startswith("  ") and line.split(":")[0].strip() in {k for _, k in PAPER_VALUES}
+               if line.startswith("  ") and line.split(":")[0].strip() in {p[-1] for p in PAPER_VALUES}
                and not ("[paper" in line.partition("#")[2] or "[code]" in line.partition("#")[2])]
     assert not uncited, f"values without their source: {uncited}"
 
@@ -143,10 +156,10 @@ def test_paper_ema_copies_once_then_decays_at_0_9999_every_step() -> None:
 
 
 def test_paper_sampler_is_ancestral_ddpm_over_all_1000_steps_with_beta() -> None:
-    spec = SamplerSpec.from_sample(_section(PAPER, "sample"))
+    spec = _section(PAPER, "sample").sampler
     assert (spec.name, spec.steps, spec.variance, spec.clip_x0) == ("ddpm", 1000, "beta", True)
-    assert spec.timesteps(1000) == list(range(1000))
-    assert SamplerSpec.from_train(_section(PAPER, "train")).variance == "beta"
+    assert spaced_timesteps(1000, spec.steps, spec.spacing) == list(range(1000))
+    assert _section(PAPER, "train").fid_sampler.variance == "beta"
 
 
 def test_dry_run_prints_the_experiment_and_refuses_bad_overrides(tmp_path: Path) -> None:
@@ -159,24 +172,23 @@ def test_dry_run_prints_the_experiment_and_refuses_bad_overrides(tmp_path: Path)
     command = ok.stdout.splitlines()[-1]
     assert command.startswith("$ dvc exp run --temp -n ddpm-paper-")
     assert "train.steps=10" in command and "train.steps=800000" not in command  # -S wins, once
-    assert "sample.variance=" in command and "train.warmup_steps=5000" in command
-    bad = subprocess.run([*base, "--dry-run", "-S", "sample.variance=fixedlarge"], capture_output=True,
-                         text=True, timeout=120)
+    assert "sample.sampler.variance=" in command and "train.warmup_steps=5000" in command
+    bad = subprocess.run([*base, "--dry-run", "-S", "sample.sampler.variance=fixedlarge"],
+                         capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
-        "error: sample.variance must be one of posterior, beta; got 'fixedlarge'"]
+        "error: sample.sampler.variance must be one of posterior, beta; got 'fixedlarge'"]
 
 
 def test_workspace_mode_writes_params_keeping_comments(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(committed_text("params.yaml"))
-    overlay = yaml.safe_load(PAPER.read_text())
+    overlay = _script().flatten(yaml.safe_load(PAPER.read_text()))
     _script().write_params(params, overlay)
     text = params.read_text()
     raw = config.read_yaml(params)
-    for section, values in overlay.items():
-        for key, value in values.items():
-            assert raw[section][key] == value, f"{section}.{key}"
+    for dotted, value in overlay.items():
+        assert _at(raw, tuple(dotted.split("."))) == value, dotted
     assert raw["wandb"] == yaml.safe_load(committed_text("params.yaml"))["wandb"]  # the rest as it was
     # The comments stay (on their lines, as DVC's -S leaves them), lists stay lists, null stays null.
     assert text.startswith("# The study's experiment")
@@ -203,8 +215,8 @@ def test_workspace_dry_run_names_repro_and_save(tmp_path: Path) -> None:
 QUICK_PAPER = {
     "model.dim": 32, "model.num_res_blocks": 1,  # 4 levels and attention at 16x16, as the paper
     "train.steps": 6, "train.batch_size": 8, "train.warmup_steps": 4, "train.checkpoint_every": 3,
-    "train.fid_every": 3, "train.fid_samples": 4, "train.fid_sample_steps": 10, "train.fid_batch_size": 4,
-    "sample.n": 8, "sample.steps": 10, "sample.batch_size": 8, "sample.grid_images": 4,
+    "train.fid_every": 3, "train.fid_samples": 4, "train.fid_sampler.steps": 10, "train.fid_batch_size": 4,
+    "sample.n": 8, "sample.sampler.steps": 10, "sample.batch_size": 8, "sample.grid_images": 4,
     "sample.strip_seeds": [0], "sample.strip_frames": 4,
     "fid.inception_weights": "data/inception/inception-random-seed0.pth", "fid.reference_count": 16,
     "fid.batch_size": 8,
@@ -215,13 +227,9 @@ QUICK_PAPER = {
 def test_paper_recipe_at_quick_size_runs_as_an_experiment(tmp_path: Path, tiny_cifar_archive: Any) -> None:
     import json
 
-    from test_pipeline_e2e import Runner, _copy_project, _env, init_git
+    from test_pipeline_e2e import toy_repo
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _copy_project(repo)
-    run = Runner(repo, _env(tmp_path, repo))
-    init_git(run)
+    repo, run = toy_repo(tmp_path)
     run.commit("toy project")
     sets = [a for k, v in QUICK_PAPER.items() for a in ("-S", f"{k}={json.dumps(v)}")]
     run([sys.executable, "scripts/run_preset.py", "configs/ddpm-paper.yaml", "--workspace", "--source",
@@ -231,7 +239,7 @@ def test_paper_recipe_at_quick_size_runs_as_an_experiment(tmp_path: Path, tiny_c
 
     text = (repo / "params.yaml").read_text()
     params = yaml.safe_load(text)
-    assert params["train"]["adam_betas"] == [0.9, 0.999] and params["sample"]["variance"] == "beta"
+    assert params["train"]["adam_betas"] == [0.9, 0.999] and params["sample"]["sampler"]["variance"] == "beta"
     assert params["model"]["arch"] == "ddpm" and params["model"]["dropout"] == 0.1
     assert re.search(r"\n  steps: 6 +# optimizer steps\n", text), "params.yaml lost its comments"
     loss_rows = [line.split("\t") for line in (repo / "metrics/train_loss.tsv").read_text().splitlines()[1:]]
@@ -240,7 +248,7 @@ def test_paper_recipe_at_quick_size_runs_as_an_experiment(tmp_path: Path, tiny_c
     assert train_metrics["steps"] == 6 and train_metrics["parameters"] == count_parameters(
         build_model(config.parse_section("model", params["model"], config.ModelConfig)))
     report = json.loads((repo / "reports/fid.json").read_text())
-    assert report["sample"]["variance"] == "beta" and report["sampler"] == "ddpm"
+    assert report["sampler"]["variance"] == "beta" and report["sampler"]["name"] == "ddpm"
     assert report["n_samples"] == 8 and report["comparable"] is False
     fid_rows = (repo / "metrics/train_fid.tsv").read_text().splitlines()[1:]
     assert [row.split("\t")[0] for row in fid_rows] == ["3", "6"]

@@ -21,7 +21,7 @@ from ddpm_cifar.app.engine import Demo, load_demo_model
 from ddpm_cifar.evaluation.fid import compute_statistics, load_inception, save_random_inception, save_stats
 from ddpm_cifar.evaluation.plots import save_fid_comparison
 from ddpm_cifar.evaluation.reports import PRETRAINED, reference_meta
-from ddpm_cifar.models.networks import load_pretrained
+from ddpm_cifar.models.networks import PUBLISHED, load_pretrained
 from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.runtime.fileio import file_digest
 
@@ -52,9 +52,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(root: Path, *, enabled: bool, folder: str) -> subprocess.CompletedProcess[str]:
     params = {
         "pretrained": {"enabled": enabled, "folder": folder},
-        "sample": {"n": 6, "sampler": "ddim", "steps": 3, "eta": 0.0, "spacing": "uniform", "compile": False,
-                   "batch_size": 4, "seed": 0, "clip_x0": True, "grid_images": 4, "strip_seeds": [0],
-                   "strip_frames": 3, "variance": "posterior"},
+        "sample": {"n": 6, "sampler": {"name": "ddim", "steps": 3, "spacing": "uniform", "eta": 0.0,
+                                       "variance": "posterior", "clip_x0": True},
+                   "compile": False, "batch_size": 4, "seed": 0, "grid_images": 4, "strip_seeds": [0],
+                   "strip_frames": 3},
         "fid": {"inception_weights": str(root / "inception.pth"), "reference": "train", "reference_count": 0,
                 "batch_size": 6},
         "distributed": {"nnodes": 1, "nproc_per_node": 1, "rdzv_endpoint": "localhost:0"},
@@ -69,9 +70,10 @@ def _run(root: Path, *, enabled: bool, folder: str) -> subprocess.CompletedProce
 
 
 def test_loads_as_a_model_of_this_project(workspace: Path) -> None:
-    net, weights = load_pretrained(workspace / "ddpm-tiny")
+    loaded, weights = load_pretrained(workspace / "ddpm-tiny")
     assert weights.name == "diffusion_pytorch_model.safetensors"
-    cfg = net.config
+    net, cfg = loaded.net, loaded.config
+    assert loaded.step == PUBLISHED and loaded.diffusion.num_timesteps == 1000
     assert cfg.arch == "ddpm" and cfg.dim_mults == (1, 2) and cfg.full_attn == (False, True)
     reference = UNet2DModel.from_pretrained(workspace / "ddpm-tiny").eval()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 999])
@@ -89,7 +91,8 @@ def test_the_stage_scores_the_folder_like_our_model(workspace: Path) -> None:
     # The metrics file holds the numbers only: what `dvc metrics show` lists.
     assert json.loads((workspace / "out.json").read_text()) == {
         "enabled": True, "fid": report["fid"], "n_samples": 6, "reference_n": 8, "comparable": False}
-    assert report["n_samples"] == 6 and report["sampler"] == "ddim" and report["sampling_steps"] == 3
+    assert report["n_samples"] == 6
+    assert report["sampler"]["name"] == "ddim" and report["sampler"]["steps"] == 3
     assert report["comparable"] is False
     assert any("Inception" in r for r in report["not_comparable_because"])
     assert not (workspace / "partial").exists()
@@ -103,7 +106,6 @@ def test_the_stage_scores_the_folder_like_our_model(workspace: Path) -> None:
         assert im.format == "PNG" and im.height > 200
 
 
-@pytest.mark.slow
 def test_missing_weights_name_the_folder(workspace: Path) -> None:
     proc = _run(workspace, enabled=True, folder="models/ddpm-cifar10-32")
     assert proc.returncode == 1
@@ -112,7 +114,6 @@ def test_missing_weights_name_the_folder(workspace: Path) -> None:
     assert "huggingface" in lines[0]
 
 
-@pytest.mark.slow
 def test_disabled_writes_a_placeholder_and_samples_nothing(workspace: Path) -> None:
     proc = _run(workspace, enabled=False, folder="nowhere")
     assert proc.returncode == 0, proc.stderr

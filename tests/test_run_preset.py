@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import subprocess
 import sys
@@ -70,13 +71,16 @@ def test_a_given_source_is_made_absolute(preset: ModuleType, monkeypatch: pytest
 
 
 def test_the_quick_preset_becomes_set_args_dvc_reads_back() -> None:
-    overlay = yaml.safe_load((ROOT / "configs" / "quick.yaml").read_text())
+    overlay = _script().load_overlay(ROOT / "configs" / "quick.yaml")
     args = _script().set_args(overlay)
     pairs = dict(a.split("=", 1) for a in args[1::2])
     assert args[::2] == ["-S"] * len(pairs)
     assert yaml.safe_load(pairs["model.dim_mults"]) == [1, 2, 4]
-    assert yaml.safe_load(pairs["sample.sampler"]) == "dpmpp_2m"
-    assert set(overlay) <= {"model", "diffusion", "train", "sample", "fid"}, "the data source is the script's"
+    # a block is set key by key: the keys of the study's sampler the preset does not name stay
+    assert yaml.safe_load(pairs["sample.sampler.name"]) == "dpmpp_2m"
+    assert yaml.safe_load(pairs["sample.sampler.steps"]) == 20 and "sample.sampler.spacing" not in pairs
+    sections = {key.split(".")[0] for key in overlay}
+    assert sections <= {"model", "diffusion", "train", "sample", "fid"}, "the data source is the script's"
 
 
 def test_help_runs() -> None:
@@ -95,18 +99,25 @@ def test_a_preset_starts_from_the_committed_study_whatever_the_workspace_holds()
     study = config.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")
     quick = config.read_yaml(ROOT / "configs" / "quick.yaml")
     paper = config.read_yaml(ROOT / "configs" / "ddpm-paper.yaml")
-    workspace = {s: {**v, **paper.get(s, {})} for s, v in study.items()}  # the paper recipe applied
-    changes = script.plan(study, workspace, quick)
-    assert changes["model"]["arch"] == "unet" and changes["model"]["dim"] == 16  # study's, then quick's
-    assert changes["train"]["adam_betas"] == study["train"]["adam_betas"] == [0.9, 0.99]
-    assert changes["sample"]["variance"] == "posterior" and "n" in changes["sample"]
+    workspace = copy.deepcopy(study)  # the paper recipe applied
+    for dotted, value in script.flatten(paper).items():
+        script.set_in(workspace, dotted, value)
+    changes = script.plan(study, workspace, script.flatten(quick))
+    assert changes["model.arch"] == "unet" and changes["model.dim"] == 16  # study's, then quick's
+    assert changes["train.adam_betas"] == study["train"]["adam_betas"] == [0.9, 0.99]
+    assert changes["sample.sampler.variance"] == "posterior" and "sample.n" in changes
+    assert changes["sample.sampler.name"] == "dpmpp_2m" and changes["sample.sampler.spacing"] == "quadratic"
     script.check(workspace, changes)  # exits on invalid params
     # On the committed study itself only the preset's values that differ are set.
-    assert script.plan(study, study, quick) == {
-        s: {k: v for k, v in values.items() if study[s][k] != v} for s, values in quick.items()}
+    flat_study = script.flatten(study)
+    assert script.plan(study, study, script.flatten(quick)) == {
+        k: v for k, v in script.flatten(quick).items() if flat_study[k] != v}
 
 
 def test_set_values_read_like_params_yaml() -> None:
-    overlay = _script().with_sets({"train": {"lr": 1.0}}, ["train.lr=5e-4", "sample.strip_seeds=[1, 2]"])
+    sets = ["train.lr=5e-4", "sample.strip_seeds=[1, 2]", "sample.sampler.steps=50",
+            "train.fid_sampler={steps: 5}"]
+    overlay = _script().with_sets({"train.lr": 1.0}, sets)
     # 5e-4 is a number, as DVC reads it (plain YAML 1.1 would give the string "5e-4")
-    assert overlay == {"train": {"lr": 5e-4}, "sample": {"strip_seeds": [1, 2]}}
+    assert overlay == {"train.lr": 5e-4, "sample.strip_seeds": [1, 2], "sample.sampler.steps": 50,
+                       "train.fid_sampler.steps": 5}

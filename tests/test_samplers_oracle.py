@@ -60,7 +60,7 @@ check has teeth.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from unittest import mock
 
 import numpy as np
@@ -77,15 +77,8 @@ from gaussian_oracle import (
 from scipy import stats
 
 from ddpm_cifar.diffusion.process import GaussianDiffusion
-from ddpm_cifar.diffusion.samplers import (
-    VARIANCES,
-    ImageNoise,
-    SamplerSpec,
-    final,
-    run_sampler,
-    spaced_timesteps,
-)
-from ddpm_cifar.runtime.config import DiffusionConfig
+from ddpm_cifar.diffusion.samplers import ImageNoise, final, run_sampler, spaced_timesteps
+from ddpm_cifar.runtime.config import VARIANCE_NAMES, DiffusionConfig, SamplerConfig
 
 SHAPE = (3, 2, 2)  # 12-dimensional "images"
 N = 10_000
@@ -100,12 +93,7 @@ COV_TOL = covariance_tolerance(N, 12)  # 0.106; exact samples of DATA give 0.047
 CHI2_TOL = float(stats.chi2.ppf(1 - 1e-4, df=12))  # 39.1
 
 
-@pytest.fixture(autouse=True)
-def _threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def _diffusion(objective: str, schedule: str = "linear") -> GaussianDiffusion:
@@ -118,7 +106,7 @@ def _sample(sampler: str, steps: int, spacing: str, *, objective: str = "pred_no
             variance: str = "posterior") -> np.ndarray:
     d = _diffusion(objective, schedule)
     net = model or GaussianOracle(data, d, SHAPE)
-    spec = SamplerSpec(sampler, steps, spacing, eta, clip_x0=False, variance=variance)
+    spec = SamplerConfig(sampler, steps, spacing, eta, clip_x0=False, variance=variance)
     x = final(run_sampler(net, d, list(range(n)), spec, shape=SHAPE, device="cpu"))
     return x.double().reshape(n, -1).numpy()  # (n, 12)
 
@@ -265,7 +253,7 @@ def test_posterior_prediction_is_the_data_within_the_known_bias() -> None:
     np.testing.assert_allclose(pred.mean, DATA.mean, atol=1e-5)
 
 
-@pytest.mark.parametrize("variance", VARIANCES)
+@pytest.mark.parametrize("variance", VARIANCE_NAMES)
 def test_both_variances_reproduce_the_data_at_t(variance: str) -> None:
     """The plain check against DATA passes for either variance at T = 1000: their biases (up to 1.5%
     over for beta, 7.2% under for beta tilde) are below the tolerance at n = 10k."""
@@ -298,7 +286,7 @@ def _closed_form(lam: np.ndarray, levels: np.ndarray, variance: str) -> tuple[np
     return a_0 * lam / v(a_0) + lam * s_0, (1 - a_top) / v(a_top)
 
 
-@pytest.mark.parametrize("variance", VARIANCES)
+@pytest.mark.parametrize("variance", VARIANCE_NAMES)
 @pytest.mark.parametrize(("steps", "spacing"), [(T, "uniform"), (SPACED, "uniform"), (50, "quadratic"),
                                                 (10, "trailing"), (1, "uniform")])
 def test_prediction_matches_the_closed_form(variance: str, steps: int, spacing: str) -> None:

@@ -1,24 +1,21 @@
-"""Tests for ddpm_cifar.diffusion.generate: the sampler spec, per-image seeds, the DDPM posterior step,
+"""Tests for ddpm_cifar.diffusion.generate: the sampler config, per-image seeds, the DDPM posterior step,
 quantisation, caching."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from factories import one_thread, tiny_diffusion, tiny_model, tiny_train
+from factories import tiny_diffusion, tiny_model
 
-from ddpm_cifar.diffusion.generate import FixedBatch, denoising_frames, generate_images, to_uint8
+from ddpm_cifar.diffusion.generate import FixedBatch, denoising_frames, generate_images, to_uint8, use_bf16
 from ddpm_cifar.diffusion.process import GaussianDiffusion
 from ddpm_cifar.diffusion.samplers import (
     SAMPLERS,
-    SPACINGS,
     ImageNoise,
-    SamplerSpec,
     ddim,
     ddpm,
     dpmpp_2m,
@@ -27,17 +24,14 @@ from ddpm_cifar.diffusion.samplers import (
     spaced_timesteps,
 )
 from ddpm_cifar.models.unet import UNet
-from ddpm_cifar.runtime.config import SampleConfig
+from ddpm_cifar.runtime.config import SPACING_NAMES, SamplerConfig
 from ddpm_cifar.runtime.errors import UserError
 
 SHAPE = (3, 8, 8)
 SEEDS = list(range(10, 18))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def diffusion() -> GaussianDiffusion:
 
 
 def _generate(model, diffusion, seeds, *, steps: int = 20, batch_size: int = 8, **kw) -> np.ndarray:
-    return generate_images(model, diffusion, seeds, SamplerSpec("ddpm", steps), batch_size=batch_size,
+    return generate_images(model, diffusion, seeds, SamplerConfig("ddpm", steps), batch_size=batch_size,
                            shape=SHAPE, device="cpu", progress=False, **kw)
 
 
@@ -62,102 +56,83 @@ def _draws(seed: int, n: int, shape: tuple[int, ...] = SHAPE) -> list[torch.Tens
     return [noise.draw(k)[0] for k in range(n)]
 
 
-# -- the sampler spec ----------------------------------------------------------------------------
-
-SAMPLE = SampleConfig(n=10, sampler="ddim", steps=50, eta=0.5, spacing="quadratic", compile=False,
-                      batch_size=5, seed=0, clip_x0=False, grid_images=4, strip_seeds=(0,), strip_frames=5)
-
-
-def test_spec_from_the_params_sections() -> None:
-    assert SamplerSpec.from_sample(SAMPLE) == SamplerSpec("ddim", 50, "quadratic", 0.5, False, "auto")
-    assert SamplerSpec.from_sample(SAMPLE, precision="fp32").precision == "fp32"
-    train = tiny_train(fid_sampler="ddim", fid_sample_steps=7, fid_spacing="trailing")
-    # The training-time FID samples DDIM deterministically, with x0 clipped, under autocast on CUDA.
-    assert SamplerSpec.from_train(train) == SamplerSpec("ddim", 7, "trailing", 0.0, True, "auto")
-    assert SamplerSpec.from_sample(dataclasses.replace(SAMPLE, variance="beta")).variance == "beta"
-    assert SamplerSpec.from_train(tiny_train(fid_variance="beta")).variance == "beta"
-
+# -- the sampler config -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kw", "match"), [
-    (dict(name="euler"), r"^unknown sampler 'euler'; choose one of: ddpm, ddim, dpmpp_2m$"),
-    (dict(spacing="log"), r"^unknown timestep spacing 'log'; choose one of: uniform, trailing, quadratic$"),
-    (dict(steps=0), r"^sampling steps must be a whole number of at least 1, got 0$"),
-    (dict(steps=2.0), r"got 2\.0$"),
-    (dict(steps=True), r"got True$"),
-    (dict(eta=-0.1), r"^DDIM eta must be from 0 to 1, got -0\.1$"),
-    (dict(eta=1.5), r"from 0 to 1, got 1\.5$"),
+    (dict(name="euler"), r"^sampler\.name must be one of ddpm, ddim, dpmpp_2m; got 'euler'$"),
+    (dict(spacing="log"), r"^sampler\.spacing must be one of uniform, trailing, quadratic; got 'log'$"),
+    (dict(steps=0), r"^sampler\.steps must be at least 1, got 0$"),
+    (dict(eta=-0.1), r"^sampler\.eta must be in \[0, 1\], got -0\.1$"),
+    (dict(eta=1.5), r"^sampler\.eta must be in \[0, 1\], got 1\.5$"),
     (dict(eta=float("nan")), r"got nan$"),
-    (dict(eta="0.5"), r"^DDIM eta must be a number from 0 to 1, got '0\.5'$"),
-    (dict(precision="bf16"), r"^unknown precision 'bf16'; choose one of: auto, fp32$"),
-    (dict(variance="fixedlarge"), r"^unknown DDPM variance 'fixedlarge'; choose one of: posterior, beta$"),
+    (dict(variance="fixedlarge"), r"^sampler\.variance must be one of posterior, beta; got 'fixedlarge'$"),
 ])
-def test_spec_refuses_bad_settings_in_one_line(kw: dict, match: str) -> None:
+def test_sampler_config_refuses_bad_settings_in_one_line(kw: dict, match: str) -> None:
     with pytest.raises(UserError, match=match):
-        SamplerSpec(**{"name": "ddim", "steps": 5, **kw})
+        SamplerConfig(**{"name": "ddim", "steps": 5, **kw})
 
 
-def test_spec_steps_are_checked_against_the_diffusion(tmp_path: Path) -> None:
-    spec = SamplerSpec("ddpm", 21)
-    spec.check(21)
-    message = r"^sampling steps must be in \[1, 20\] \(the model's diffusion.timesteps\), got 21$"
+def test_sampler_steps_are_checked_against_the_diffusion(tmp_path: Path) -> None:
+    spec = SamplerConfig("ddpm", 21)
+    spec.check_steps(21)
+    message = r"^sampler\.steps 21 exceeds the model's diffusion\.timesteps 20$"
     with pytest.raises(UserError, match=message):
-        spec.check(20)
+        spec.check_steps(20)
     d = GaussianDiffusion(tiny_diffusion())
-    with pytest.raises(UserError, match=message):
-        run_sampler(_pointwise, d, [0], spec, shape=SHAPE, device="cpu")
     with pytest.raises(UserError, match=message):  # before it touches the cache of the run it replaces
         generate_images(_pointwise, d, [], spec, batch_size=2, shape=SHAPE, device="cpu", progress=False,
                         cache_dir=tmp_path / "partial")
     assert not (tmp_path / "partial").exists()
-    assert SamplerSpec("ddpm", 5, "quadratic").timesteps(20) == spaced_timesteps(20, 5, "quadratic")
+    with pytest.raises(UserError, match=message):
+        denoising_frames(_pointwise, d, [0], spec, frames=2, shape=SHAPE, device="cpu")
 
 
 def test_every_setting_that_changes_the_images_changes_the_key() -> None:
-    base = SamplerSpec("ddim", 10, "uniform", 0.5, True, "auto")
-    others = [SamplerSpec("dpmpp_2m", 10, "uniform", 0.5), SamplerSpec("ddim", 11, "uniform", 0.5),
-              SamplerSpec("ddim", 10, "trailing", 0.5), SamplerSpec("ddim", 10, "uniform", 0.25),
-              SamplerSpec("ddim", 10, "uniform", 0.0), SamplerSpec("ddim", 10, "uniform", 0.5, False),
-              SamplerSpec("ddim", 10, "uniform", 0.5, precision="fp32"),
-              SamplerSpec("ddpm", 10, "uniform", 0.5, variance="beta")]
+    base = SamplerConfig("ddim", 10, "uniform", 0.5, clip_x0=True)
+    others = [SamplerConfig("dpmpp_2m", 10, "uniform", 0.5), SamplerConfig("ddim", 11, "uniform", 0.5),
+              SamplerConfig("ddim", 10, "trailing", 0.5), SamplerConfig("ddim", 10, "uniform", 0.25),
+              SamplerConfig("ddim", 10, "uniform", 0.0),
+              SamplerConfig("ddim", 10, "uniform", 0.5, clip_x0=False),
+              SamplerConfig("ddpm", 10, "uniform", 0.5, variance="beta")]
     keys = {spec.key() for spec in others}
     assert len(keys) == len(others) and base.key() not in keys
     # Only DDIM reads eta: for the others it changes nothing, in the images or the key.
-    assert SamplerSpec("ddpm", 10, eta=0.7).key() == SamplerSpec("ddpm", 10).key()
-    assert SamplerSpec("ddim", 10, eta=1).key() == SamplerSpec("ddim", 10, eta=1.0).key()
+    assert SamplerConfig("ddpm", 10, eta=0.7).key() == SamplerConfig("ddpm", 10).key()
+    assert SamplerConfig("ddim", 10, eta=1).key() == SamplerConfig("ddim", 10, eta=1.0).key()
     # Only DDPM reads the variance.
-    assert SamplerSpec("ddim", 10, variance="beta").key() == SamplerSpec("ddim", 10).key()
-    assert SamplerSpec("ddpm", 10, variance="beta").key() == "ddpm:10:uniform:var=beta"
-    # At the defaults, the key is what the training-time FID ids of existing checkpoints hold.
-    assert SamplerSpec("dpmpp_2m", 20, "quadratic").key() == "dpmpp_2m:20:quadratic"
+    assert SamplerConfig("ddim", 10, variance="beta").key() == SamplerConfig("ddim", 10).key()
+    assert SamplerConfig("ddpm", 10, variance="beta").key() == "ddpm:10:uniform:var=beta:clip"
+    assert SamplerConfig("dpmpp_2m", 20, "quadratic").key() == "dpmpp_2m:20:quadratic:clip"
 
 
 def test_bf16_only_where_asked_and_supported(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    auto, fp32 = SamplerSpec("ddpm", 5), SamplerSpec("ddpm", 5, precision="fp32")
-    assert not auto.bf16(cpu) and not fp32.bf16(cpu)
+    assert not use_bf16("auto", cpu) and not use_bf16("fp32", cpu)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert auto.bf16(cuda) and not fp32.bf16(cuda)
+    assert use_bf16("auto", cuda) and not use_bf16("fp32", cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert not auto.bf16(cuda)
+    assert not use_bf16("auto", cuda)
+    with pytest.raises(ValueError, match="precision"):
+        use_bf16("bf16", cpu)
 
 
 def test_the_spec_reaches_the_sampler(model: UNet, diffusion: GaussianDiffusion) -> None:
     """Each field the key holds changes the images (eta through DDIM), and no field is dropped on
     the way from generate_images to the sampler."""
-    def run(spec: SamplerSpec) -> np.ndarray:
+    def run(spec: SamplerConfig) -> np.ndarray:
         return generate_images(model, diffusion, SEEDS[:3], spec, batch_size=3, shape=SHAPE, device="cpu",
                                progress=False)
 
-    base = run(SamplerSpec("ddim", 6, "uniform", 0.0))
-    for other in (SamplerSpec("ddim", 6, "uniform", 1.0), SamplerSpec("ddim", 5, "uniform", 0.0),
-                  SamplerSpec("ddim", 6, "quadratic", 0.0), SamplerSpec("ddpm", 6, "uniform", 0.0),
-                  SamplerSpec("dpmpp_2m", 6, "uniform", 0.0)):
+    base = run(SamplerConfig("ddim", 6, "uniform", 0.0))
+    for other in (SamplerConfig("ddim", 6, "uniform", 1.0), SamplerConfig("ddim", 5, "uniform", 0.0),
+                  SamplerConfig("ddim", 6, "quadratic", 0.0), SamplerConfig("ddpm", 6, "uniform", 0.0),
+                  SamplerConfig("dpmpp_2m", 6, "uniform", 0.0)):
         assert (run(other) != base).any(), other
-    ddpm = SamplerSpec("ddpm", 6, "uniform")
+    ddpm = SamplerConfig("ddpm", 6, "uniform")
     assert (run(dataclasses.replace(ddpm, variance="beta")) != run(ddpm)).any()
     d = GaussianDiffusion(tiny_diffusion(objective="pred_x0"))
     for clip_x0, end in ((True, 1.0), (False, 3.0)):  # a network that predicts x0 = 3 everywhere
-        spec = SamplerSpec("ddim", 5, clip_x0=clip_x0)
+        spec = SamplerConfig("ddim", 5, clip_x0=clip_x0)
         x = final(run_sampler(lambda x, t: torch.full_like(x, 3.0), d, [0], spec, shape=SHAPE, device="cpu"))
         torch.testing.assert_close(x, torch.full((1, *SHAPE), end))
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m"}
@@ -320,7 +295,7 @@ def test_spaced_timesteps_full_chain_is_every_step(T: int) -> None:
     assert spaced_timesteps(T, T) == list(range(T))
 
 
-@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("spacing", SPACING_NAMES)
 @pytest.mark.parametrize("T", [5, 20, 333])
 def test_spaced_timesteps_always_gives_the_requested_count(T: int, spacing: str) -> None:
     for steps in range(1, T + 1):
@@ -339,13 +314,13 @@ def test_trailing_and_quadratic_spacings() -> None:
     gaps = np.diff(quad)
     assert quad[:3] == [0, 1, 2] and (np.diff(gaps) >= -1).all()  # gaps grow towards t = T-1
     assert gaps[-1] == 40
-    with pytest.raises(UserError, match="unknown timestep spacing 'log'"):
+    with pytest.raises(ValueError, match="unknown spacing 'log'"):  # SamplerConfig names the key
         spaced_timesteps(1000, 50, "log")
 
 
 @pytest.mark.parametrize("steps", [0, 21, -1])
 def test_spaced_timesteps_rejects_impossible_counts(steps: int) -> None:
-    with pytest.raises(UserError, match="steps"):
+    with pytest.raises(ValueError, match="steps"):  # SamplerConfig.check_steps names the key
         spaced_timesteps(20, steps)
 
 
@@ -463,7 +438,7 @@ def test_to_uint8() -> None:
 
 def test_denoising_frames(model: UNet, diffusion: GaussianDiffusion) -> None:
     seeds = [3, 8]
-    frames, timesteps = denoising_frames(model, diffusion, seeds, SamplerSpec("ddpm", 20), frames=5,
+    frames, timesteps = denoising_frames(model, diffusion, seeds, SamplerConfig("ddpm", 20), frames=5,
                                          shape=SHAPE, device="cpu")
     assert frames.shape == (2, 5, 8, 8, 3) and frames.dtype == np.uint8
     assert len(timesteps) == 5
@@ -478,7 +453,7 @@ def test_denoising_frames(model: UNet, diffusion: GaussianDiffusion) -> None:
 
 
 def test_denoising_frames_with_more_frames_than_states(model: UNet, diffusion: GaussianDiffusion) -> None:
-    frames, timesteps = denoising_frames(model, diffusion, [1], SamplerSpec("ddpm", 3), frames=10,
+    frames, timesteps = denoising_frames(model, diffusion, [1], SamplerConfig("ddpm", 3), frames=10,
                                          shape=SHAPE, device="cpu")
     assert frames.shape == (1, 4, 8, 8, 3)  # x_T and one state per step
     assert timesteps[-1] == -1 and len(timesteps) == 4
@@ -537,6 +512,6 @@ def test_generate_images_ignores_a_cache_of_another_run(model: UNet, diffusion: 
 
 
 def test_generate_images_with_no_seeds() -> None:
-    out = generate_images(lambda x, t: x, GaussianDiffusion(tiny_diffusion()), [], SamplerSpec("ddpm", 5),
+    out = generate_images(lambda x, t: x, GaussianDiffusion(tiny_diffusion()), [], SamplerConfig("ddpm", 5),
                           batch_size=4, shape=SHAPE, device="cpu", progress=False)
     assert out.shape == (0, 8, 8, 3) and out.dtype == np.uint8

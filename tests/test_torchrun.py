@@ -66,9 +66,10 @@ def test_a_global_batch_that_does_not_divide_is_one_line_per_rank(tmp_path: Path
 
 def _sample_params(path: Path, nproc: int) -> Path:
     params = {
-        "sample": {"n": 7, "sampler": "ddim", "steps": 3, "eta": 0.0, "spacing": "uniform", "compile": False,
-                   "batch_size": 2, "seed": 0, "clip_x0": True, "grid_images": 4, "strip_seeds": [0],
-                   "strip_frames": 3, "variance": "posterior"},
+        "sample": {"n": 7, "sampler": {"name": "ddim", "steps": 3, "spacing": "uniform", "eta": 0.0,
+                                       "variance": "posterior", "clip_x0": True},
+                   "compile": False, "batch_size": 2, "seed": 0, "grid_images": 4, "strip_seeds": [0],
+                   "strip_frames": 3},
         "distributed": {"nnodes": 1, "nproc_per_node": nproc, "rdzv_endpoint": "localhost:0"},
     }
     path.write_text(yaml.safe_dump(params))
@@ -97,7 +98,6 @@ def test_the_sample_stage_on_two_processes_gives_the_one_process_images(tmp_path
     np.testing.assert_array_equal(outs[2], outs[1])
 
 
-@pytest.mark.slow
 def test_a_stage_started_alone_refuses_params_that_ask_for_two(tmp_path: Path) -> None:
     ckpt = save_tiny_checkpoint(tmp_path / "ema.pt")
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "sample.py"), "--params",

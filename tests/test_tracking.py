@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 from factories import FakeWandb
 
 from ddpm_cifar.runtime.config import WandbConfig
+from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.training.tracking import Tracker, make_tracker
 
 
@@ -25,7 +27,25 @@ def test_disabled_tracker_is_a_noop_and_does_not_import_wandb(tmp_path: Path,
     assert not any(tmp_path.iterdir())
 
 
+def test_enabled_without_wandb_installed_is_a_one_line_error(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if the wandb extra were not installed
+    with pytest.raises(UserError) as raised:
+        make_tracker(WandbConfig(True, "p", None, None, "offline"), {}, tmp_path)
+    message = str(raised.value)
+    assert "\n" not in message and "pip install 'ddpm-cifar[wandb]'" in message, message
+    assert "wandb.enabled" in message
+    # A tracker made while wandb was there fails the same way if it is gone when the run starts.
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+    tracker = make_tracker(WandbConfig(True, "p", None, None, "offline"), {}, tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(UserError, match=r"pip install 'ddpm-cifar\[wandb\]'"):
+        tracker.start()
+    assert not any(tmp_path.iterdir())
+
+
 def test_online_without_key_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require("wandb")  # the real one (the wandb extra; the test extra includes it)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a stored key
@@ -84,6 +104,7 @@ def test_run_name_is_params_else_the_default(tmp_path: Path, monkeypatch: pytest
 
 def test_offline_run_takes_the_resumed_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The real wandb, offline: the continued run keeps the id the checkpoint stored.
+    require("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("HOME", str(tmp_path))
     tracker = make_tracker(WandbConfig(True, "p", None, None, "offline"), {}, tmp_path / "runs")

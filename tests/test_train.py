@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import require
 from factories import (
     FakeWandb,
     one_thread,
@@ -24,20 +24,16 @@ from factories import (
     train_outputs,
 )
 
-from ddpm_cifar.runtime.config import TrainConfig, WandbConfig
+from ddpm_cifar.runtime.config import SamplerConfig, TrainConfig, WandbConfig
 from ddpm_cifar.training.batches import BatchSource
 from ddpm_cifar.training.loop import TrainOutputs, TrainResult, train
-from ddpm_cifar.training.state import fingerprint
 from ddpm_cifar.training.tracking import Tracker, make_tracker
 
 IMAGES = random_images(n=12, size=8, seed=3)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 @dataclass
@@ -165,7 +161,8 @@ def test_wandb_gets_sample_grids_of_the_ema_weights(tmp_path: Path, monkeypatch:
     tracker = make_tracker(WandbConfig(enabled=True, project="p", run_name=None, entity=None, mode="offline"),
                            {}, tmp_path / "wandb")
     try:
-        _train(tmp_path, tiny_train(steps=4, sample_grid_every=2, fid_sample_steps=3), tracker=tracker)
+        cfg = tiny_train(steps=4, sample_grid_every=2, fid_sampler=SamplerConfig("ddpm", 3))
+        _train(tmp_path, cfg, tracker=tracker)
     finally:
         tracker.finish()
     grids = [(values["samples"], step) for values, step in fake.logged if "samples" in values]
@@ -241,18 +238,19 @@ def test_other_trajectory_keys_start_fresh(tmp_path: Path, change: dict) -> None
 
 def test_non_trajectory_keys_still_resume(tmp_path: Path) -> None:
     _train(tmp_path, tiny_train(steps=2))
-    again = _train(tmp_path, tiny_train(steps=3, checkpoint_every=1, fid_samples=16, fid_variance="beta"))
+    again = _train(tmp_path, tiny_train(steps=3, checkpoint_every=1, fid_samples=16,
+                                        fid_sampler=SamplerConfig("ddim", 3, "trailing", variance="beta")))
     assert again.result.resumed_from == 2
 
 
-def test_checkpoints_from_before_the_warmup_key_still_resume() -> None:
-    # The fingerprint of these configs as the code before train.warmup_steps and train.fid_variance
-    # computed it (commit 4eef795, measured): no warm-up must hash the same, or every existing
-    # checkpoint would start over.
-    fp = fingerprint(tiny_model(), tiny_diffusion(objective="pred_x0"), tiny_train(), "random-12", CPU)
-    assert fp == "90b08897374da444"
-    assert fingerprint(tiny_model(), tiny_diffusion(objective="pred_x0"), tiny_train(warmup_steps=3),
-                       "random-12", CPU) != fp
+def test_a_checkpoint_of_an_older_version_starts_fresh_in_one_line(tmp_path: Path) -> None:
+    first = _train(tmp_path, tiny_train(steps=2))
+    raw = torch.load(first.outputs.checkpoint, weights_only=True)
+    torch.save({**raw, "format": "ddpm_cifar.checkpoint/1"}, first.outputs.checkpoint)
+    again = _train(tmp_path, tiny_train(steps=3))
+    assert again.result.resumed_from == 0 and again.result.step == 3
+    assert [m for m in again.messages if "older version" in m] == [
+        f"{first.outputs.checkpoint} is from an older version of this pipeline: starting fresh"]
 
 
 def test_warmup_sets_the_lr_the_optimizer_uses(tmp_path: Path) -> None:
@@ -436,7 +434,9 @@ def test_a_finished_run_with_a_new_fid_reference_measures_its_final_weights(tmp_
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~11 s on 2 cores: two runs of the stage as a subprocess
 def test_stage_splits_metrics_from_report_and_continues_its_wandb_run(tmp_path: Path) -> None:
+    require("wandb")  # the real one, offline (the wandb extra; the test extra includes it)
     data = tmp_path / "data" / "cifar10"
     data.mkdir(parents=True)
     np.savez(data / "train.npz", images=random_images(n=8, size=32), labels=np.zeros(8, np.int64))

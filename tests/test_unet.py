@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-from factories import one_thread, tiny_model
+from factories import tiny_model
 
 from ddpm_cifar.models.unet import UNet, count_parameters
 from ddpm_cifar.runtime.config import ModelConfig
 from ddpm_cifar.runtime.errors import ConfigError
 
 PAPER = dict(image_size=32, channels=3, dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2,
-             full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0)
+             full_attn=(False, False, False, True), attn_heads=4, attn_dim_head=32, dropout=0.0, arch="unet")
 REFERENCE_PARAMETERS = 35_711_491  # lucidrains' Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def _model(cfg: ModelConfig, seed: int = 0) -> UNet:

@@ -22,13 +22,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ..diffusion.generate import FixedBatch, frame_indices, to_uint8
+from ..diffusion.generate import FixedBatch, frame_indices, to_uint8, use_bf16
 from ..diffusion.process import GaussianDiffusion
-from ..diffusion.samplers import USES_ETA, USES_VARIANCE, SamplerSpec, run_sampler
+from ..diffusion.samplers import run_sampler
 from ..evaluation.plots import image_grid
 from ..models import checkpoint
-from ..models.ddpm_unet import diffusion_config as ddpm_diffusion_config
-from ..models.networks import load_pretrained
+from ..models.networks import PUBLISHED, LoadedModel, load_pretrained
+from ..runtime.config import USES_ETA, USES_VARIANCE, SamplerConfig
 from ..runtime.errors import UserError
 
 T = TypeVar("T")
@@ -38,27 +38,30 @@ MAX_SEED = 2**31 - 1  # exact in a browser's float64 numbers, with room for seed
 STRIP_FRAMES = 20
 STRIP_ROW = 10  # frames per row of the strip: 20 frames of 32 px in one row are too small to see
 PREVIEWS = 10  # about this many live previews of the grid while sampling
-PUBLISHED = -1  # DemoModel.step of a model loaded from published weights, not trained here
-
-
 @dataclass(frozen=True)
 class DemoModel:
-    """A model loaded once at start-up, rebuilt from the config its checkpoint carries."""
+    """A model loaded once at start-up, and the file or folder it came from."""
 
     path: Path
-    model: torch.nn.Module  # with a ModelConfig as .config
-    diffusion: GaussianDiffusion
-    step: int  # the training step the weights are from; PUBLISHED for the published DDPM weights
+    loaded: LoadedModel
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.net
+
+    @property
+    def diffusion(self) -> GaussianDiffusion:
+        return self.loaded.diffusion
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        cfg = self.model.config
-        return (cfg.channels, cfg.image_size, cfg.image_size)
+        return self.loaded.shape
 
     @property
     def label(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
-        origin = "published DDPM weights" if self.step == PUBLISHED else f"step {self.step:,}"
+        step = self.loaded.step
+        origin = "published DDPM weights" if step == PUBLISHED else f"step {step:,}"
         return f"{self.path.name} · {origin} · {n / 1e6:.2f}M parameters"
 
 
@@ -68,17 +71,16 @@ def load_demo_model(path: str | Path, device: torch.device | str) -> DemoModel:
     :class:`UserError`."""
     path = Path(path)
     if path.is_dir() or (not path.exists() and not path.suffix):  # a folder, or what names one
-        net, _ = load_pretrained(path, device)
-        return DemoModel(Path(path), net, GaussianDiffusion(ddpm_diffusion_config()).to(device), PUBLISHED)
-    model, diffusion, ckpt = checkpoint.load_model(path, device)
-    return DemoModel(Path(path), model, diffusion, int(ckpt.get("step", 0)))
+        loaded, _ = load_pretrained(path, device)
+        return DemoModel(path, loaded)
+    return DemoModel(path, checkpoint.load_model(path, device))
 
 
 @dataclass(frozen=True)
 class Request:
     n: int
     seed: int
-    spec: SamplerSpec
+    spec: SamplerConfig
 
     @property
     def seeds(self) -> list[int]:
@@ -106,12 +108,11 @@ class Result:
     strip: np.ndarray  # uint8 (F, H, W, C): image 0 from x_T (first) to x_0 (last)
 
 
-def describe(spec: SamplerSpec) -> str:
+def describe(spec: SamplerConfig) -> str:
     """The sampler settings in words, e.g. "ddpm with 1000 steps (uniform spacing, σ² = beta)".
 
     eta and the variance are named only for the sampler that reads them and only when not at their
-    defaults, as in :meth:`SamplerSpec.key`: a setting the sampler ignores would suggest it
-    changed the images."""
+    defaults: a setting the sampler ignores would suggest it changed the images."""
     details = [f"{spec.spacing} spacing"]
     if spec.name in USES_ETA and spec.eta != 0.0:
         details.append(f"η = {spec.eta:g}")
@@ -144,7 +145,7 @@ class Demo:
         self.models = list(models)
         self.device = torch.device(device)
         self.micro_batch = micro_batch
-        self.precision = precision  # the SamplerSpec's, for every request
+        self.precision = precision  # for every request: ddpm_cifar.diffusion.generate.PRECISIONS
 
     @property
     def max_steps(self) -> int:
@@ -156,14 +157,14 @@ class Demo:
         """Turn raw UI values into a :class:`Request`; bad values are a :class:`UserError`.
 
         The numbers arrive as floats or text: they are parsed here, then the sampler's settings
-        (spacing, eta, DDPM's variance) are checked by :class:`SamplerSpec`."""
+        (name, spacing, eta, DDPM's variance) are checked by :class:`SamplerConfig`."""
         try:
             eta_value = float(eta)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise UserError(f"DDIM eta must be a number from 0 to 1, got {eta!r}") from None
         n_images = _whole(n, "number of images", 1, MAX_IMAGES)
-        spec = SamplerSpec(sampler, _whole(steps, "steps", 1, self.max_steps), spacing,  # type: ignore[arg-type]
-                           eta_value, precision=self.precision, variance=variance)  # type: ignore[arg-type]
+        spec = SamplerConfig(sampler, _whole(steps, "steps", 1, self.max_steps), spacing,  # type: ignore[arg-type]
+                             eta_value, variance)  # type: ignore[arg-type]
         return Request(n=n_images, seed=_whole(seed, "seed", 0, MAX_SEED), spec=spec)
 
     def _network(self, dm: DemoModel, bf16: bool) -> FixedBatch:
@@ -183,7 +184,7 @@ class Demo:
         total = len(self.models) * steps
         preview_every = max(1, steps // PREVIEWS)
         frame_at = frame_indices(steps, STRIP_FRAMES)
-        bf16 = req.spec.bf16(self.device)
+        bf16 = use_bf16(self.precision, self.device)
         for m, dm in enumerate(self.models):
             frames: list[np.ndarray] = []
             x = None

@@ -16,8 +16,8 @@ from typing import Any
 
 import gradio as gr
 
-from ..diffusion.samplers import SAMPLERS, SPACINGS, VARIANCES
 from ..evaluation.plots import image_grid, save_png
+from ..runtime.config import SAMPLER_NAMES, SPACING_NAMES, VARIANCE_NAMES
 from ..runtime.errors import UserError
 from .engine import MAX_IMAGES, MAX_SEED, Demo, Progress, Request, Result, TorchWorker, describe, strip_image
 
@@ -26,7 +26,7 @@ CSS = ".pixelated img { image-rendering: pixelated; width: 100%; height: 100%; o
 # System fonts: the default theme would fetch web fonts, which fails offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
-DEFAULT_SAMPLER = "dpmpp_2m"  # the fastest: 20 network evaluations match DDPM's 1000 (see README)
+DEFAULT_SAMPLER = "dpmpp_2m"  # the fastest: 20 network evaluations match DDPM's 1000 (docs/samplers.md)
 DEFAULT_STEPS = 20
 
 
@@ -132,12 +132,13 @@ def _controls(demo: Demo, outputs: dict[str, Any]) -> tuple[list[Any], Any, Any]
         # Number boxes, not sliders: a slider silently clamps a typed value, while an
         # out-of-range value should be refused with a message (Handlers.generate does).
         n = gr.Number(16, label=f"Number of images (1 to {MAX_IMAGES})", elem_id="n-images")
-        sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
+        sampler = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
         steps = gr.Number(min(DEFAULT_STEPS, demo.max_steps), elem_id="steps",
                           label=f"Sampling steps (1 to {demo.max_steps})")
-        spacing = gr.Dropdown(list(SPACINGS), value="quadratic", label="Timestep spacing", elem_id="spacing")
+        spacing = gr.Dropdown(list(SPACING_NAMES), value="quadratic", label="Timestep spacing",
+                              elem_id="spacing")
         eta = gr.Number(0.0, label="DDIM η (0 to 1): 0 deterministic, 1 as noisy as DDPM", elem_id="eta")
-        variance = gr.Dropdown(list(VARIANCES), value="posterior", elem_id="variance",
+        variance = gr.Dropdown(list(VARIANCE_NAMES), value="posterior", elem_id="variance",
                                label="DDPM variance σ²: posterior (β̃) or beta (Ho et al.'s FID)",
                                info="Only the ddpm sampler uses it.")
         seed = gr.Number(0, label=f"Seed (0 to {MAX_SEED}); image i uses seed + i", elem_id="seed")

@@ -1,0 +1,1 @@
+"""The Gaussian diffusion process, the samplers that run it backwards, and images generated in batches."""

@@ -8,19 +8,27 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..runtime.config import SampleConfig, SamplerConfig
 from ..runtime.distributed import gather_to_all, gather_to_main, rank_and_world, shard
 from ..runtime.fileio import atomic_path
 from .process import GaussianDiffusion, Model
-from .samplers import SAMPLING_VERSION, SamplerSpec, final, run_sampler
+from .samplers import SAMPLING_VERSION, final, run_sampler
 
-if TYPE_CHECKING:  # types only: the sampling code does not depend on the config module
-    from ..runtime.config import SampleConfig
+# auto: the network under bf16 autocast on a CUDA device that supports it, float32 elsewhere;
+# fp32: never autocast. The samplers' own arithmetic is float32 either way.
+PRECISIONS = ("auto", "fp32")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the network runs under bf16 autocast on ``device`` at ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 class FixedBatch:
@@ -74,11 +82,12 @@ def generate_images(
     model: Model,
     diffusion: GaussianDiffusion,
     seeds: Sequence[int],
-    spec: SamplerSpec,
+    spec: SamplerConfig,
     *,
     batch_size: int,
     shape: tuple[int, int, int],
     device: torch.device | str,
+    precision: str = "auto",
     progress: bool = True,
     desc: str = "sample",
     cache_dir: str | Path | None = None,
@@ -89,13 +98,13 @@ def generate_images(
     With ``cache_dir``, each finished batch is saved there, so an interrupted run resumes at the
     first missing batch; ``cache_key`` identifies the run (model and settings) the batches belong to.
 
-    Under bf16 autocast (``spec.precision``) only the network runs in bf16; the sampler's own
+    Under bf16 autocast (``precision``, :func:`use_bf16`) only the network runs in bf16; the sampler's own
     arithmetic stays in float32. The network always sees ``batch_size`` images (the last batch is
     padded), so an image does not depend on how many others are sampled.
     """
     device = torch.device(device)
-    spec.check(diffusion.num_timesteps)
-    use_amp = spec.bf16(device)
+    spec.check_steps(diffusion.num_timesteps)
+    use_amp = use_bf16(precision, device)
     net = FixedBatch(model, batch_size)
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
@@ -134,21 +143,24 @@ def denoising_frames(
     model: Model,
     diffusion: GaussianDiffusion,
     seeds: Sequence[int],
-    spec: SamplerSpec,
+    spec: SamplerConfig,
     *,
     frames: int,
     shape: tuple[int, int, int],
     device: torch.device | str,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, list[int]]:
     """States x_T ... x_0 of ``spec``'s chain at ``frames`` evenly spaced points of it.
 
     Returns uint8 (len(seeds), frames, H, W, C) and the timestep of each frame (-1 = x_0).
     """
     device = torch.device(device)
+    spec.check_steps(diffusion.num_timesteps)
     wanted = frame_indices(spec.steps, frames)
     picked: list[np.ndarray] = []
     timesteps: list[int] = []
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=spec.bf16(device)):
+    bf16 = use_bf16(precision, device)
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for s in run_sampler(model, diffusion, seeds, spec, shape=shape, device=device):
             if s.index in wanted:
                 picked.append(to_uint8(s.x))
@@ -157,7 +169,7 @@ def denoising_frames(
 
 
 def generate_images_sharded(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int],
-                            spec: SamplerSpec, *, batch_size: int, shape: tuple[int, int, int],
+                            spec: SamplerConfig, *, batch_size: int, shape: tuple[int, int, int],
                             device: torch.device | str, progress: bool = True, desc: str = "sample",
                             cache_dir: str | Path | None = None, cache_key: str = "",
                             everywhere: bool = False) -> np.ndarray | None:
@@ -183,5 +195,5 @@ def sample_cache_key(ckpt_sha256: str, cfg: SampleConfig, device: torch.device) 
     """What finished sample batches of the ``sample`` section's sampler depend on; the device too,
     since CUDA runs under bf16."""
     # batch_size too: the network always sees full batches of it, and its rounding depends on it
-    return (f"{SAMPLING_VERSION}:{ckpt_sha256}:{SamplerSpec.from_sample(cfg).key()}:{cfg.seed}:{cfg.compile}:"
+    return (f"{SAMPLING_VERSION}:{ckpt_sha256}:{cfg.sampler.key()}:{cfg.seed}:{cfg.compile}:"
             f"{cfg.batch_size}:{device.type}")

@@ -19,8 +19,8 @@ eta, variance)``, where ``timesteps`` are the visited steps in ascending order (
   probability-flow ODE in data-prediction form.
 
 Each evaluates the network once per visited timestep and works with every objective, through
-:meth:`GaussianDiffusion.predict_x0_eps`. Which one runs, and how, is a :class:`SamplerSpec`,
-checked once when it is built.
+:meth:`GaussianDiffusion.predict_x0_eps`. Which one runs, and how, is a
+:class:`~ddpm_cifar.runtime.config.SamplerConfig`, checked once when the params are read.
 """
 
 from __future__ import annotations
@@ -28,17 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..runtime.errors import UserError
+from ..runtime.config import SamplerConfig
 from .process import GaussianDiffusion, Model, posterior_coefficients
-
-if TYPE_CHECKING:  # types only: the sampling code does not depend on the config module
-    from ..runtime.config import SampleConfig, TrainConfig
 
 # Bump when the same seeds and settings would give other images (the noise generator, a sampler's
 # arithmetic), so that cached sample batches and the training-time FID curve are not reused.
@@ -111,22 +106,6 @@ class SampleStep:
     x0: torch.Tensor | None  # (B, C, H, W), the model's estimate of the clean image; None at x_T
 
 
-SPACINGS = ("uniform", "trailing", "quadratic")
-# DDPM's per-step variance: the posterior's beta tilde, or beta (Ho et al. 2020, section 3.2)
-VARIANCES = ("posterior", "beta")
-
-
-def _check_spacing(spacing: object) -> None:
-    if spacing not in SPACINGS:
-        raise UserError(f"unknown timestep spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
-
-
-def _check_steps(steps: int, num_timesteps: int) -> None:
-    if not 1 <= steps <= num_timesteps:
-        raise UserError(f"sampling steps must be in [1, {num_timesteps}] (the model's diffusion.timesteps), "
-                        f"got {steps}")
-
-
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
     """``steps`` distinct timesteps in [0, T-1], ascending, always including T-1.
 
@@ -138,8 +117,8 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -
     - ``quadratic``: t proportional to k^2, dense near the data (DDIM's choice for CIFAR-10,
       here spanning the whole chain).
     """
-    _check_steps(steps, num_timesteps)
-    _check_spacing(spacing)
+    if not 1 <= steps <= num_timesteps:  # SamplerConfig.check_steps tells the user
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
     last = num_timesteps - 1
     if steps == 1:
         return [last]
@@ -147,6 +126,8 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -
         return sorted({round(last - k * num_timesteps / steps) for k in range(steps)})
     if spacing == "uniform":
         return sorted({round(x) for x in np.linspace(0, last, steps)})
+    if spacing != "quadratic":
+        raise ValueError(f"unknown spacing {spacing!r}")
     # quadratic: near t = 0 the squares are closer than 1 apart; push each up to at least one
     # above the one below, which still ends at T-1 whenever steps <= T (each gap stays >= 1).
     ts = [int(round(x)) for x in np.linspace(0, math.sqrt(last), steps) ** 2]
@@ -204,8 +185,6 @@ def ddpm(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timestep
 
     The last step adds no noise either way and lands on the mean (the released code does the same).
     """
-    if variance not in VARIANCES:
-        raise UserError(f"unknown DDPM variance {variance!r}; choose one of: {', '.join(VARIANCES)}")
     chain = _Chain(model, diffusion, timesteps, clip_x0)
     x = noise.draw(0)
     yield SampleStep(0, diffusion.num_timesteps, x, None)
@@ -226,7 +205,7 @@ def ddim(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, timestep
          clip_x0: bool = True, eta: float = 0.0, variance: str = "posterior") -> Iterator[SampleStep]:
     """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps
     + sigma z, with sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev); eta in [0, 1]
-    (:class:`SamplerSpec` checks it). ``variance`` is DDPM's and unused."""
+    (:class:`SamplerConfig` checks it). ``variance`` is DDPM's and unused."""
     chain = _Chain(model, diffusion, timesteps, clip_x0)
     x = noise.draw(0)
     yield SampleStep(0, diffusion.num_timesteps, x, None)
@@ -278,93 +257,18 @@ def dpmpp_2m(model: Model, diffusion: GaussianDiffusion, noise: ImageNoise, time
 
 Sampler = Callable[..., Iterator[SampleStep]]
 SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
-USES_ETA = ("ddim",)  # the samplers that read eta; the others ignore it
-USES_VARIANCE = ("ddpm",)  # the samplers that read variance
-# auto: the network under bf16 autocast on a CUDA device that supports it, float32 elsewhere;
-# fp32: never autocast. The samplers' own arithmetic is float32 either way.
-PRECISIONS = ("auto", "fp32")
 
 
-@dataclass(frozen=True)
-class SamplerSpec:
-    """Which sampler runs, and how: everything the images depend on besides the network, the seeds
-    and the batch shape. Checked when built (:class:`UserError`); :meth:`check` against the
-    diffusion's number of timesteps, which the spec does not know."""
-
-    name: str  # a key of SAMPLERS
-    steps: int  # network evaluations; fewer than diffusion.timesteps respaces the chain
-    spacing: str = "uniform"  # which timesteps the steps visit: one of SPACINGS
-    eta: float = 0.0  # DDIM's, in [0, 1]: 0 deterministic, 1 as noisy as DDPM; the others ignore it
-    clip_x0: bool = True  # clamp the network's x0 estimate to [-1, 1]
-    precision: str = "auto"  # one of PRECISIONS
-    variance: str = "posterior"  # DDPM's sigma^2, one of VARIANCES; the others ignore it
-
-    def __post_init__(self) -> None:
-        if self.name not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.name!r}; choose one of: {', '.join(SAMPLERS)}")
-        _check_spacing(self.spacing)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, Integral) or self.steps < 1:
-            raise UserError(f"sampling steps must be a whole number of at least 1, got {self.steps!r}")
-        if isinstance(self.eta, bool) or not isinstance(self.eta, Real):
-            raise UserError(f"DDIM eta must be a number from 0 to 1, got {self.eta!r}")
-        if not 0.0 <= self.eta <= 1.0:  # also refuses NaN
-            raise UserError(f"DDIM eta must be from 0 to 1, got {self.eta:g}")
-        if self.variance not in VARIANCES:
-            raise UserError(f"unknown DDPM variance {self.variance!r}; choose one of: {', '.join(VARIANCES)}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        object.__setattr__(self, "eta", float(self.eta))  # an int eta would print otherwise in key()
-
-    @classmethod
-    def from_sample(cls, cfg: SampleConfig, precision: str = "auto") -> SamplerSpec:
-        """The sampler of the params ``sample`` section."""
-        return cls(cfg.sampler, cfg.steps, cfg.spacing, cfg.eta, cfg.clip_x0, precision, cfg.variance)
-
-    @classmethod
-    def from_train(cls, cfg: TrainConfig, precision: str = "auto") -> SamplerSpec:
-        """The training-time FID's sampler, params ``train.fid_*``: DDIM with eta 0, x0 clipped."""
-        return cls(cfg.fid_sampler, cfg.fid_sample_steps, cfg.fid_spacing, 0.0, True, precision,
-                   cfg.fid_variance)
-
-    def check(self, num_timesteps: int) -> None:
-        """Refuse more steps than the diffusion has timesteps."""
-        _check_steps(self.steps, num_timesteps)
-
-    def timesteps(self, num_timesteps: int) -> list[int]:
-        """The visited timesteps, ascending (:func:`spaced_timesteps`)."""
-        return spaced_timesteps(num_timesteps, self.steps, self.spacing)
-
-    def bf16(self, device: torch.device) -> bool:
-        """Whether the network runs under bf16 autocast on ``device``."""
-        return self.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    def key(self) -> str:
-        """The settings as text, for cache keys and the training-time FID's id: name:steps:spacing,
-        then only the settings that are not at their defaults (eta and variance for the samplers
-        that read them),
-        so that the ids written before those were part of it (checkpoints' fid_id) stay valid."""
-        parts = [self.name, str(self.steps), self.spacing]
-        if self.name in USES_ETA and self.eta != 0.0:
-            parts.append(f"eta={self.eta}")
-        if not self.clip_x0:
-            parts.append("noclip")
-        if self.precision != "auto":
-            parts.append(self.precision)
-        if self.name in USES_VARIANCE and self.variance != "posterior":
-            parts.append(f"var={self.variance}")
-        return ":".join(parts)
-
-
-def run_sampler(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int], spec: SamplerSpec, *,
+def run_sampler(model: Model, diffusion: GaussianDiffusion, seeds: Sequence[int], cfg: SamplerConfig, *,
                 shape: tuple[int, int, int], device: torch.device | str) -> Iterator[SampleStep]:
-    """Start ``spec``'s sampler for the given per-image seeds; images are (C, H, W) = ``shape``.
+    """Start ``cfg``'s sampler for the given per-image seeds; images are (C, H, W) = ``shape``.
 
-    ``spec.precision`` is for the caller, which decides where autocast is on (:func:`generate_images`
-    around the whole chain, the app's engine per network call)."""
-    ts = spec.timesteps(diffusion.num_timesteps)
+    Autocast is the caller's (``generate`` around the whole chain, the app's engine per network
+    call); the samplers' own arithmetic is float32."""
+    ts = spaced_timesteps(diffusion.num_timesteps, cfg.steps, cfg.spacing)
     noise = ImageNoise(seeds, shape, device)
-    return SAMPLERS[spec.name](model, diffusion, noise, ts, clip_x0=spec.clip_x0, eta=spec.eta,
-                               variance=spec.variance)
+    return SAMPLERS[cfg.name](model, diffusion, noise, ts, clip_x0=cfg.clip_x0, eta=cfg.eta,
+                              variance=cfg.variance)
 
 
 def final(steps: Iterator[SampleStep]) -> torch.Tensor:

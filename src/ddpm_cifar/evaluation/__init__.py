@@ -1,0 +1,1 @@
+"""FID (Inception statistics, then distance), scoring samples and models, reports and plots."""

@@ -74,8 +74,7 @@ def fid_report(value: float, *, n_samples: int, sample_cfg: dict[str, Any], ref_
         "inception_official": info.official,
         "comparable": not reasons,
         "not_comparable_because": reasons,
-        "sampler": sample_cfg.get("sampler"),
-        "sampling_steps": sample_cfg.get("steps"),
+        "sampler": sample_cfg.get("sampler"),  # the sample.sampler block: name, steps, spacing, ...
         "sample": sample_cfg,
     }
 

@@ -12,8 +12,8 @@ import torch
 
 from ..diffusion.generate import for_sampling, generate_images_sharded
 from ..diffusion.process import GaussianDiffusion, Model
-from ..diffusion.samplers import SAMPLING_VERSION, SamplerSpec
-from ..runtime.config import SampleConfig, TrainConfig
+from ..diffusion.samplers import SAMPLING_VERSION
+from ..runtime.config import SampleConfig, SamplerConfig, TrainConfig
 from ..runtime.distributed import broadcast_from_main
 from ..runtime.fileio import file_digest
 from .fid import FidStats, frechet_distance, load_inception, load_stats, statistics_sharded
@@ -37,15 +37,15 @@ def fid_of_model(model: Model, diffusion: GaussianDiffusion, cfg: SampleConfig, 
     """Sample ``cfg.n`` images (C, H, W) = ``shape`` with the sample section's settings and seeds, and
     score them, both sharded over the process group's ranks (every rank returns the FID)."""
     seeds = [cfg.seed + i for i in range(cfg.n)]
-    images = generate_images_sharded(model, diffusion, seeds, SamplerSpec.from_sample(cfg),
+    images = generate_images_sharded(model, diffusion, seeds, cfg.sampler,
                                      batch_size=cfg.batch_size, shape=shape, device=device,
                                      cache_dir=cache_dir, cache_key=cache_key, desc=desc, everywhere=True)
     assert images is not None
     return fid_sharded(images, inception, ref, batch_size=fid_batch_size, device=device)
 
 
-def training_fid_fn(inception: torch.nn.Module, ref: FidStats, spec: SamplerSpec, *, n: int, batch_size: int,
-                    shape: tuple[int, int, int], device: torch.device) -> FidFn:
+def training_fid_fn(inception: torch.nn.Module, ref: FidStats, spec: SamplerConfig, *, n: int,
+                    batch_size: int, shape: tuple[int, int, int], device: torch.device) -> FidFn:
     """FID of the EMA model during training, sampled with ``spec``: the same seeds 0..n-1 every
     time, for a smooth curve.
 
@@ -72,7 +72,7 @@ def training_fid(inception_weights: str | Path, ref_path: Path, cfg: TrainConfig
     fid_id = training_fid_id(info.sha256, file_digest(ref_path), cfg)
     meta = {"fid_inception_official": info.official, "fid_reference": ref_meta.get("reference"),
             "fid_reference_n": ref_meta.get("reference_n"), "fid_samples": cfg.fid_samples}
-    fn = training_fid_fn(inception, ref, SamplerSpec.from_train(cfg), n=cfg.fid_samples,
+    fn = training_fid_fn(inception, ref, cfg.fid_sampler, n=cfg.fid_samples,
                          batch_size=cfg.fid_batch_size, shape=shape, device=device)
     return fn, fid_id, meta
 
@@ -81,4 +81,4 @@ def training_fid_id(inception_sha256: str, ref_digest: str, cfg: TrainConfig) ->
     """What the training-time FID curve depends on besides the weights: when it changes, the curve
     already logged is dropped rather than continued with values that are not comparable."""
     return (f"{inception_sha256}:{ref_digest}:{SAMPLING_VERSION}:{cfg.fid_samples}:"
-            f"{SamplerSpec.from_train(cfg).key()}:{cfg.fid_batch_size}")
+            f"{cfg.fid_sampler.key()}:{cfg.fid_batch_size}")

@@ -1,0 +1,1 @@
+"""The denoising networks (they know nothing about noise), and checkpoints that carry their config."""

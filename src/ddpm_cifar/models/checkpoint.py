@@ -15,9 +15,15 @@ from ..diffusion.process import GaussianDiffusion
 from ..runtime.config import DiffusionConfig, ModelConfig, parse_section, to_dict
 from ..runtime.errors import ConfigError, UserError
 from ..runtime.fileio import atomic_path, load_weights_only, why_unreadable
-from .networks import build_model
+from .networks import LoadedModel, build_model
 
-FORMAT = "ddpm_cifar.models.checkpoint/1"
+# Bump when what a checkpoint holds changes meaning; a file of another version is refused in one line.
+FORMAT_NAME = "ddpm_cifar.checkpoint"
+FORMAT = f"{FORMAT_NAME}/2"
+
+
+class OlderCheckpoint(UserError):
+    """A checkpoint this pipeline wrote, but in a format of an older version."""
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
@@ -51,7 +57,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except Exception as exc:  # noqa: BLE001 - torch's unpickler raises many types on foreign files
         raise UserError(
             f"{path} is not a readable checkpoint ({why_unreadable(exc)}): {_recovery(path)}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if isinstance(fmt, str) and fmt.startswith(FORMAT_NAME + "/") and fmt != FORMAT:
+        raise OlderCheckpoint(f"{path} is a {fmt} checkpoint, from an older version of this pipeline "
+                              f"(this one reads {FORMAT}): {_recovery(path)}")
+    if fmt != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} checkpoint: {_recovery(path)}")
     return ckpt
 
@@ -63,20 +73,16 @@ def model_payload(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> dic
 def configs(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> tuple[ModelConfig, DiffusionConfig]:
     try:
         return (
-            # Checkpoints written before model.arch existed hold the study's U-Net.
-            parse_section("model", {"arch": "unet", **ckpt["model_config"]}, ModelConfig),
+            parse_section("model", ckpt["model_config"], ModelConfig),
             parse_section("diffusion", ckpt["diffusion_config"], DiffusionConfig),
         )
     except (KeyError, ConfigError) as exc:
         raise UserError(f"{path} holds a model config this version cannot build: {exc}") from exc
 
 
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"
-) -> tuple[torch.nn.Module, GaussianDiffusion, dict[str, Any]]:
-    """Rebuild the network from the config stored in the checkpoint (never from params.yaml).
-
-    The model gets a ``config`` attribute: the checkpoint's ModelConfig."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> LoadedModel:
+    """Rebuild the network from the config stored in the checkpoint (never from params.yaml), with
+    its ``weights`` ("ema", or "model" for the raw weights of a training checkpoint)."""
     ckpt = load(path)
     model_cfg, diffusion_cfg = configs(ckpt, path)
     if weights not in ckpt:
@@ -87,5 +93,4 @@ def load_model(
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit the stored model config: {str(exc)[:200]}") from exc
     model.to(device).eval().requires_grad_(False)
-    model.config = model_cfg  # what callers read image size and channels from, whatever the network
-    return model, GaussianDiffusion(diffusion_cfg).to(device), ckpt
+    return LoadedModel(model, model_cfg, GaussianDiffusion(diffusion_cfg).to(device), int(ckpt["step"]))

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..diffusion.process import GaussianDiffusion
 from ..runtime.config import ModelConfig
 from ..runtime.errors import ConfigError, UserError
 from .ddpm_unet import (
@@ -21,10 +23,28 @@ from .ddpm_unet import (
     DdpmUNetConfig,
     ResnetBlock,
     SelfAttention,
+    diffusion_config,
     load_diffusers_folder,
     weights_file,
 )
 from .unet import UNet
+
+PUBLISHED = -1  # LoadedModel.step of published weights, which were not trained by this pipeline
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network loaded for sampling (eval mode, no gradients) with what it was built from."""
+
+    net: nn.Module  # (B, C, H, W), (B,) -> (B, C, H, W)
+    config: ModelConfig  # what builds ``net``: image size and channels for the samplers
+    diffusion: GaussianDiffusion  # the process the network was trained for, on ``net``'s device
+    step: int  # training steps behind the weights; PUBLISHED for the published DDPM weights
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return (self.config.channels, self.config.image_size, self.config.image_size)
 
 
 def ddpm_unet_config(cfg: ModelConfig) -> DdpmUNetConfig:
@@ -93,16 +113,13 @@ def model_config_of(settings: DdpmUNetConfig, source: str) -> ModelConfig:
     return cfg
 
 
-def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Path]:
+def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> tuple[LoadedModel, Path]:
     """A diffusers UNet2DModel folder (google/ddpm-cifar10-32's layout) as a model of this project,
-    and the weights file it read.
-
-    The network is in eval mode with its ``config`` attribute set to the ModelConfig that builds it,
-    as :func:`ddpm_cifar.models.checkpoint.load_model` leaves it. The diffusion it was trained with is
-    :func:`ddpm_cifar.models.ddpm_unet.diffusion_config`.
-    """
+    with the diffusion it was trained with (:func:`ddpm_cifar.models.ddpm_unet.diffusion_config`),
+    and the weights file it read."""
     net = load_diffusers_folder(folder)
-    net.config = model_config_of(net.settings, str(Path(folder) / CONFIG_NAME))
+    cfg = model_config_of(net.settings, str(Path(folder) / CONFIG_NAME))
     weights = weights_file(Path(folder))
     assert weights is not None  # load_diffusers_folder read it
-    return net.to(device).requires_grad_(False), weights
+    diffusion = GaussianDiffusion(diffusion_config()).to(device)
+    return LoadedModel(net.to(device).eval().requires_grad_(False), cfg, diffusion, PUBLISHED), weights

@@ -99,7 +99,6 @@ BOUNDS: dict[str, Bound] = {
     "train.fid_samples": Bound(2, 100_000, "images (sampled anew for every training-time FID, each held as "
                                            "3 KB of uint8 and 16 KB of float64 Inception features; FID "
                                            "protocols use 10,000-50,000)"),
-    "train.fid_sample_steps": Bound(1, TIMESTEPS_MAX, _TIMESTEPS),
     "train.fid_batch_size": _BATCH,
     "train.sample_grid_every": Bound(0, STEPS_MAX, _STEPS),  # 0: off
     # The sample stage holds all n images as uint8 (3 KB each) and the evaluate stage their 2,048
@@ -107,8 +106,9 @@ BOUNDS: dict[str, Bound] = {
     "sample.n": Bound(1, 1_000_000, "images (the sample stage holds each as 3 KB of uint8 and evaluate "
                                     "its 16 KB of float64 Inception features; FID protocols use "
                                     "10,000-50,000)"),
-    "sample.steps": Bound(1, TIMESTEPS_MAX, _TIMESTEPS),
-    "sample.eta": Bound(0, 1),
+    # sample.sampler and train.fid_sampler (SamplerConfig)
+    "sampler.steps": Bound(1, TIMESTEPS_MAX, _TIMESTEPS),
+    "sampler.eta": Bound(0, 1),
     "sample.batch_size": _BATCH,
     "sample.seed": _SEED,  # and seed + n - 1 too (SampleConfig)
     "sample.grid_images": Bound(1, 4_096, "images (one PNG grid, 64 x 64 images and 4,400 pixels wide as "
@@ -140,16 +140,18 @@ PATTERNS: dict[str, tuple[str, str]] = {
 }
 
 
-def check_field(key: str, value: Any) -> None:
+def check_field(key: str, value: Any, bound_key: str | None = None) -> None:
     """Check one typed value (as ``config`` coerced it) against its range; null always passes
-    here, as the type check already allowed it only where it means something."""
+    here, as the type check already allowed it only where it means something. ``bound_key`` is
+    where its range is listed, when that is not ``key`` (a block used in two sections)."""
     if value is None:
         return
-    if key in PATTERNS:
-        pattern, text = PATTERNS[key]
+    bound_key = bound_key or key
+    if bound_key in PATTERNS:
+        pattern, text = PATTERNS[bound_key]
         if not re.fullmatch(pattern, value):
             raise ConfigError(f"{key} must be {text}, got {value!r}")
-    bound = BOUNDS.get(key)
+    bound = BOUNDS.get(bound_key)
     if bound is None:
         return
     if isinstance(value, tuple):
@@ -169,7 +171,9 @@ def _check_number(key: str, value: float, bound: Bound) -> None:
         raise ConfigError(f"{key} {value} is too large: at most {bound.high:,} {bound.why}")
 
 
-def check_fields(section: str, cfg: Any) -> None:
-    """Every field of the dataclass ``cfg``, read from params section ``section``."""
+def check_fields(section: str, cfg: Any, bounds_of: str | None = None) -> None:
+    """Every field of the dataclass ``cfg``, read from params section ``section``; ``bounds_of``
+    names the entries of BOUNDS to use when they are not listed under ``section``."""
     for field in dataclasses.fields(cfg):
-        check_field(f"{section}.{field.name}", getattr(cfg, field.name))
+        bound_key = f"{bounds_of}.{field.name}" if bounds_of else None
+        check_field(f"{section}.{field.name}", getattr(cfg, field.name), bound_key)

@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +30,49 @@ T = TypeVar("T")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")
 SPACING_NAMES = ("uniform", "trailing", "quadratic")
 VARIANCE_NAMES = ("posterior", "beta")  # DDPM's sigma^2: beta tilde or beta
+USES_ETA = ("ddim",)  # the samplers that read eta; the others ignore it
+USES_VARIANCE = ("ddpm",)  # the samplers that read variance
 MODEL_ARCHS = ("unet", "ddpm")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Which sampler runs, and how: everything the images depend on besides the network, the seeds,
+    the batch shape and the precision. The same block configures the sample stage
+    (``sample.sampler``) and the training-time FID (``train.fid_sampler``); ``where`` names the
+    block in error messages."""
+
+    name: str  # ddpm (ancestral), ddim or dpmpp_2m (DPM-Solver++(2M))
+    steps: int  # network evaluations per image; fewer than diffusion.timesteps respaces the chain
+    spacing: str = "uniform"  # which timesteps the steps visit: uniform, trailing or quadratic
+    eta: float = 0.0  # DDIM's, in [0, 1]: 0 deterministic, 1 as noisy as DDPM; the others ignore it
+    variance: str = "posterior"  # DDPM's sigma^2: posterior (beta tilde) or beta; the others ignore it
+    clip_x0: bool = True  # clamp the network's x0 estimate to [-1, 1]
+    where: InitVar[str] = "sampler"
+
+    def __post_init__(self, where: str) -> None:
+        check_fields(where, self, bounds_of="sampler")
+        _check_choice(f"{where}.name", self.name, SAMPLER_NAMES)
+        _check_choice(f"{where}.spacing", self.spacing, SPACING_NAMES)
+        _check_choice(f"{where}.variance", self.variance, VARIANCE_NAMES)
+        object.__setattr__(self, "eta", float(self.eta))  # 0 and 0.0 are the same setting
+
+    def check_steps(self, num_timesteps: int, where: str = "sampler") -> None:
+        """Refuse more steps than the diffusion has timesteps (``diffusion.timesteps``)."""
+        if self.steps > num_timesteps:
+            raise ConfigError(f"{where}.steps {self.steps} exceeds the model's diffusion.timesteps "
+                              f"{num_timesteps}")
+
+    def key(self) -> str:
+        """The settings as text, for cache keys and the training-time FID's id: those this sampler
+        reads, so that a setting it ignores (DDPM's eta) does not discard finished work."""
+        parts = [self.name, str(self.steps), self.spacing]
+        if self.name in USES_ETA:
+            parts.append(f"eta={self.eta}")
+        if self.name in USES_VARIANCE:
+            parts.append(f"var={self.variance}")
+        parts.append("clip" if self.clip_x0 else "noclip")
+        return ":".join(parts)
 
 
 @dataclass(frozen=True)
@@ -54,9 +96,8 @@ class ModelConfig:
     attn_dim_head: int  # unet only: ddpm's single head spans all channels
     dropout: float
     # "unet": the study's network (unet.py); "ddpm": Ho et al.'s CIFAR-10 network (ddpm_unet.py), the
-    # layout of the published google/ddpm-cifar10-32 weights. The default keeps configs written
-    # before this key existed (checkpoints above all) meaning what they meant.
-    arch: str = "unet"
+    # layout of the published google/ddpm-cifar10-32 weights.
+    arch: str
 
     def __post_init__(self) -> None:
         check_fields("model", self)
@@ -121,53 +162,36 @@ class TrainConfig:
     checkpoint_every: int
     fid_every: int  # optimizer steps between FID evaluations with EMA weights; 0 disables
     fid_samples: int
-    fid_sampler: str  # ddpm, ddim (eta 0) or dpmpp_2m, for the training-time FID
-    fid_sample_steps: int
-    fid_spacing: str  # timestep spacing of that sampler: uniform, trailing or quadratic
+    fid_sampler: SamplerConfig  # the training-time FID's sampler (and the W&B sample grid's)
     fid_batch_size: int
     sample_grid_every: int  # steps between sample grids logged to W&B; 0 disables
     # The EMA warm-up: decay = min(ema_decay, 1 - (1 + k / ema_inv_gamma) ^ -ema_power) at the k-th
     # step past ema_start_step; the study's 1 and 2/3 reach 0.995 about 2,830 steps past it.
-    # ema_power null: ema_decay from the start (no warm-up). The defaults serve TrainConfigs built in
-    # code before these keys existed (constant decay); params.yaml must name both all the same.
-    ema_inv_gamma: float = 1.0
-    ema_power: float | None = None
+    # ema_power null: ema_decay from the start (no warm-up).
+    ema_inv_gamma: float
+    ema_power: float | None
     # Linear learning-rate warm-up over this many steps (ddpm_cifar.training.loop.learning_rate); 0 = none.
-    warmup_steps: int = 0
-    fid_variance: str = "posterior"  # the training-time FID's DDPM variance, as sample.variance
+    warmup_steps: int
 
     def __post_init__(self) -> None:
-        # fid_samples, fid_sample_steps and fid_batch_size are checked with the FID off too: the W&B
+        # fid_samples, fid_sampler and fid_batch_size are checked with the FID off too: the W&B
         # sample grid uses the same sampler, and a value that is wrong now fails when it is turned on.
         check_fields("train", self)
-        _check_choice("train.fid_sampler", self.fid_sampler, SAMPLER_NAMES)
-        _check_choice("train.fid_spacing", self.fid_spacing, SPACING_NAMES)
-        _check_choice("train.fid_variance", self.fid_variance, VARIANCE_NAMES)
 
 
 @dataclass(frozen=True)
 class SampleConfig:
     n: int
-    sampler: str  # ddpm, ddim or dpmpp_2m
-    steps: int  # network evaluations; fewer than diffusion.timesteps respaces the chain
-    eta: float  # DDIM only: 0 deterministic, 1 as noisy as DDPM
-    spacing: str  # which timesteps the steps visit: uniform, trailing or quadratic
+    sampler: SamplerConfig
     compile: bool  # torch.compile the network (CUDA only; see benchmarks/)
     batch_size: int
     seed: int  # image i uses seed + i, whatever the batch size
-    clip_x0: bool
     grid_images: int
     strip_seeds: tuple[int, ...]
     strip_frames: int
-    # DDPM's per-step variance: "posterior" (beta tilde) or "beta" (Ho et al.'s CIFAR-10 FID); the
-    # default keeps sample configs written before this key (in samples.npz) meaning what they meant.
-    variance: str = "posterior"
 
     def __post_init__(self) -> None:
         check_fields("sample", self)
-        _check_choice("sample.sampler", self.sampler, SAMPLER_NAMES)
-        _check_choice("sample.spacing", self.spacing, SPACING_NAMES)
-        _check_choice("sample.variance", self.variance, VARIANCE_NAMES)
         if not 1 <= len(self.strip_seeds) <= 64:  # a row of the strip's figure each
             raise ConfigError(f"sample.strip_seeds must list 1 to 64 seeds, got {len(self.strip_seeds)}")
         if self.grid_images > self.n:  # the grid shows the first grid_images samples: no more exist
@@ -303,6 +327,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
+    if tp is SamplerConfig:  # a nested block, named by its key in every message
+        return parse_section(key, value, tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -350,15 +376,19 @@ def _type_name(tp: Any) -> str:
         return "null"
     if typing.get_origin(tp) is tuple:
         return "a list"
+    if tp is SamplerConfig:
+        return "a mapping"
     return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[tp]
 
 
 def parse_section(name: str, raw: Any, cls: type[T]) -> T:
     """Build the dataclass ``cls`` from the mapping ``raw``, naming any bad key as ``name.key``."""
+    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     if not isinstance(raw, Mapping):
+        if "." in name:  # a block inside a section
+            raise ConfigError(f"{name} must be a mapping of {', '.join(fields)}; got {raw!r}")
         raise ConfigError(f"params section {name!r} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = [k for k in raw if k not in fields]
     if unknown:
         raise ConfigError(f"unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
@@ -366,6 +396,8 @@ def parse_section(name: str, raw: Any, cls: type[T]) -> T:
     if missing:
         raise ConfigError(f"missing key {name}.{missing[0]}")
     values = {k: _coerce(f"{name}.{k}", raw[k], hints[k]) for k in fields}
+    if cls is SamplerConfig:
+        return cls(**values, where=name)
     return cls(**values)
 
 
@@ -430,6 +462,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return to_dict(v)
     if isinstance(v, tuple | list):
         return [_plain(x) for x in v]
     return v

@@ -54,8 +54,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 # What atomic_path names its temporary files: ".<target name>.<pid>.<mkstemp's 8 random characters>.tmp";
-# before the pid was added, ".<target name>.<random>.tmp" (also what tempfile makes for outputs.py's
-# ".write-check." probe).
+# without a pid, ".<name>.<random>.tmp", is what tempfile makes for outputs.py's ".write-check." probe.
 _RANDOM = r"[a-z0-9_]{8}"  # tempfile._RandomNameSequence: 8 of lowercase letters, digits and "_"
 _TEMP_WITH_PID = re.compile(rf"\.(?P<name>.+)\.(?P<pid>[1-9][0-9]*)\.{_RANDOM}\.tmp")
 _TEMP_WITHOUT_PID = re.compile(rf"\.(?P<name>.+)\.{_RANDOM}\.tmp")
@@ -91,10 +90,10 @@ def remove_stale_temp_files(*folders: str | Path) -> list[Path]:
     """Remove the temporary files of :func:`atomic_path` that killed writers left in ``folders``
     (not in their subfolders); returns the paths removed.
 
-    Only names of atomic_path's pattern are candidates (``.<name>.<pid>.<random>.tmp``, or the older
-    ``.<name>.<random>.tmp``), and only plain files. One with a pid goes when that process no longer
-    exists (or after :data:`STALE_WITH_LIVE_PID_S`); one without, after :data:`STALE_WITHOUT_PID_S`
-    since its last write. A missing folder has nothing to remove.
+    Only names of atomic_path's pattern are candidates (``.<name>.<pid>.<random>.tmp``, or
+    ``.<name>.<random>.tmp`` of a write-check probe), and only plain files. One with a pid goes when
+    that process no longer exists (or after :data:`STALE_WITH_LIVE_PID_S`); one without, after
+    :data:`STALE_WITHOUT_PID_S` since its last write. A missing folder has nothing to remove.
     """
     removed: list[Path] = []
     now = time.time()

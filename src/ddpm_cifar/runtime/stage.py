@@ -1,17 +1,27 @@
-"""Shared plumbing for the stage entry points: device choice and one-line errors."""
+"""How every stage starts and ends: :func:`stage` reads the params it declares, joins the process
+group (data-parallel stages), claims its output folders and turns bad input into one line.
+
+    with stage("sample", args.params, PARAMS, [args.out.parent, args.plots]) as run:
+        cfg = run.params.section("sample")   # run.device, run.main (rank 0: the writer)
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .config import DistributedConfig
+from .config import DistributedConfig, Params, load_params
+from .distributed import is_main, process_group
 from .errors import UserError
+from .outputs import claim_outputs
 
 
 def default_device() -> torch.device:
@@ -57,11 +67,52 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def run(main: Callable[[], None]) -> None:
-    """Run a stage; bad input ends it with one line on stderr and exit status 1, not a traceback."""
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input ends the process with one line on stderr and exit status 1, not a traceback."""
     try:
-        main()
+        yield
     except UserError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
         sys.exit("interrupted: finished outputs and the last checkpoint are kept; rerun to resume")
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run an entry point under :func:`one_line_errors`."""
+    with one_line_errors():
+        main()
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What a stage's body works with."""
+
+    name: str
+    params: Params  # the keys the stage declared, and no others
+    device: torch.device  # this rank's
+    main: bool  # rank 0, or the only process: the one that writes the outputs
+
+    def claim(self, folders: Sequence[Path]) -> contextlib.AbstractContextManager[None]:
+        """Claim output folders known only once the params are read (:func:`claim_outputs`)."""
+        return claim_outputs(self.name, folders, lock=self.main)
+
+
+@contextlib.contextmanager
+def stage(name: str, params_path: str | Path, declared: Sequence[str],
+          outputs: Sequence[Path] = ()) -> Iterator[StageRun]:
+    """Start stage ``name``: read ``declared`` from ``params_path``; when that includes the
+    ``distributed`` section, join torchrun's process group as params say (checked against what
+    torchrun started); claim the ``outputs`` folders (checked writable, the first locked by rank 0).
+    Bad input anywhere inside, the body included, ends the process with one line."""
+    with one_line_errors():
+        params = load_params(params_path, declared) if declared else Params({}, ())
+        params.as_dict()  # every declared key checked before anything is claimed or computed
+        if "distributed" in declared:
+            ranks = launched_ranks(params.section("distributed"), os.environ)
+        else:
+            ranks = (1, 0, 0)
+        with process_group(*ranks) as device:
+            run = StageRun(name, params, device, is_main())
+            with run.claim(outputs) if outputs else contextlib.nullcontext():
+                yield run

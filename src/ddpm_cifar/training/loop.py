@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,9 +36,9 @@ from .runlog import RunLogger
 from .state import CheckpointMeta, TrainOutputs, TrainState, fingerprint, resume, save
 from .tracking import Tracker
 
-if TYPE_CHECKING:  # a type only: training does not import the FID code it is handed
-    from ..evaluation.scoring import FidFn
-
+# The training-time FID, as the caller hands it in (ddpm_cifar.evaluation.scoring.training_fid):
+# (EMA model, diffusion) -> FID, called on every rank.
+FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]
 
 
 @dataclass
@@ -80,8 +80,9 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def train_step(state: TrainState, net: torch.nn.Module, data: BatchSource, diffusion: GaussianDiffusion,
-               cfg: TrainConfig) -> float:
-    """One optimizer step of ``cfg.grad_accum`` micro-steps; returns the loss, averaged over ranks.
+               cfg: TrainConfig) -> tuple[float, float]:
+    """One optimizer step of ``cfg.grad_accum`` micro-steps; returns the loss, averaged over ranks,
+    and the learning rate the step used.
 
     ``net`` is ``state.model`` or its DistributedDataParallel wrapper."""
     rank, world = rank_and_world()
@@ -108,8 +109,9 @@ def train_step(state: TrainState, net: torch.nn.Module, data: BatchSource, diffu
                 loss = diffusion.loss(net, x0, t, noise) / cfg.grad_accum
             state.scaler.scale(loss).backward()
         total += loss.item()
-    for group in state.opt.param_groups:  # the warm-up; set every step, so a resumed run agrees
-        group["lr"] = learning_rate(cfg, state.step)
+    lr = learning_rate(cfg, state.step)
+    for group in state.opt.param_groups:  # the warm-up: a function of the step, so a resumed run agrees
+        group["lr"] = lr
     if cfg.max_grad_norm is not None:
         state.scaler.unscale_(state.opt)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.max_grad_norm)
@@ -118,7 +120,7 @@ def train_step(state: TrainState, net: torch.nn.Module, data: BatchSource, diffu
     state.opt.zero_grad(set_to_none=True)
     state.step += 1
     state.ema.update(state.model, state.step)
-    return mean_over_ranks(total, device)
+    return mean_over_ranks(total, device), lr
 
 
 def _check_inputs(images: np.ndarray, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig,
@@ -127,9 +129,7 @@ def _check_inputs(images: np.ndarray, model_cfg: ModelConfig, diffusion_cfg: Dif
     if images.ndim != 4 or images.shape[1:] != expected:
         raise UserError(f"the data are {images.shape[1:]} images but the model expects {expected} "
                         "(model.image_size, model.channels)")
-    if fid_fn is not None and cfg.fid_every and cfg.fid_sample_steps > diffusion_cfg.timesteps:
-        raise UserError(f"train.fid_sample_steps {cfg.fid_sample_steps} exceeds diffusion.timesteps "
-                        f"{diffusion_cfg.timesteps}")
+    cfg.fid_sampler.check_steps(diffusion_cfg.timesteps, "train.fid_sampler")
     if cfg.batch_size % world:
         raise UserError(f"train.batch_size {cfg.batch_size} does not divide among {world} processes: "
                         "it is the global batch, and every rank takes an equal share")
@@ -137,13 +137,10 @@ def _check_inputs(images: np.ndarray, model_cfg: ModelConfig, diffusion_cfg: Dif
 
 def _sample_grid(state: TrainState, diffusion: GaussianDiffusion, model_cfg: ModelConfig,
                  cfg: TrainConfig) -> np.ndarray:
-    """16 images of the EMA weights with the training-time FID's sampler, for W&B (in fp32, as
-    this grid has always been sampled)."""
-    from ..diffusion.generate import generate_images
-    from ..diffusion.samplers import SamplerSpec  # only when W&B is on
+    """16 images of the EMA weights with the training-time FID's sampler, for W&B."""
+    from ..diffusion.generate import generate_images  # only when W&B is on
 
-    return generate_images(state.ema.model, diffusion, list(range(16)),
-                           SamplerSpec.from_train(cfg, precision="fp32"), batch_size=16,
+    return generate_images(state.ema.model, diffusion, list(range(16)), cfg.fid_sampler, batch_size=16,
                            shape=(model_cfg.channels, model_cfg.image_size, model_cfg.image_size),
                            device=state.noise_gen.device, progress=False)
 
@@ -183,9 +180,9 @@ def train(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConf
     logger.start(state.step, cfg.steps, keep_fids=found.keep_fids, wandb_run_id=found.wandb_run_id)
     try:
         while state.step < cfg.steps:
-            loss = train_step(state, net, data, diffusion, cfg)
+            loss, lr = train_step(state, net, data, diffusion, cfg)
             images_seen += cfg.batch_size * cfg.grad_accum
-            logger.step(state.step, loss, learning_rate(cfg, state.step - 1))  # the lr that step used
+            logger.step(state.step, loss, lr)
             # FID before the checkpoint: a checkpoint at step k promises that step k's FID row is
             # written, so an interruption during the FID cannot leave a gap in the curve.
             if fid_fn is not None and cfg.fid_every and (state.step % cfg.fid_every == 0

@@ -29,14 +29,13 @@ from .runlog import RunLogger
 # Train keys that do not change the trajectory: a checkpoint still resumes when only these differ
 # (raising ``steps`` continues a finished run).
 NON_TRAJECTORY_KEYS = (
-    "steps", "checkpoint_every", "fid_every", "fid_samples", "fid_sampler", "fid_sample_steps",
-    "fid_spacing", "fid_batch_size", "fid_variance", "sample_grid_every",
+    "steps", "checkpoint_every", "fid_every", "fid_samples", "fid_sampler", "fid_batch_size",
+    "sample_grid_every",
 )
 
 # Bump when a code change alters what a checkpoint means (network layout, loss, data order), so
 # that old checkpoints start a fresh run instead of silently resuming under the new code.
-# 2: the EMA counts steps like ema-pytorch (one step later than before) and may warm up.
-TRAJECTORY_VERSION = 2
+TRAJECTORY_VERSION = 3
 
 
 @dataclass
@@ -54,22 +53,10 @@ def fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Tra
     Device type and precision are in it because RNG and loss-scaler states do not carry over
     between CPU and GPU, or between fp16 and bf16.
     """
-    train = _without_added_defaults("train", {k: v for k, v in to_dict(cfg).items()
-                                              if k not in NON_TRAJECTORY_KEYS})
-    model = _without_added_defaults("model", to_dict(model_cfg))
-    blob = json.dumps([TRAJECTORY_VERSION, model, to_dict(diffusion_cfg), train, data_id,
+    train = {k: v for k, v in to_dict(cfg).items() if k not in NON_TRAJECTORY_KEYS}
+    blob = json.dumps([TRAJECTORY_VERSION, to_dict(model_cfg), to_dict(diffusion_cfg), train, data_id,
                        device.type, precision_for(device, cfg.amp)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# Keys added to a section after checkpoints existed, with the value that means what those
-# checkpoints did: at that value a key stays out of the fingerprint, so that they still resume.
-ADDED_KEYS = {"model": {"arch": "unet"}, "train": {"warmup_steps": 0}}
-
-
-def _without_added_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    added = ADDED_KEYS.get(section, {})
-    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
 
 
 def precision_for(device: torch.device, amp: bool) -> str:
@@ -101,6 +88,7 @@ class TrainState:
             torch.manual_seed(cfg.seed + 1_000_003 * rank)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+        # lr: train_step sets each step's (the warm-up), before the step
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
         ema = EMA(model, decay=cfg.ema_decay, update_every=cfg.ema_update_every,
                   start_step=cfg.ema_start_step, inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power)
@@ -134,14 +122,14 @@ class TrainState:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.noise_gen.set_state(ckpt["rng"]["noise"])
-        saved_world = len(_per_rank(ckpt["rng"]["torch"]))
+        saved_world = len(ckpt["rng"]["torch"])  # one generator state per rank
         if saved_world == world:
-            torch.set_rng_state(_per_rank(ckpt["rng"]["torch"])[rank])
+            torch.set_rng_state(ckpt["rng"]["torch"][rank])
             if self.noise_gen.device.type == "cuda" and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state(_per_rank(ckpt["rng"]["cuda"])[rank])
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank])
         else:  # the dropout streams of other ranks: reseeded, reproducibly
             torch.manual_seed(seed + 1_000_003 * rank + self.step)
-        self.history = [list(h) for h in ckpt.get("world_history", [[0, self.step, saved_world]])]
+        self.history = [list(h) for h in ckpt["world_history"]]
         return saved_world
 
 
@@ -168,11 +156,6 @@ def _why_not_resume(ckpt: dict[str, Any], fp: str, cfg: TrainConfig, model: torc
     return None
 
 
-def _per_rank(states: Any) -> list[torch.Tensor]:
-    """A checkpoint's RNG states, one per rank (checkpoints from before DDP hold one tensor)."""
-    return [states] if isinstance(states, torch.Tensor) else list(states)
-
-
 def resume(state: TrainState, path: Path, *, fp: str, fid_id: str, cfg: TrainConfig,
            log: Callable[[str], None]) -> Resumed:
     """Load ``path`` into ``state`` when it continues this run (same fingerprint, not past
@@ -181,10 +164,14 @@ def resume(state: TrainState, path: Path, *, fp: str, fid_id: str, cfg: TrainCon
     ckpt: dict[str, Any] | None = None
     found = Resumed()
     if rank == 0 and path.exists():
-        ckpt = checkpoint.load(path)
-        why_not = _why_not_resume(ckpt, fp, cfg, state.model)
+        try:
+            ckpt = checkpoint.load(path)
+            why_not = _why_not_resume(ckpt, fp, cfg, state.model)
+        except checkpoint.OlderCheckpoint:
+            ckpt, why_not = None, "is from an older version of this pipeline"
         if why_not is None:
-            found = Resumed(int(ckpt["step"]), ckpt.get("fid_id", "") == fid_id, ckpt.get("wandb_run_id"))
+            assert ckpt is not None
+            found = Resumed(int(ckpt["step"]), ckpt["fid_id"] == fid_id, ckpt.get("wandb_run_id"))
         else:
             log(f"{path} {why_not}: starting fresh")
     found = broadcast_from_main(found)
@@ -237,11 +224,9 @@ def save(state: TrainState, outputs: TrainOutputs, meta: CheckpointMeta, logger:
     if rank:
         return
     logger.flush()  # a checkpoint at step k promises the logs' rows up to k
-    trained = state.state_dict(rng, world)
-    history = trained.pop("world_history")  # after the run's ids, where checkpoints have always had it
     wandb = {"wandb_run_id": logger.run_id} if logger.run_id else {}
     checkpoint.save(outputs.checkpoint, {
-        **meta.payload, "fingerprint": meta.fingerprint, **trained, "train_config": meta.train_config,
-        "fid_id": meta.fid_id, "world_size": world, "world_history": history, **wandb,
+        **meta.payload, "fingerprint": meta.fingerprint, **state.state_dict(rng, world),
+        "train_config": meta.train_config, "fid_id": meta.fid_id, "world_size": world, **wandb,
     })
     checkpoint.save(outputs.ema, {**meta.payload, "step": state.step, "ema": state.ema.state_dict()})

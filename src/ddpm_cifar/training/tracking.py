@@ -5,6 +5,9 @@ key, no network) with a warning; offline runs can be uploaded later with ``wandb
 
 A tracker is made before training and started by :func:`ddpm_cifar.training.loop.train` once it knows
 whether it resumes: a resumed run continues the W&B run whose id its checkpoint holds.
+
+wandb is an optional dependency (the ``wandb`` extra): only runs with ``wandb.enabled: true`` import
+it, and those stop with a one-line error before training where it is not installed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,21 @@ from typing import Any
 import numpy as np
 
 from ..runtime.config import WandbConfig
+from ..runtime.errors import UserError
+
+INSTALL_HINT = "pip install 'ddpm-cifar[wandb]'"
+
+
+def import_wandb() -> Any:
+    """The ``wandb`` module, or a one-line :class:`UserError` saying how to install it."""
+    try:
+        import wandb
+    except ModuleNotFoundError as exc:
+        if exc.name != "wandb":  # installed, but something it needs is not: its own error says what
+            raise
+        raise UserError(f"wandb.enabled is true but wandb is not installed: {INSTALL_HINT} "
+                        "(or set wandb.enabled: false)") from None
+    return wandb
 
 
 class Tracker:
@@ -49,8 +67,7 @@ class WandbTracker(Tracker):
         self.wandb: Any = None
 
     def start(self, resume_id: str | None = None) -> None:
-        import wandb
-
+        wandb = import_wandb()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # resume "allow": continue the run with this id, or start it under this id if W&B has none.
         kwargs = dict(project=self.cfg.project, name=self.name, entity=self.cfg.entity, config=self.config,
@@ -92,5 +109,6 @@ def make_tracker(cfg: WandbConfig, config: dict[str, Any], run_dir: str | Path,
     ``wandb.run_name`` is null (the train stage passes the DVC experiment's name)."""
     if not cfg.enabled:
         return Tracker()
+    import_wandb()  # not installed: stop now, before any training
     name = cfg.run_name if cfg.run_name is not None else default_name
     return WandbTracker(cfg, config, Path(run_dir), name)
