@@ -9,6 +9,7 @@ from pathlib import Path
 from ddpm_cifar.data.splits import load_split
 from ddpm_cifar.evaluation.fid import load_inception, load_stats, save_stats, statistics_sharded
 from ddpm_cifar.evaluation.reports import reference_meta
+from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.runtime.stage import stage
 
 PARAMS = ("fid", "distributed")
@@ -25,6 +26,9 @@ def main() -> None:
         inception, info = load_inception(cfg.inception_weights, device)
         if cfg.reference in ("train", "test"):
             images, _ = load_split(args.data, cfg.reference)
+            if cfg.reference_count > len(images):  # not silently fewer than asked for
+                raise UserError(f"fid.reference_count {cfg.reference_count} exceeds the {len(images):,} "
+                                f"images of the {cfg.reference} split in {args.data}: lower it, or 0 for all")
             if cfg.reference_count:
                 images = images[: cfg.reference_count]
             stats = statistics_sharded(images, inception, batch_size=cfg.batch_size, device=device)

@@ -284,13 +284,26 @@ def test_params_refuses_undeclared_sections_and_keys(write_params) -> None:
 
 
 def test_params_key_works_with_only_that_key_declared(write_params) -> None:
-    # The rest of the fid section may even be broken: only the declared key is read.
-    def edit(raw: dict) -> None:
-        raw["fid"]["batch_size"] = "many"
-        raw["fid"].pop("reference")
-
-    params = load_params(write_params(edit), ["fid.inception_weights"])
+    params = load_params(write_params(), ["fid.inception_weights"])
     assert params.key("fid.inception_weights") == "data/inception/pt_inception.pth"
+    with pytest.raises(RuntimeError, match="without declaring it"):
+        params.key("fid.batch_size")
+
+
+def test_the_whole_file_is_checked_whatever_the_stage_reads(write_params) -> None:
+    """A value that would stop a later stage stops the first: evaluate, declaring one fid key, still
+    refuses a broken train section, and the sample stage a sampler of more steps than the diffusion
+    has timesteps, before training runs for hours."""
+    with pytest.raises(ConfigError, match="^train.lr must be"):
+        load_params(write_params(lambda raw: raw["train"].update(lr=-1)), ["fid.inception_weights"])
+    for block, where in ((lambda raw: raw["sample"]["sampler"], "sample.sampler"),
+                         (lambda raw: raw["train"]["fid_sampler"], "train.fid_sampler")):
+        path = write_params(lambda raw, block=block: block(raw).update(steps=5000))
+        message = rf"^{where}\.steps 5000 exceeds the model's diffusion\.timesteps 1000$"
+        with pytest.raises(ConfigError, match=message):
+            load_params(path, ["fid.inception_weights"])
+        at_the_limit = write_params(lambda raw, block=block: block(raw).update(steps=1000))
+        load_params(at_the_limit, ["fid.inception_weights"])
 
 
 def test_params_key_is_type_checked(write_params) -> None:
@@ -306,13 +319,12 @@ def test_params_as_dict_holds_what_was_declared(write_params) -> None:
     params = load_params(write_params(), ["train", "fid.inception_weights", "wandb"])
     assert params.as_dict() == {"train": BASE["train"], "wandb": BASE["wandb"],
                                 "fid": {"inception_weights": "data/inception/pt_inception.pth"}}
-    bad = load_params(write_params(lambda raw: raw["train"].update(lr="fast")), ["train"])
-    with pytest.raises(ConfigError, match="train.lr"):
-        bad.as_dict()  # checked like section()
+    with pytest.raises(ConfigError, match="train.lr"):  # the whole file is checked when read
+        load_params(write_params(lambda raw: raw["train"].update(lr="fast")), ["train"])
 
 
 def test_params_key_must_be_a_field() -> None:
-    params = Params({"fid": {"weights": "x"}}, ["fid.weights"])
+    params = Params({}, ["fid.weights"])
     with pytest.raises(RuntimeError, match="fid.weights"):
         params.key("fid.weights")
 

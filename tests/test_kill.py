@@ -2,10 +2,11 @@
 process group) leaves no process behind, and the next `dvc repro` ends where an uninterrupted run ends.
 
 The toy pipeline runs on 2 processes, so training and sampling go through torchrun, whose workers
-live in a session of their own: without cli.die_with_parent they outlived the kill and went on
-writing. It is killed during training, when a checkpoint is being written (a 2 ms poll for its
-temporary file; if it misses every write, 3 steps before the end of training) and during sampling;
-then rerun to the end and compared with a run that was never interrupted.
+live in a session of their own: without runtime.worker's death signal they outlived the kill and
+went on writing. It is killed 0.3 s after the training workers start (while they import torch),
+during training, when a checkpoint is being written (a 2 ms poll for its temporary file; if it
+misses every write, 3 steps before the end of training) and during sampling; then rerun to the end
+and compared with a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -101,6 +102,19 @@ def _checkpoint_in_flight(repo: Path) -> bool:
     return any((repo / "models").glob(".checkpoint.pt.*.tmp")) or _loss_rows(repo) >= STEPS - 3
 
 
+class _WorkersStarted:
+    """True from 0.3 s after the train stage's torchrun workers appear: a kill while they start up."""
+
+    def __init__(self, repo: Path):
+        self.repo, self.seen = repo, 0.0
+
+    def __call__(self) -> bool:
+        if not self.seen:
+            workers = [p for p in _stage_processes(self.repo) if "ddpm_cifar.runtime.worker" in p]
+            self.seen = time.monotonic() if len(workers) >= 2 else 0.0
+        return bool(self.seen) and time.monotonic() - self.seen >= 0.3
+
+
 def _sampling(repo: Path) -> bool:
     return any((repo / "samples/partial").rglob("*.npy")) if (repo / "samples/partial").is_dir() else False
 
@@ -111,7 +125,8 @@ def test_killed_runs_leave_no_writer_and_resume_to_the_same_results(
     ref_run.dvc("repro")
     repo, run = _project(tmp_path / "killed", tiny_cifar_archive, e2e_random_inception)
 
-    moments = {"training": lambda: _loss_rows(repo) >= 4,
+    moments = {"start-up": _WorkersStarted(repo),
+               "training": lambda: _loss_rows(repo) >= 4,
                "a checkpoint write": lambda: _checkpoint_in_flight(repo),
                "sampling": lambda: _sampling(repo)}
     for moment, due in moments.items():

@@ -409,6 +409,7 @@ class Params:
     """
 
     def __init__(self, raw: Mapping[str, Any], declared: Sequence[str], source: str = "params"):
+        check_file(raw)
         self._raw = raw
         self.declared = tuple(declared)
         self._source = source
@@ -446,6 +447,21 @@ class Params:
             else:
                 out[name] = to_dict(self.section(name))
         return out
+
+
+def check_file(raw: Mapping[str, Any]) -> None:
+    """Every section of a params file, read or not by the stage at hand, and the rules that relate
+    keys of two sections: a value that would fail a later stage fails before the first one works.
+    A missing section is an error only for the stage that reads it (:meth:`Params.section`)."""
+    parsed = {name: parse_section(name, raw[name], cls) for name, cls in SECTIONS.items() if name in raw}
+    diffusion = parsed.get("diffusion")
+    if diffusion is None:
+        return
+    # Both samplers run the diffusion these params train: more steps than it has timesteps is
+    # refused by the sample stage after the whole training run.
+    for section, block in (("sample", "sampler"), ("train", "fid_sampler")):
+        if section in parsed:
+            getattr(parsed[section], block).check_steps(diffusion.timesteps, f"{section}.{block}")
 
 
 def load_params(path: str | Path, declared: Sequence[str]) -> Params:

@@ -8,9 +8,7 @@ group (data-parallel stages), claims its output folders and turns bad input into
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from .config import DistributedConfig, Params, load_params
 from .distributed import is_main, process_group
 from .errors import UserError
 from .outputs import claim_outputs
+from .worker import die_with_parent
 
 
 def default_device() -> torch.device:
@@ -33,7 +32,8 @@ def launched_ranks(cfg: DistributedConfig, env: Mapping[str, str]) -> tuple[int,
 
     A mismatch is an error rather than a warning: dvc.lock would record params that did not run.
     Under torchrun (``LOCAL_RANK`` set) this worker is also tied to its launcher's life
-    (:func:`die_with_parent`).
+    (:func:`~ddpm_cifar.runtime.worker.die_with_parent`; the launcher's workers did so first thing,
+    a torchrun started by hand does it here).
     """
     if "LOCAL_RANK" in env:
         die_with_parent()
@@ -44,27 +44,6 @@ def launched_ranks(cfg: DistributedConfig, env: Mapping[str, str]) -> tuple[int,
             f"distributed.nproc_per_node {cfg.nproc_per_node}) but this run has {world}: run the stage "
             "with `dvc repro`, or with torchrun and those numbers")
     return world, int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process as soon as its parent exits (Linux; elsewhere nothing).
-
-    torchrun starts its workers in a process session of their own, so killing the session or
-    process group that ran ``dvc repro`` (a job scheduler, a closed terminal) kills torchrun but not
-    them: an orphaned worker would go on training and later write its checkpoint over the outputs
-    of the next run. With this, the workers die with torchrun, before they can write anything more.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return  # not permitted here: the output lock still keeps two writers apart
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
 
 
 @contextlib.contextmanager
