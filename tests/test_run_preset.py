@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -121,3 +126,188 @@ def test_set_values_read_like_params_yaml() -> None:
     # 5e-4 is a number, as DVC reads it (plain YAML 1.1 would give the string "5e-4")
     assert overlay == {"train.lr": 5e-4, "sample.strip_seeds": [1, 2], "sample.sampler.steps": 50,
                        "train.fid_sampler.steps": 5}
+
+
+# --- Late failures the dry run catches (issue 19, item 3) -------------------------------------------
+
+def _dry_run(*args: str, source: str = "official") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run_preset.py"), "configs/quick.yaml",
+                           "--source", source, "--dry-run", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0, f"accepted:\n{proc.stdout}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_a_fid_reference_that_is_not_a_file_is_refused(tmp_path: Path) -> None:
+    for reference in ("/nonexistent.npz", str(tmp_path)):  # missing, and a folder
+        message = _one_line_error(_dry_run("-S", f"fid.reference={reference}"))
+        assert "fid.reference" in message and reference in message and "train, test" in message
+    stats = tmp_path / "stats.npz"
+    stats.write_bytes(b"x")  # its contents are the ref_stats stage's to judge
+    for reference in (str(stats), "train", "test"):
+        ok = _dry_run("-S", f"fid.reference={reference}")
+        assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a/b", "-x", ".x", "x..y", "x.lock", "x.", "a b", "a~1",
+                                  "a:b", "a^b", "a?", "a*", "a[b", "a\\b", "a@{b", "", "é", "x" * 101])
+def test_an_experiment_name_that_is_not_plain_is_refused(name: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _script().check_name(name)
+    message = str(exc.value)
+    assert message.startswith("error: ") and "\n" not in message and repr(name) in message
+    assert "letters, digits" in message
+
+
+def test_plain_experiment_names_pass() -> None:
+    for name in ("quick-20260101-120000", "run_1.2", "A", "paper.v2", "x" * 100):
+        _script().check_name(name)
+
+
+def test_the_dry_run_refuses_a_name_that_is_not_plain() -> None:
+    message = _one_line_error(_dry_run("--name", "../../evil"))
+    assert "'../../evil'" in message and "--name" in message
+
+
+@pytest.mark.parametrize("reference, count, size", [("train", 100000, "50,000"), ("test", 10001, "10,000")])
+def test_a_reference_count_beyond_the_official_set_is_refused(reference: str, count: int, size: str) -> None:
+    message = _one_line_error(_dry_run("-S", f"fid.reference={reference}", "-S",
+                                       f"fid.reference_count={count}"))
+    assert f"fid.reference_count {count}" in message and size in message and reference in message
+
+
+def test_a_reference_count_within_the_set_or_of_an_unknown_set_passes(tmp_path: Path) -> None:
+    ok = _dry_run("-S", "fid.reference=test", "-S", "fid.reference_count=10000")
+    assert ok.returncode == 0, ok.stderr
+    folder = tmp_path / "images"  # an image folder's size is known only once fetched
+    folder.mkdir()
+    ok = _dry_run("-S", "fid.reference_count=100000", source=str(folder))
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_the_default_source_resolving_to_official_bounds_the_reference_count(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    script = _script()
+    monkeypatch.setattr(script, "reachable", lambda url, timeout=5.0: True)
+    monkeypatch.setattr(sys, "argv", ["run_preset.py", str(ROOT / "configs" / "quick.yaml"), "--dry-run",
+                                      "-S", "fid.reference_count=50001"])
+    with pytest.raises(SystemExit) as exc:
+        script.main()
+    assert str(exc.value).startswith("error: fid.reference_count 50001") and "50,000" in str(exc.value)
+
+
+# --- Leftovers of a killed `dvc exp run --temp` (issue 19, item 6) ------------------------------------
+
+def _dvc_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"))
+    return env
+
+
+def _toy_project(repo: Path, env: dict[str, str]) -> None:
+    """git + DVC with one stage that says it started, then sleeps a minute."""
+    repo.mkdir()
+    for argv in (["git", "init", "-q"], ["git", "config", "user.email", "toy@example.invalid"],
+                 ["git", "config", "user.name", "toy"], ["git", "config", "commit.gpgsign", "false"],
+                 ["dvc", "init", "-q"]):
+        subprocess.run(argv, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+    (repo / "params.yaml").write_text("nap: 60\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  nap:\n"
+        "    cmd: python -c \"import time; open('started', 'w').close(); time.sleep(60)\"\n"
+        "    params: [nap]\n")
+    for argv in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "toy"]):
+        subprocess.run(argv, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+
+
+def _running(repo: Path, env: dict[str, str]) -> list[str]:
+    """The experiments `dvc exp show` lists as running."""
+    proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return [exp["name"] for row in json.loads(proc.stdout) for exp in row.get("experiments") or []
+            if (exp.get("executor") or {}).get("state") == "running"]
+
+
+def _clean(script: ModuleType, repo: Path, monkeypatch: pytest.MonkeyPatch,
+           capsys: pytest.CaptureFixture[str]) -> list[str]:
+    monkeypatch.setattr(script, "ROOT", repo)
+    monkeypatch.setattr(sys, "argv", ["run_preset.py", "--clean"])
+    script.main()
+    out, err = capsys.readouterr()
+    assert err == ""
+    return out.splitlines()
+
+
+def test_a_leftover_is_in_use_while_a_process_may_still_work_on_it(tmp_path: Path) -> None:
+    """DVC records no process for a temp run: its stages work in the copy, and `dvc exp run` itself,
+    started before the run's files were last written, in the project."""
+    script = _script()
+    root = tmp_path / "project"
+    copy = root / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"
+    copy.mkdir(parents=True)
+    written = copy.stat().st_mtime
+    run = script.TempRun(copy, "napper")
+    dvc = ["/venv/bin/python", "/venv/bin/dvc", "exp", "run", "--temp", "-n", "x"]
+    assert script.in_use(run, root, [(copy / "sub", ["python", "-c", "..."], written + 100)])  # a stage
+    assert script.in_use(run, root, [(root, dvc, written - 2)])  # DVC making the copy or collecting
+    assert script.in_use(run, root, [(root / "src", ["python", "-m", "dvc", "exp", "run"], written - 2)])
+    assert script.in_use(run, root, [(None, dvc, written - 2)])  # another user's, whose folder is hidden
+    assert not script.in_use(run, root, [(root, dvc, written + 2)])  # a later run cannot be its owner
+    assert not script.in_use(run, root, [(tmp_path / "other", dvc, written - 2)])  # another project's
+    assert not script.in_use(run, root, [(root, ["dvc", "exp", "show"], written - 2)])
+    assert not script.in_use(run, root, [(root, ["bash"], written - 100)])  # a shell in the project
+
+
+@pytest.mark.slow
+def test_clean_removes_what_a_killed_temp_experiment_left_and_never_a_running_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    env, repo, script = _dvc_env(tmp_path), tmp_path / "repo", _script()
+    _toy_project(repo, env)
+    standalone = repo / ".dvc" / "tmp" / "exps" / "standalone"
+    with open(tmp_path / "exp.log", "w") as log:
+        # its own process group, as a terminal's job is: the kill below takes DVC and the stage at once
+        proc = subprocess.Popen(["dvc", "exp", "run", "--temp", "-n", "napper", "-S", "nap=61"], cwd=repo,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(standalone.glob("tmp*/started")):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "exp.log").read_text()
+            time.sleep(0.2)
+        (copy,) = [p.parent for p in standalone.glob("tmp*/started")]
+        kept = _clean(script, repo, monkeypatch, capsys)  # while the stage runs: nothing goes
+        assert len(kept) == 1 and kept[0].startswith("nothing removed") and "napper" in kept[0], kept
+        assert (copy / "started").is_file()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _running(repo, env) == ["napper"] and copy.is_dir()  # the stale row and the copy, as reported
+    script.leftover_note(repo)  # what a run says when it starts
+    note = capsys.readouterr().out.splitlines()
+    assert len(note) == 1 and "1 killed experiment (napper)" in note[0] and "make clean-exps" in note[0]
+    lines = _clean(script, repo, monkeypatch, capsys)
+    assert lines and all(line.startswith("removed .dvc/tmp/exps/") for line in lines[:-1]), lines
+    assert f"removed {copy.relative_to(repo)} " in "\n".join(lines) + " "
+    assert lines[-1].startswith(f"removed {len(lines) - 1} leftovers of 1 killed experiment (napper)"), lines
+    assert _running(repo, env) == [] and not copy.exists()
+    assert _clean(script, repo, monkeypatch, capsys)[0].startswith("nothing removed")
+
+
+def test_the_clean_target_runs_the_cleaner() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "clean-exps"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "python scripts/run_preset.py --clean" in proc.stdout
+
+
+def test_help_names_clean() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_preset.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--clean" in proc.stdout and "make clean-exps" in proc.stdout
