@@ -21,8 +21,11 @@ from committed import committed_text
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_preset", ROOT / "scripts" / "run_preset.py")
+def _script(name: str = "run_preset") -> ModuleType:
+    """A script of scripts/ as a module (it imports its neighbours, as when run from there)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -247,7 +250,7 @@ def _clean(script: ModuleType, repo: Path, monkeypatch: pytest.MonkeyPatch,
 def test_a_leftover_is_in_use_while_a_process_may_still_work_on_it(tmp_path: Path) -> None:
     """DVC records no process for a temp run: its stages work in the copy, and `dvc exp run` itself,
     started before the run's files were last written, in the project."""
-    script = _script()
+    script = _script("exp_leftovers")
     root = tmp_path / "project"
     copy = root / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"
     copy.mkdir(parents=True)
@@ -287,7 +290,7 @@ def test_clean_removes_what_a_killed_temp_experiment_left_and_never_a_running_on
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert _running(repo, env) == ["napper"] and copy.is_dir()  # the stale row and the copy, as reported
-    script.leftover_note(repo)  # what a run says when it starts
+    _script("exp_leftovers").leftover_note(repo)  # what a run says when it starts
     note = capsys.readouterr().out.splitlines()
     assert len(note) == 1 and "1 killed experiment (napper)" in note[0] and "make clean-exps" in note[0]
     lines = _clean(script, repo, monkeypatch, capsys)
