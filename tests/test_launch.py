@@ -137,3 +137,39 @@ def test_a_bad_value_under_two_processes_is_one_line(tmp_path: Path) -> None:
         lines[nproc] = proc.stderr.strip().splitlines()
     assert lines[1] == ["error: sample.batch_size must be at least 1, got 0"]
     assert lines[2] == lines[1]
+
+
+PROBE_STAGE = """
+import sys
+from pathlib import Path
+import torch.distributed as dist
+from ddpm_cifar.runtime.stage import stage
+
+with stage("probe", sys.argv[1], ("distributed",), [Path(sys.argv[2])]) as run:
+    dist.barrier()  # the stage's first collective, at once
+"""
+
+
+@pytest.mark.slow
+def test_the_lock_refusal_under_two_processes_is_one_line(tmp_path: Path) -> None:
+    """Only rank 0 takes the output lock: the other rank must not wait in the stage's first
+    collective and die there with a traceback of its own when rank 0 exits to say why."""
+    import fcntl
+
+    params = _sample_params(tmp_path)
+    script = tmp_path / "probe_stage.py"
+    script.write_text(PROBE_STAGE)
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".probe.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another run of the stage, writing
+    os.write(fd, b"4242\n")
+    try:
+        proc = subprocess.run([*LAUNCH, "--nproc-per-node", "2", str(script), str(params), str(out)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: another run of the probe stage is writing {out}/ (process 4242): wait for it to finish "
+        "or stop it, then rerun"]

@@ -150,6 +150,15 @@ def all_ranks_agree(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.equal(low, high))
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on at least one rank (every rank must call this)."""
+    if rank_and_world()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def mean_over_ranks(value: float, device: torch.device) -> float:
     """The average of a per-rank number (e.g. the loss of each rank's share of the batch)."""
     world = rank_and_world()[1]

@@ -10,14 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .config import DistributedConfig, Params, load_params
-from .distributed import is_main, process_group
+from .distributed import any_rank, is_main, process_group
 from .errors import UserError
 from .outputs import claim_outputs
 from .worker import die_with_parent
@@ -91,7 +93,21 @@ def stage(name: str, params_path: str | Path, declared: Sequence[str],
             ranks = launched_ranks(params.section("distributed"), os.environ)
         else:
             ranks = (1, 0, 0)
-        with process_group(*ranks) as device:
+        with process_group(*ranks) as device, contextlib.ExitStack() as claimed:
             run = StageRun(name, params, device, is_main())
-            with run.claim(outputs) if outputs else contextlib.nullcontext():
-                yield run
+            refused = None
+            try:
+                claimed.enter_context(run.claim(outputs) if outputs else contextlib.nullcontext())
+            except UserError as exc:
+                refused = exc
+            if any_rank(refused is not None, device):
+                if refused is not None:
+                    if dist.is_initialized():
+                        time.sleep(1)  # the other ranks leave the all-reduce before this one exits
+                    raise refused
+                # Another rank refused (the lock is rank 0's): its one line says why. Waiting here,
+                # not in the stage's first collective, keeps this rank from adding a traceback of
+                # its own when that rank exits; torchrun stops this one then.
+                time.sleep(60)
+                sys.exit(1)
+            yield run
