@@ -3,9 +3,14 @@ the Blocks layout (ddpm_cifar.app.ui), and the command line (ddpm_cifar.app.serv
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +33,7 @@ from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.errors import UserError
 
 MICRO_BATCH = 8  # the app's default on CPU
+MAX_SEED = engine.MAX_SEED
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
@@ -247,7 +253,38 @@ def test_closing_the_worker_ends_a_running_request(gated: tuple[ui.Handlers, Tor
     worker.close()
     gate.release()
     list(gen)
+    assert worker.join(30)
     assert gate.calls == 6  # the worker finished the step it was in, and no more
+
+
+def test_closing_the_worker_releases_a_request_mid_step(gated: tuple[ui.Handlers, TorchWorker, Gate]) -> None:
+    """On shutdown the request in progress ends at once, not after the step the worker is in (a step
+    of a real model on CPU takes seconds): its Gradio thread would keep the process alive."""
+    handlers, worker, gate = gated
+    gate.hold(at=5)
+    gen = handlers.generate(16, "ddpm", 20, 0)
+    next(gen)
+    next(gen)
+    assert gate.waiting.wait(30)
+    rest: list[dict[str, Any]] = []
+    consumer = threading.Thread(target=lambda: rest.extend(gen), daemon=True)
+    worker.close()
+    consumer.start()
+    consumer.join(2)  # the gate still holds the worker inside its step
+    assert not consumer.is_alive(), "the request waited for the worker's step to end"
+    assert rest[-1] == {"status": "Stopped: the server is shutting down."}
+
+
+def test_the_torch_worker_does_not_keep_the_process_alive() -> None:
+    worker = TorchWorker()
+    try:
+        thread = worker.call(threading.current_thread)
+        assert thread is not threading.main_thread() and thread.daemon
+    finally:
+        worker.close()
+    assert worker.join(5)
+    with pytest.raises(RuntimeError, match="the torch worker is closed"):
+        worker.call(lambda: None)
 
 
 def test_torch_worker_passes_errors_on() -> None:
@@ -269,11 +306,16 @@ def test_torch_worker_passes_errors_on() -> None:
     (2.5, "ddpm", 5, 0, r"number of images must be a whole number"),
     (None, "ddpm", 5, 0, r"number of images is empty"),
     (float("nan"), "ddpm", 5, 0, r"number of images must be a whole number"),
+    (2, "ddpm", 5, True, r"seed must be a whole number from 0 to 2147483647, got True"),
     (2, "ddpm", 0, 0, r"steps must be from 1 to 20, got 0"),
     (2, "ddpm", 21, 0, r"steps must be from 1 to 20"),
     (2, "ddpm", 5, -1, r"seed must be from 0 to 2147483647, got -1"),
     (2, "ddpm", 5, 2**31, r"seed must be from 0"),
     (2, "euler", 5, 0, r"sampler\.name must be one of ddpm, ddim, dpmpp_2m; got 'euler'"),
+    # Image i uses seed + i: the limit holds for the last image's seed too.
+    (4, "ddpm", 5, MAX_SEED, r"^seed 2147483647 with 4 images uses seeds up to 2147483650: seed \+ number of "
+                             r"images - 1 must be at most 2147483647$"),
+    (2, "ddpm", 5, MAX_SEED, r"^seed 2147483647 with 2 images uses seeds up to 2147483648:"),
 ])
 def test_out_of_range_values_are_refused(demo: Demo, n: object, sampler: object, steps: object,
                                          seed: object, match: str) -> None:
@@ -283,10 +325,16 @@ def test_out_of_range_values_are_refused(demo: Demo, n: object, sampler: object,
 
 @pytest.mark.parametrize(("eta", "match"), [(-0.1, r"sampler\.eta must be in \[0, 1\], got -0\.1"),
                                              (1.5, r"\[0, 1\], got 1\.5"), (float("nan"), "got nan"),
-                                             ("x", "must be a number")])
+                                             ("x", "must be a number"),
+                                             (None, r"^DDIM eta is empty: give a number from 0 to 1$")])
 def test_ddim_eta_out_of_range_is_refused(demo: Demo, eta: object, match: str) -> None:
     with pytest.raises(UserError, match=match):
         demo.check(2, "ddim", 5, 0, "uniform", eta)
+
+
+def test_the_largest_seeds_are_accepted(demo: Demo) -> None:
+    assert demo.check(4, "ddpm", 5, MAX_SEED - 3).seeds == [MAX_SEED - i for i in (3, 2, 1, 0)]
+    assert demo.check(1, "ddpm", 5, MAX_SEED).seeds == [MAX_SEED]
 
 
 def test_ddim_eta_reaches_the_sampler(demo: Demo) -> None:
@@ -398,6 +446,75 @@ def test_a_refused_request_is_one_console_line_when_served(ckpts: tuple[Path, Pa
     assert "Traceback" not in console.out
 
 
+def _call_api(url: str, data: list[Any]) -> tuple[str, Any]:
+    """POST ``data`` to on_generate through Gradio's HTTP API, as any client may, and read the reply's
+    event stream to its end: the last event's name and data."""
+    body = json.dumps({"data": data}).encode()
+    post = urllib.request.Request(f"{url}gradio_api/call/on_generate", body,
+                                  {"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=30) as resp:
+        event_id = json.load(resp)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/on_generate/{event_id}", timeout=60) as resp:
+        lines = resp.read().decode().splitlines()
+    events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    payloads = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    return events[-1], payloads[-1]
+
+
+@pytest.fixture
+def served(ckpts: tuple[Path, Path], tmp_path: Path) -> Iterator[str]:
+    """The app served by Gradio in this process (no browser): its URL."""
+    blocks = ui.build_app(_demo(ckpts[0]), tmp_path)
+    blocks.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                          quiet=True)
+    try:
+        yield blocks.local_url
+    finally:
+        blocks.close()
+
+
+GOOD = [2, "ddpm", 2, "uniform", 0.0, "posterior", 0]  # on_generate's values, in order
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (GOOD[:2], "missing inputs steps, spacing, eta, variance, seed: on_generate takes 7 values "
+               "(n, sampler, steps, spacing, eta, variance, seed), got 2"),
+    ([], "missing inputs n, sampler, steps, spacing, eta, variance, seed: on_generate takes 7 values "
+         "(n, sampler, steps, spacing, eta, variance, seed), got 0"),
+    (GOOD[:6], "missing input seed: on_generate takes 7 values (n, sampler, steps, spacing, eta, variance, "
+               "seed), got 6"),
+    ([None] * 7, "number of images is empty: give a whole number from 1 to 100"),
+    (GOOD[:4] + [None] + GOOD[5:], "DDIM eta is empty: give a number from 0 to 1"),
+])
+def test_missing_inputs_through_the_api_are_named(served: str, capfd: pytest.CaptureFixture[str],
+                                                  data: list[Any], message: str) -> None:
+    """Too few values through the HTTP API: Gradio refused them with ``{"error": null}`` and a
+    traceback on the console; the caller is told which inputs are missing, the console one line."""
+    capfd.readouterr()
+    assert _call_api(served, data) == ("error", {"error": message, "duration": 10, "visible": True,
+                                                 "title": "Error"})
+    assert capfd.readouterr().err.splitlines() == [f"refused request: {message}"]
+    assert _call_api(served, GOOD)[0] == "complete"  # and the app still serves
+
+
+@pytest.mark.parametrize(("index", "value", "message"), [
+    (1, "euler", "sampler.name must be one of ddpm, ddim, dpmpp_2m; got 'euler'"),
+    (1, 5, "sampler.name must be one of ddpm, ddim, dpmpp_2m; got 5"),
+    (3, "log", "sampler.spacing must be one of uniform, trailing, quadratic; got 'log'"),
+    (5, "fixedlarge", "sampler.variance must be one of posterior, beta; got 'fixedlarge'"),
+])
+def test_a_value_not_among_a_dropdowns_choices_is_one_console_line(
+        served: str, capfd: pytest.CaptureFixture[str], index: int, value: object, message: str) -> None:
+    """Gradio's own check of a dropdown's value printed a traceback per request sent through the API."""
+    capfd.readouterr()
+    data = [*GOOD[:index], value, *GOOD[index + 1:]]
+    assert _call_api(served, data) == ("error", {"error": message, "duration": 10, "visible": True,
+                                                 "title": "Error"})
+    console = capfd.readouterr()
+    assert console.err.splitlines() == [f"refused request: {message}"]
+    assert "Traceback" not in console.out + console.err
+
+
 # -- the handlers as the UI calls them -------------------------------------------------------------
 
 def test_generate_handler_outputs(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
@@ -504,6 +621,75 @@ def test_models_load_once_from_their_own_config(ckpts: tuple[Path, Path], launch
     demo.images(demo.check(2, "ddpm", 2, 0))
     demo.images(demo.check(3, "ddpm", 2, 5))
     assert loads == 2  # sampling never reloads
+
+
+def _start_app(ckpt: Path, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """``python -m ddpm_cifar.app`` on ``ckpt``, its temporary files under ``tmp_path``: the process
+    and its URL, once it serves."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_cifar.app", "--checkpoint", str(ckpt),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp_path), **env})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the app did not serve on {url}: {proc.communicate()[0]}")
+
+
+def _terminate(proc: subprocess.Popen[str]) -> tuple[float, str]:
+    """SIGTERM, as a service manager or ``docker stop`` sends: seconds until the process ended (at
+    most 2, else the test fails), and what it printed."""
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running 2 s after SIGTERM: {proc.communicate()[0]}")
+    return time.monotonic() - start, proc.communicate()[0]
+
+
+@pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # T = 1000: a request of 100 images and 1000 DDPM steps lasts a minute, far longer than the test.
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("long") / "long.pt", diffusion={"timesteps": 1000})
+
+
+def test_sigterm_ends_an_idle_app_cleanly(long_ckpt: Path, tmp_path: Path) -> None:
+    proc, _ = _start_app(long_ckpt, tmp_path)
+    _, output = _terminate(proc)
+    # Ended by the app, not killed by the signal: its temporary folder of downloads is removed.
+    assert proc.returncode == 0, output
+    assert not list(tmp_path.glob("ddpm-cifar-app-*"))
+    assert "Traceback" not in output
+
+
+def test_sigterm_ends_the_app_within_2_s_while_it_generates(long_ckpt: Path, tmp_path: Path) -> None:
+    """Also with GRADIO_SSR_MODE=true in the environment: Gradio's own SIGTERM handler then
+    waited for the request in progress (6 s here)."""
+    from gradio_client import Client
+
+    proc, url = _start_app(long_ckpt, tmp_path, GRADIO_SSR_MODE="true")
+    try:
+        job = Client(url, verbose=False).submit(100, "ddpm", 1000, "uniform", 0.0, "posterior", 0,
+                                                api_name="/on_generate")
+        deadline = time.monotonic() + 60
+        while not job.outputs() and time.monotonic() < deadline:  # until the first progress update
+            time.sleep(0.05)
+        assert job.outputs() and not job.done()
+        _, output = _terminate(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert not list(tmp_path.glob("ddpm-cifar-app-*"))
+    assert "Traceback" not in output
 
 
 def _foreign_state_dict(path: Path) -> Path:

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -34,7 +34,7 @@ from ..runtime.errors import UserError
 T = TypeVar("T")
 
 MAX_IMAGES = 100
-MAX_SEED = 2**31 - 1  # exact in a browser's float64 numbers, with room for seed + i
+MAX_SEED = 2**31 - 1  # of any image's seed (seed + i); exact in a browser's float64 numbers
 STRIP_FRAMES = 20
 STRIP_ROW = 10  # frames per row of the strip: 20 frames of 32 px in one row are too small to see
 PREVIEWS = 10  # about this many live previews of the grid while sampling
@@ -124,6 +124,8 @@ def describe(spec: SamplerConfig) -> str:
 def _whole(value: object, name: str, lo: int, hi: int) -> int:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise UserError(f"{name} is empty: give a whole number from {lo} to {hi}")
+    if isinstance(value, bool):  # a JSON true through the API: a Real to Python, not a number to a user
+        raise UserError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
     try:
         number = float(value) if not isinstance(value, Real) else value
     except (TypeError, ValueError):
@@ -158,14 +160,20 @@ class Demo:
 
         The numbers arrive as floats or text: they are parsed here, then the sampler's settings
         (name, spacing, eta, DDPM's variance) are checked by :class:`SamplerConfig`."""
+        n_images = _whole(n, "number of images", 1, MAX_IMAGES)
+        if eta is None or (isinstance(eta, str) and not eta.strip()):
+            raise UserError("DDIM eta is empty: give a number from 0 to 1")
         try:
             eta_value = float(eta)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise UserError(f"DDIM eta must be a number from 0 to 1, got {eta!r}") from None
-        n_images = _whole(n, "number of images", 1, MAX_IMAGES)
         spec = SamplerConfig(sampler, _whole(steps, "steps", 1, self.max_steps), spacing,  # type: ignore[arg-type]
                              eta_value, variance)  # type: ignore[arg-type]
-        return Request(n=n_images, seed=_whole(seed, "seed", 0, MAX_SEED), spec=spec)
+        first = _whole(seed, "seed", 0, MAX_SEED)
+        if first + n_images - 1 > MAX_SEED:  # image i uses seed + i: the limit holds for each image
+            raise UserError(f"seed {first} with {n_images} images uses seeds up to {first + n_images - 1}: "
+                            f"seed + number of images - 1 must be at most {MAX_SEED}")
+        return Request(n=n_images, seed=first, spec=spec)
 
     def _network(self, dm: DemoModel, bf16: bool) -> FixedBatch:
         def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -219,24 +227,74 @@ class TorchWorker:
     share the cores every parallel region pays to wake its threads: 4 images x 50 steps of the
     quick-run model took 2.1 s instead of 1.2 s on 2 cores after a second thread had used torch.
     A UI server calls its handlers on a pool of threads, so the app sends its torch work here.
+
+    On shutdown (Ctrl-C, SIGTERM) nothing here may keep the process alive: a step of a real model on
+    CPU takes seconds. So the thread is a daemon, which the interpreter does not wait for (a
+    ThreadPoolExecutor's thread it does), and :meth:`close` releases at once whoever waits for items.
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="torch")
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders submitting against closing
         self._closed = threading.Event()
+        self._waiting: set[queue.Queue[tuple[str, Any]]] = set()  # the items of iterate() calls running
+        self._thread = threading.Thread(target=self._run, name="torch", daemon=True)
+        self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def _put(self, fn: Callable[[], T]) -> Future[T]:
+        """Queue ``fn``; the caller holds the lock and has checked that the worker is open."""
+        future: Future[T] = Future()
+        self._jobs.put((future, fn))
+        return future
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return self._pool.submit(fn, *args, **kwargs).result()
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("the torch worker is closed")
+            future = self._put(lambda: fn(*args, **kwargs))
+        return future.result()
 
     def close(self) -> None:
-        """Stop whatever is iterating now (at its next item) and let the thread end: the
-        interpreter waits for this thread at exit, so an unfinished request must not hold it."""
-        self._closed.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop whatever is iterating now (at its next item), drop the work not started, and end
+        every :meth:`iterate` at once. The step in progress finishes on the thread unwaited for."""
+        with self._lock:
+            self._closed.set()
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[0].cancel()
+            self._jobs.put(None)  # the thread ends after the job it is in
+            for items in self._waiting:
+                items.put(("closed", None))
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end after :meth:`close`; whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def iterate(self, make: Callable[[], Iterator[T]]) -> Iterator[T]:
         """Run the iterator ``make()`` on the worker thread and yield its items here. Closing this
-        generator stops the worker's iterator before its next item."""
+        generator stops the worker's iterator before its next item; closing the worker ends this
+        generator at once, with no more items (:attr:`closed` tells why it ended)."""
         items: queue.Queue[tuple[str, Any]] = queue.Queue()  # unbounded: the worker never waits on the UI
         stop = threading.Event()
 
@@ -255,14 +313,20 @@ class TorchWorker:
                 if it is not None and hasattr(it, "close"):
                     it.close()
 
-        self._pool.submit(produce)
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._waiting.add(items)
+            self._put(produce)
         try:
             while True:
                 kind, value = items.get()
-                if kind == "end":
+                if kind in ("end", "closed"):
                     return
                 if kind == "error":
                     raise value
                 yield value
         finally:
             stop.set()
+            with self._lock:
+                self._waiting.discard(items)

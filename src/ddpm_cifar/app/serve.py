@@ -8,10 +8,16 @@ with ``--compare OTHER.pt`` a second model samples the same seeds beside the fir
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import signal
+import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import gradio as gr
 import torch
 
 from ..runtime.errors import UserError
@@ -36,6 +42,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM, a service manager's or ``docker stop``'s, stops the app as Ctrl-C does. By default it
+    killed the process on the spot, its temporary folder left behind; with GRADIO_SSR_MODE set,
+    Gradio's handler waited for the request in progress (6 s on the tiny test model)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(blocks: gr.Blocks, args: argparse.Namespace, worker: TorchWorker) -> None:
+    """Serve until Ctrl-C or SIGTERM, then close promptly, also in the middle of a request."""
+    # Without server-side rendering (GRADIO_SSR_MODE): its Node process installs its own SIGTERM
+    # handler, and a demo on 32-pixel images gains nothing from it.
+    try:
+        blocks.queue().launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
+                              theme=THEME, footer_links=[], ssr_mode=False, prevent_thread_lock=True)
+        while blocks.is_running:
+            time.sleep(0.1)  # where Ctrl-C and SIGTERM arrive: Python runs handlers in this thread
+    except KeyboardInterrupt as exc:
+        print(f"stopping ({str(exc) or 'SIGINT'}): closing the server", file=sys.stderr, flush=True)
+    finally:
+        worker.close()  # the request in progress ends now
+        server = getattr(blocks, "server", None)  # there once launched
+        if server is not None:
+            # Without force_exit uvicorn waits for open connections, such as a request's event stream,
+            # and Gradio for uvicorn: 5 s in one run out of two during a request. What it then cuts off
+            # it logs with tracebacks, which say nothing here: the process is ending.
+            server.force_exit = True
+            logging.getLogger("uvicorn.error").disabled = True
+        blocks.close(verbose=False)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -50,13 +95,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = [args.checkpoint] + ([args.compare] if args.compare else [])
     worker = TorchWorker()  # loads and samples: torch on one thread only
     try:
-        models = [worker.call(load_demo_model, p, device) for p in paths]
-        demo = Demo(models, device=device, micro_batch=micro_batch)
-        with tempfile.TemporaryDirectory(prefix="ddpm-cifar-app-") as out_dir:
-            blocks = build_app(demo, Path(out_dir), worker=worker)
-            blocks.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                                  css=CSS, theme=THEME, footer_links=[])
+        with _sigterm_interrupts():
+            models = [worker.call(load_demo_model, p, device) for p in paths]
+            demo = Demo(models, device=device, micro_batch=micro_batch)
+            # A request stopped by the shutdown may still be writing its PNG in there.
+            with tempfile.TemporaryDirectory(prefix="ddpm-cifar-app-", ignore_cleanup_errors=True) as out_dir:
+                _serve(build_app(demo, Path(out_dir), worker=worker), args, worker)
+    except KeyboardInterrupt as exc:  # before serving: not the stages' message about kept outputs
+        print(f"stopped ({str(exc) or 'SIGINT'})", file=sys.stderr)
     except OSError as exc:
         raise UserError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
     finally:
-        worker.close()  # Ctrl-C in the middle of a request: do not wait for it to finish
+        worker.close()  # the step in progress, if any, is left to the daemon thread (see __main__)

@@ -6,6 +6,7 @@ with two models, both sample the same seeds side by side. Served by :mod:`.serve
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import traceback
@@ -101,6 +102,9 @@ class Handlers:
                     yield self._result(ev, req.seed)
         finally:
             events.close()  # stops the sampling, on the worker thread too
+        if self.worker is not None and self.worker.closed:  # the events ended early: Ctrl-C or SIGTERM
+            yield {"status": "Stopped: the server is shutting down."}
+            return
         yield {"status": f"Done: {req.n} image(s) per model, seeds {req.seed}–{req.seed + req.n - 1}, "
                          f"{describe(req.spec)}."}
 
@@ -116,6 +120,24 @@ def _refused(exc: UserError) -> None:
     """One console line per refused request: bad input from a visitor is not a fault of the server,
     and a traceback each time would bury the lines that are."""
     print("refused request:", " ".join(str(exc).split()), file=sys.stderr, flush=True)
+
+
+class _Blocks(gr.Blocks):
+    """gr.Blocks that refuses a request with too few values (sent through the HTTP API, not the page)
+    by naming the missing inputs. Gradio's own refusal reached the caller as ``{"error": null}`` and
+    the console as a traceback."""
+
+    def validate_inputs(self, block_fn: Any, inputs: list[Any]) -> None:
+        wanted = len(block_fn.inputs)
+        if len(inputs) < wanted:
+            # The handler's parameters are the API's names for the values, in order.
+            names = list(inspect.signature(block_fn.fn).parameters)[:wanted]
+            missing = names[len(inputs):]
+            exc = UserError(f"missing input{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
+                            f"{block_fn.name} takes {wanted} values ({', '.join(names)}), got {len(inputs)}")
+            _refused(exc)
+            raise gr.Error(str(exc), print_exception=False)
+        super().validate_inputs(block_fn, inputs)
 
 
 def _ui_value(name: str, value: Any) -> Any:
@@ -170,7 +192,7 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
     handlers = Handlers(demo, out_dir, worker=worker)
     outputs: dict[str, Any] = {}
     # Gradio keeps a copy of every image it sends; drop those older than an hour, hourly.
-    with gr.Blocks(title="DDPM on CIFAR-10", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
+    with _Blocks(title="DDPM on CIFAR-10", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
         gr.Markdown("## DDPM on CIFAR-10\nImage *i* is sampled from seed + *i*: the same seed gives the "
                     "same pictures whatever the number of images.")
         with gr.Row():
@@ -180,11 +202,12 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
         def on_click(request: gr.Request) -> str:
             return handlers.begin(request.session_hash or "")
 
-        def on_generate(n_: object, sampler_: object, steps_: object, spacing_: object, eta_: object,
-                        variance_: object, seed_: object, request: gr.Request) -> Iterator[dict[Any, Any]]:
+        # The parameters' names are the values' names in the HTTP API, and in its messages.
+        def on_generate(n: object, sampler: object, steps: object, spacing: object, eta: object,
+                        variance: object, seed: object, request: gr.Request) -> Iterator[dict[Any, Any]]:
             try:
-                for out in handlers.generate(n_, sampler_, steps_, seed_, request.session_hash or "",
-                                             spacing_, eta_, variance_):
+                for out in handlers.generate(n, sampler, steps, seed, request.session_hash or "",
+                                             spacing, eta, variance):
                     yield {outputs[name]: _ui_value(name, value) for name, value in out.items()}
             except UserError as exc:
                 _refused(exc)
@@ -201,8 +224,10 @@ def build_app(demo: Demo, out_dir: Path, worker: TorchWorker | None = None) -> g
 
         # The first step runs at once (not queued), so that a Stop pressed while the request
         # waits for another session's to finish is not lost.
+        # preprocess=False: the values reach Handlers.generate as sent, to be checked there. Gradio's
+        # check of a dropdown's value printed a traceback per value not among the choices.
         go.click(on_click, outputs=outputs["status"], queue=False).then(
             on_generate, inputs=inputs, outputs=list(outputs.values()),
-            concurrency_limit=1, show_progress="hidden")
+            concurrency_limit=1, show_progress="hidden", preprocess=False)
         stop.click(on_stop, queue=False)
     return blocks
