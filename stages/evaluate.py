@@ -4,11 +4,9 @@ numbers) and reports/fid.json (the provenance: reference, Inception, sampler, co
 Under torchrun (params distributed) each rank runs Inception on its share of the samples."""
 
 import argparse
-import json
 from pathlib import Path
 
-import numpy as np
-
+from ddpm_cifar.diffusion.generate import load_samples
 from ddpm_cifar.evaluation.fid import load_inception, load_stats
 from ddpm_cifar.evaluation.reports import check_same_inception, fid_report, metrics_of
 from ddpm_cifar.evaluation.scoring import fid_sharded
@@ -28,17 +26,18 @@ def main() -> None:
     args = ap.parse_args()
     with stage("evaluate", args.params, PARAMS, [args.out.parent, args.report.parent]) as run:
         params, device = run.params, run.device
-        inception, info = load_inception(params.key("fid.inception_weights"), device)
+        # The files first, Inception (seconds to load) last: a damaged file stops the stage at once.
+        samples = load_samples(args.samples)
+        images = samples.images
         ref, ref_meta = load_stats(args.ref)
+        inception, info = load_inception(params.key("fid.inception_weights"), device)
         check_same_inception(ref_meta, info)
-        with np.load(args.samples) as f:
-            images, sample_cfg = f["images"], json.loads(str(f["config"]))
-            checkpoint_step = int(f["checkpoint_step"])
         fid = fid_sharded(images, inception, ref, batch_size=params.key("fid.batch_size"), device=device)
         if not run.main:
             return
-        report = fid_report(fid, n_samples=len(images), sample_cfg=sample_cfg, ref_meta=ref_meta, info=info)
-        write_json(args.report, {**report, "checkpoint_step": checkpoint_step})
+        report = fid_report(fid, n_samples=len(images), sample_cfg=samples.config, ref_meta=ref_meta,
+                            info=info)
+        write_json(args.report, {**report, "checkpoint_step": samples.checkpoint_step})
         write_json(args.out, metrics_of(report))
         reasons = report["not_comparable_because"]
         flag = f"  (NOT comparable: {'; '.join(reasons)})" if reasons else ""

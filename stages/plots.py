@@ -3,14 +3,12 @@ baselines (and the measured pretrained DDPM, when scored), as a PNG and as CSV d
 A FID that is not comparable with published numbers goes to a panel and a chart of its own."""
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from ddpm_cifar.evaluation.plots import save_fid_comparison, save_training_curves
-from ddpm_cifar.evaluation.reports import fid_tables
+from ddpm_cifar.evaluation.reports import fid_tables, load_baselines, load_report
 from ddpm_cifar.runtime.fileio import atomic_path
 from ddpm_cifar.runtime.stage import stage
 
@@ -28,9 +26,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("plots"))
     args = ap.parse_args()
     with stage("plots", args.params, PARAMS, [args.out]):
-        ours = json.loads(args.fid.read_text())
-        baselines = yaml.safe_load(args.baselines.read_text())["baselines"]
-        pretrained = json.loads(args.pretrained.read_text())
+        ours = load_report(args.fid, "evaluate")
+        baselines = load_baselines(args.baselines)
+        pretrained = load_report(args.pretrained, "pretrained")
         measured = [pretrained] if pretrained.get("enabled") else []
         save_fid_comparison(ours, baselines, args.out / "fid_comparison.png", measured=measured)
         tables = fid_tables(ours, baselines, measured)

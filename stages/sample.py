@@ -4,17 +4,14 @@ Under torchrun (params distributed) each rank samples its share of the seeds; th
 same as with one process."""
 
 import argparse
-import json
 import shutil
 from pathlib import Path
-
-import numpy as np
 
 from ddpm_cifar.diffusion import generate
 from ddpm_cifar.evaluation.plots import save_denoising_strip, save_grid
 from ddpm_cifar.models import checkpoint
 from ddpm_cifar.runtime.config import to_dict
-from ddpm_cifar.runtime.fileio import atomic_path, file_digest
+from ddpm_cifar.runtime.fileio import file_digest
 from ddpm_cifar.runtime.stage import stage
 
 PARAMS = ("sample", "distributed")
@@ -39,9 +36,7 @@ def main() -> None:
                                                   batch_size=cfg.batch_size, cache_key=key, **where)
         if images is None:
             return  # not rank 0: its share is with rank 0, which writes everything
-        with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=images, seeds=np.asarray(seeds), config=json.dumps(to_dict(cfg)),
-                     checkpoint_step=model.step)
+        generate.save_samples(args.out, images, seeds=seeds, config=to_dict(cfg), checkpoint_step=model.step)
         shutil.rmtree(args.partial, ignore_errors=True)  # the finished batches now live in --out
         save_grid(images[: cfg.grid_images], args.plots / "sample_grid.png")
         frames, timesteps = generate.denoising_frames(net, diffusion, list(cfg.strip_seeds), cfg.sampler,

@@ -192,10 +192,11 @@ def _random_bytes(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", [_first_half, _random_bytes], ids=["truncated", "random-bytes"])
 @pytest.mark.parametrize(("name", "recovery"), [
-    ("checkpoint.pt", "remove it to start training afresh, or restore the last good one with "
-                      "`dvc checkout models/checkpoint.pt`"),
+    # tests/test_damaged_files.py runs these commands in a DVC project
+    ("checkpoint.pt", "remove it and rerun `dvc repro` to train afresh, or restore the copy DVC last "
+                      "recorded with `dvc checkout --force models/checkpoint.pt`"),
     ("ema.pt", "remove it and rerun `dvc repro`, which rewrites it from the training checkpoint, "
-               "or restore the last good one with `dvc checkout models/ema.pt`"),
+               "or restore the copy DVC last recorded with `dvc checkout --force models/ema.pt`"),
 ])
 def test_unreadable_checkpoint_says_how_to_recover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    damage, name: str, recovery: str) -> None:
@@ -284,3 +285,54 @@ def test_save_then_load_round_trip(tmp_path: Path) -> None:
     assert got["format"] == checkpoint.FORMAT
     assert got["step"] == 7 and torch.equal(got["x"], torch.arange(3))
     assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temporary files left behind
+
+
+# --- what a checkpoint holds: a whole step, finite weights --------------------------------------------
+
+@pytest.mark.parametrize("step", ["three", 2.5, None, -1, True],
+                         ids=["text", "float", "none", "negative", "bool"])
+def test_a_step_that_is_not_a_whole_number_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        step: object) -> None:
+    monkeypatch.chdir(tmp_path)
+    from factories import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(Path("models/ema.pt"))
+    _rewrite(path, path, step=step)
+    with pytest.raises(UserError) as info:
+        checkpoint.load_model(path)
+    assert str(info.value) == (
+        f"models/ema.pt is not a usable checkpoint (its step is {step!r}, not a whole number): remove it and "
+        "rerun `dvc repro`, which rewrites it from the training checkpoint, or restore the copy DVC last "
+        "recorded with `dvc checkout --force models/ema.pt`")
+
+
+@pytest.mark.parametrize("part", ["ema", "model"])
+def test_non_finite_weights_are_refused_at_load(trained: Trained, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, part: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    raw = torch.load(trained.outputs.checkpoint, weights_only=True)
+    key = sorted(raw[part])[1]
+    raw[part][key] = raw[part][key].clone().fill_(float("nan"))
+    Path("models").mkdir()
+    torch.save(raw, "models/checkpoint.pt")
+    with pytest.raises(UserError) as info:
+        checkpoint.load_model(Path("models/checkpoint.pt"), weights=part)
+    assert str(info.value) == (
+        f"models/checkpoint.pt is not a usable checkpoint (its {part} weights hold NaN or infinite values, "
+        f"in {key}): remove it and rerun `dvc repro` to train afresh, or restore the copy DVC last recorded "
+        "with `dvc checkout --force models/checkpoint.pt`")
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
+    weights = {"w": torch.tensor([1.0, float("inf")])}
+    with pytest.raises(UserError, match=r"not writing .*ema.pt: its ema weights hold NaN or infinite values, "
+                                        r"in w"):
+        checkpoint.save(tmp_path / "ema.pt", {"step": 1, "ema": weights})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_that_are_not_a_state_dict_are_one_line(trained: Trained, tmp_path: Path) -> None:
+    path = _rewrite(trained.outputs.ema, tmp_path / "ema.pt", ema="not weights")
+    with pytest.raises(UserError, match=r"ema.pt is not a usable checkpoint \(its 'ema' weights are a str, "
+                                        r"not a state dict\)"):
+        checkpoint.load_model(path)

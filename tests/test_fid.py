@@ -309,13 +309,38 @@ def test_unreadable_stats_are_one_line_of_ours(tmp_path: Path, kind: str) -> Non
     assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not marker.exists()
     assert message.startswith(f"{path} is not an FID statistics .npz (")
-    assert "make it again (`dvc repro` reruns the ref_stats stage" in message
+    # tests/test_damaged_files.py runs this command in a DVC project
+    assert message.endswith("): remove it and rerun `dvc repro`, whose ref_stats stage writes it again")
     assert REASON.get(kind, "") in message
 
 
 def test_stats_that_are_one_array_or_python_objects_are_refused(tmp_path: Path) -> None:
     np.save(tmp_path / "mu.npy", np.zeros(DIM))
-    assert "(it holds a single array)" in _refusal(fid.load_stats, tmp_path / "mu.npy")
+    assert "(it holds a single array, not named arrays)" in _refusal(fid.load_stats, tmp_path / "mu.npy")
     np.savez(tmp_path / "objects.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(DIM))
     assert "(it holds arrays of Python objects, which a safe load refuses)" in _refusal(
         fid.load_stats, tmp_path / "objects.npz")
+
+
+@pytest.mark.parametrize(("members", "why"), [
+    (dict(mu=np.array([0.0, np.nan, 1.0]), sigma=np.eye(3)), "its 'mu' holds NaN or infinite values"),
+    (dict(mu=np.zeros(3), sigma=np.full((3, 3), np.inf)), "its 'sigma' holds NaN or infinite values"),
+    (dict(mu=np.zeros(3), sigma=np.eye(2)), "its 'sigma' has shape (2, 2): d is 3 in 'mu'"),
+    (dict(mu=np.zeros((3, 1)), sigma=np.eye(3)), "its 'mu' has shape (3, 1), not (d,)"),
+    (dict(mu=np.zeros(3), sigma=np.eye(3), meta="not json"), "its 'meta' is not the JSON text of an object"),
+    (dict(mu=np.zeros(3), sigma=np.eye(3), n=np.float64(2.5)), "its 'n' is float64, not integers"),
+], ids=["nan-mu", "inf-sigma", "sigma-of-another-size", "mu-not-a-vector", "meta-not-json", "n-not-whole"])
+def test_stats_that_are_not_finite_or_do_not_fit_are_refused(tmp_path: Path, members: dict, why: str) -> None:
+    path = tmp_path / "fid_ref.npz"
+    np.savez(path, **members)
+    assert _refusal(fid.load_stats, path) == (
+        f"{path} is not an FID statistics .npz ({why}): remove it and rerun `dvc repro`, whose ref_stats "
+        "stage writes it again")
+
+
+def test_a_given_reference_says_what_to_give(tmp_path: Path) -> None:
+    path = tmp_path / "cifar10_train_stats.npz"  # fid.reference: statistics computed elsewhere
+    path.write_bytes(b"")
+    assert _refusal(fid.load_stats, path) == (
+        f"{path} is not an FID statistics .npz (empty or cut short): give a .npz of 'mu' (d,) and 'sigma' "
+        "(d, d), as pytorch-fid's --save-stats writes, in fid.reference")

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.runtime.fileio import (
     STALE_WITH_LIVE_PID_S,
     STALE_WITHOUT_PID_S,
     atomic_path,
     remove_stale_temp_files,
 )
+from ddpm_cifar.runtime.loaders import Array, Source, load_npz, load_tsv
 
 # A writer that opens an atomic write, says so, and waits mid-write to be killed (or let go).
 WRITER = """
@@ -151,3 +153,51 @@ def test_several_folders_and_a_missing_one(tmp_path: Path) -> None:
     ckpt.write_text("x")
     log.write_text("x")
     assert sorted(remove_stale_temp_files(a, str(b), tmp_path / "not-made-yet")) == sorted([ckpt, log])
+
+
+# --- the checked loaders (runtime/loaders.py); each file's own refusals: tests/test_damaged_files.py ------
+
+SOURCE = Source("a test file", "make it again")
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_an_npz_loader_never_unpickles(tmp_path: Path) -> None:
+    import pickle
+
+    import numpy as np
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "a.npz").write_bytes(pickle.dumps({"x": _RunsCode(marker)}))
+    np.savez(tmp_path / "b.npz", x=np.array([_RunsCode(marker)], dtype=object))
+    for name in ("a.npz", "b.npz"):
+        with pytest.raises(UserError, match=rf"{name} is not a test file \(.*\): make it again$"):
+            load_npz(tmp_path / name, {"x": Array("int", ("n",))}, SOURCE)
+    assert not marker.exists()
+
+
+def test_named_lengths_are_shared_and_optional_members_may_be_absent(tmp_path: Path) -> None:
+    import numpy as np
+
+    members = {"a": Array("float", ("n", 2)), "b": Array("int", ("n",)), "c": Array("text", optional=True)}
+    np.savez(tmp_path / "ok.npz", a=np.zeros((3, 2)), b=np.arange(3))
+    assert set(load_npz(tmp_path / "ok.npz", members, SOURCE)) == {"a", "b"}
+    np.savez(tmp_path / "bad.npz", a=np.zeros((3, 2)), b=np.arange(4))
+    with pytest.raises(UserError, match=r"\(its 'b' has shape \(4,\): n is 3 in 'a'\)"):
+        load_npz(tmp_path / "bad.npz", members, SOURCE)
+
+
+def test_a_log_drops_its_torn_last_line_and_rows_past_max_step(tmp_path: Path) -> None:
+    log = tmp_path / "loss.tsv"
+    log.write_text("step\tloss\n1\t0.5\n2\t0.25\n3\t0.1")  # "3\t0.1": cut short by a crash mid-write
+    assert load_tsv(log, SOURCE) == [["1", "0.5"], ["2", "0.25"]]
+    assert load_tsv(log, SOURCE, max_step=1) == [["1", "0.5"]]
+    log.write_text("step\tloss\n1\t0.5\n2\t0.2\t9\n3\t0.1\n")  # a bad row that is not the last line
+    with pytest.raises(UserError, match=r"line 3 is '2\\t0.2\\t9', not a step and 1 finite number"):
+        load_tsv(log, SOURCE)

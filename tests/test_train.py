@@ -25,6 +25,7 @@ from factories import (
 )
 
 from ddpm_cifar.runtime.config import SamplerConfig, TrainConfig, WandbConfig
+from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.training.batches import BatchSource
 from ddpm_cifar.training.loop import TrainOutputs, TrainResult, train
 from ddpm_cifar.training.tracking import Tracker, make_tracker
@@ -416,8 +417,6 @@ def test_a_new_fid_reference_restarts_the_fid_curve_but_not_training(tmp_path: P
 
 
 def test_images_of_another_size_are_refused(tmp_path: Path) -> None:
-    from ddpm_cifar.runtime.errors import UserError
-
     with pytest.raises(UserError, match="model.image_size"):
         train(tiny_model(), tiny_diffusion(), tiny_train(), images=np.zeros((4, 16, 16, 3), np.uint8),
               data_id="d", outputs=train_outputs(tmp_path), device=CPU)
@@ -427,6 +426,152 @@ def test_a_finished_run_with_a_new_fid_reference_measures_its_final_weights(tmp_
     result, outputs = _retrain_with_new_fid_reference(tmp_path, second_steps=2)
     assert result.resumed_from == 2 and result.fids == [(2, 1.0)]
     assert _rows(outputs.fid_log) == ["step\tfid", "2\t1.0000"]
+
+
+# -- divergence: a non-finite loss or weights stop the run, keeping the last good checkpoint --------
+
+def _nan_loss_at(monkeypatch: pytest.MonkeyPatch, step: int, grad_accum: int = 2) -> None:
+    """The diffusion loss turns NaN from optimizer step ``step`` on, as a diverging run's does."""
+    from ddpm_cifar.diffusion.process import GaussianDiffusion
+
+    loss, calls = GaussianDiffusion.loss, [0]
+
+    def diverging(self: GaussianDiffusion, *args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        value = loss(self, *args, **kwargs)
+        return value * float("nan") if (calls[0] - 1) // grad_accum + 1 >= step else value
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", diverging)
+
+
+def _diverged(step: int, ckpt: Path, kept: int | None, what: str = "the loss at step {step} is nan") -> str:
+    kept_text = f"{ckpt} keeps step {kept}, the last good checkpoint" if kept else "no checkpoint was written"
+    return (f"training diverged: {what.format(step=step)}; {kept_text}: lower train.lr (now 0.001) in "
+            "params.yaml and rerun `dvc repro` (a changed train.lr trains afresh)")
+
+
+def test_a_non_finite_loss_stops_training_keeping_the_last_good_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_loss_at(monkeypatch, step=5)
+    with pytest.raises(UserError) as info:
+        _train(tmp_path, tiny_train(steps=6))  # checkpoints at 3 and 6
+    outputs = train_outputs(tmp_path)
+    assert str(info.value) == _diverged(5, outputs.checkpoint, kept=3)
+    ckpt, ema = torch.load(outputs.checkpoint, weights_only=True), torch.load(outputs.ema, weights_only=True)
+    assert ckpt["step"] == 3 and ema["step"] == 3
+    weights = (ckpt["model"], ckpt["ema"], ema["ema"])
+    assert all(torch.isfinite(w).all() for part in weights for w in part.values())
+    assert [r.split("\t")[0] for r in _rows(outputs.loss_log)] == ["step", "1", "2", "3", "4"]  # no NaN row
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_writes_none(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_loss_at(monkeypatch, step=1)
+    with pytest.raises(UserError) as info:
+        _train(tmp_path, tiny_train(steps=6))
+    outputs = train_outputs(tmp_path)
+    assert str(info.value) == _diverged(1, outputs.checkpoint, kept=None)
+    assert not outputs.checkpoint.exists() and not outputs.ema.exists()
+
+
+def test_weights_that_turn_non_finite_under_a_finite_loss_are_not_saved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddpm_cifar.training.ema import EMA
+
+    update = EMA.update
+
+    def overflowing(self: EMA, model: torch.nn.Module, step: int) -> None:
+        update(self, model, step)
+        if step == 6:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(EMA, "update", overflowing)
+    with pytest.raises(UserError) as info:
+        _train(tmp_path, tiny_train(steps=6))
+    outputs = train_outputs(tmp_path)
+    key = next(iter(torch.load(outputs.ema, weights_only=True)["ema"]))
+    what = f"the ema weights at step {{step}} hold NaN or infinite values, in {key}"
+    assert str(info.value) == _diverged(6, outputs.checkpoint, kept=3, what=what)
+    assert torch.load(outputs.checkpoint, weights_only=True)["step"] == 3
+    assert torch.load(outputs.ema, weights_only=True)["step"] == 3
+
+
+def test_a_lower_lr_after_divergence_trains_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the divergence message advises: with a lower train.lr the run starts over and finishes."""
+    with monkeypatch.context() as patch:
+        _nan_loss_at(patch, step=5)
+        with pytest.raises(UserError, match="lower train.lr"):
+            _train(tmp_path, tiny_train(steps=6))
+    again = _train(tmp_path, tiny_train(steps=6, lr=5e-4))
+    assert again.result.resumed_from == 0 and again.result.step == 6
+    assert torch.load(again.outputs.ema, weights_only=True)["step"] == 6
+
+
+def _corrupt_checkpoint(path: Path, **changes: object) -> None:
+    raw = torch.load(path, weights_only=True)
+    raw.update(changes)
+    torch.save(raw, path)  # torch.save, not checkpoint.save: that refuses to write such a file
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_resumed_nor_copied_to_ema(tmp_path: Path) -> None:
+    first = _train(tmp_path, tiny_train(steps=3))
+    ema = torch.load(first.outputs.checkpoint, weights_only=True)["ema"]
+    key = next(iter(ema))
+    _corrupt_checkpoint(first.outputs.checkpoint, ema={**ema, key: torch.full_like(ema[key], float("nan"))})
+    first.outputs.ema.unlink()  # as DVC does before rerunning train, which rewrites it from the checkpoint
+    with pytest.raises(UserError) as info:
+        _train(tmp_path, tiny_train(steps=3))
+    assert str(info.value).startswith(f"{first.outputs.checkpoint} is not a usable checkpoint (its ema "
+                                      f"weights hold NaN or infinite values, in {key}): remove it")
+    assert not first.outputs.ema.exists()
+
+
+@pytest.mark.parametrize("step", ["three", 1.5])
+def test_a_checkpoint_whose_step_is_not_a_whole_number_is_one_line_on_resume(tmp_path: Path,
+                                                                           step: object) -> None:
+    first = _train(tmp_path, tiny_train(steps=3))
+    _corrupt_checkpoint(first.outputs.checkpoint, step=step)
+    with pytest.raises(UserError) as info:
+        _train(tmp_path, tiny_train(steps=4))
+    assert str(info.value).startswith(f"{first.outputs.checkpoint} is not a usable checkpoint (its step is "
+                                      f"{step!r}, not a whole number): remove it and rerun `dvc repro` to "
+                                      "train afresh")
+
+
+def _nan_on_one_rank_worker(rank: int, world: int, init_file: str, root: str, messages: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    if rank == 1:  # only this rank's share of the batch diverges: the averaged loss is NaN on both
+        with pytest.MonkeyPatch.context() as patch:
+            _nan_loss_at(patch, step=5, grad_accum=2)
+            _train_ranked(root, rank, messages)
+    else:
+        _train_ranked(root, rank, messages)
+    dist.destroy_process_group()
+
+
+def _train_ranked(root: str, rank: int, messages: str) -> None:
+    try:
+        train(tiny_model(), tiny_diffusion(), tiny_train(steps=6), images=IMAGES, data_id="d",
+              outputs=train_outputs(Path(root)), device=CPU, log=lambda _: None)
+    except UserError as exc:
+        Path(messages, f"rank{rank}.txt").write_text(str(exc))
+
+
+@pytest.mark.slow  # two processes
+def test_every_rank_stops_at_the_same_non_finite_loss(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_nan_on_one_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(tmp_path)),
+             nprocs=2, join=True)
+    lines = [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else None
+             for r in (0, 1)]
+    # Both name the checkpoint of step 3 that rank 0 wrote (tiny_train checkpoints every 3 steps).
+    assert lines[0] == lines[1] == _diverged(5, tmp_path / "checkpoint.pt", kept=3), lines
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
 
 
 # -- the train stage -----------------------------------------------------------------------------

@@ -5,9 +5,12 @@ and the denoising strip's frames. The samplers themselves are in :mod:`ddpm_cifa
 
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +19,7 @@ from tqdm import tqdm
 from ..runtime.config import SampleConfig, SamplerConfig
 from ..runtime.distributed import gather_to_all, gather_to_main, rank_and_world, shard
 from ..runtime.fileio import atomic_path
+from ..runtime.loaders import Array, Source, json_text, load_npz
 from .process import GaussianDiffusion, Model
 from .samplers import SAMPLING_VERSION, final, run_sampler
 
@@ -109,7 +113,7 @@ def generate_images(
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         key_file = cache_dir / "key.txt"
-        if not key_file.exists() or key_file.read_text() != cache_key:
+        if not key_file.is_file() or key_file.read_bytes() != cache_key.encode():
             shutil.rmtree(cache_dir, ignore_errors=True)  # batches of another run: unusable
             cache_dir.mkdir(parents=True)
             key_file.write_text(cache_key)
@@ -118,9 +122,8 @@ def generate_images(
         for start in range(0, len(seeds), batch_size):
             batch = seeds[start : start + batch_size]
             shard = cache_dir / f"{start:08d}-{len(batch)}.npy" if cache_dir is not None else None
-            if shard is not None and shard.exists():
-                images = np.load(shard)  # finished before an interruption
-            else:
+            images = _cached_batch(shard, (len(batch), shape[1], shape[2], shape[0]))
+            if images is None:
                 with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
                     x = final(run_sampler(net, diffusion, batch, spec, shape=shape, device=device))
                 images = to_uint8(x)
@@ -130,6 +133,18 @@ def generate_images(
             out.append(images)
             bar.update(len(batch))
     return np.concatenate(out) if out else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
+
+
+def _cached_batch(path: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The batch an interrupted run finished, or None when there is none or it is damaged: a cache, so a
+    bad file is sampled again rather than refused."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        images = np.load(path, allow_pickle=False)
+    except Exception:  # noqa: BLE001 - damaged or foreign: any reader error means "sample it again"
+        return None
+    return images if images.dtype == np.uint8 and images.shape == shape else None
 
 
 def frame_indices(steps: int, frames: int) -> set[int]:
@@ -197,3 +212,36 @@ def sample_cache_key(ckpt_sha256: str, cfg: SampleConfig, device: torch.device) 
     # batch_size too: the network always sees full batches of it, and its rounding depends on it
     return (f"{SAMPLING_VERSION}:{ckpt_sha256}:{cfg.sampler.key()}:{cfg.seed}:{cfg.compile}:"
             f"{cfg.batch_size}:{device.type}")
+
+
+# The sample stage's output, as the evaluate stage reads it back.
+SAMPLE_ARRAYS = {"images": Array("uint8", ("N", "H", "W", 3)), "seeds": Array("int", ("N",)),
+                 "config": Array("text"), "checkpoint_step": Array("int")}
+SAMPLES = Source("a sample set .npz", "remove it and rerun `dvc repro`, whose sample stage writes it again",
+                 missing="run `dvc repro`, whose sample stage writes it")
+
+
+@dataclass(frozen=True)
+class Samples:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    seeds: np.ndarray  # (N,): image i was sampled from seeds[i]
+    config: dict[str, Any]  # the sample section that made them
+    checkpoint_step: int  # of the EMA weights sampled
+
+
+def save_samples(path: str | Path, images: np.ndarray, *, seeds: Iterable[int], config: dict[str, Any],
+                 checkpoint_step: int) -> None:
+    """Write a sample set atomically, as :func:`load_samples` reads it."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
+        np.savez(f, images=images, seeds=np.asarray(list(seeds), dtype=np.int64), config=json.dumps(config),
+                 checkpoint_step=np.int64(checkpoint_step))
+
+
+def load_samples(path: str | Path) -> Samples:
+    """A sample set as :func:`save_samples` writes it; anything else is one :class:`UserError` line."""
+    arrays = load_npz(path, SAMPLE_ARRAYS, SAMPLES)
+    step = int(arrays["checkpoint_step"])
+    if step < 0:
+        raise SAMPLES.refuse(path, f"its 'checkpoint_step' is {step}, not a step")
+    config = json_text(path, "config", arrays["config"], SAMPLES)
+    return Samples(arrays["images"], arrays["seeds"], config, step)

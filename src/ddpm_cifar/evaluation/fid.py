@@ -44,6 +44,7 @@ from ..runtime.fileio import (
     verify_checksum,
     why_unreadable,
 )
+from ..runtime.loaders import Array, Source, json_text, load_npz
 
 OFFICIAL_INCEPTION_URL = FID_WEIGHTS_URL
 OFFICIAL_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -380,34 +381,28 @@ def save_stats(path: str | Path, stats: FidStats, meta: dict[str, Any]) -> None:
         )
 
 
+# Our reference statistics (ref_stats stage), or a pytorch-fid .npz with only mu and sigma (fid.reference).
+STATS_ARRAYS = {"mu": Array("number", ("d",)), "sigma": Array("number", ("d", "d")),
+                "n": Array("int", optional=True), "meta": Array("text", optional=True)}
+
+
+def _stats_source(path: Path) -> Source:
+    if path.name == "fid_ref.npz":  # the ref_stats stage's output (dvc.yaml)
+        return Source("an FID statistics .npz",
+                      "remove it and rerun `dvc repro`, whose ref_stats stage writes it again",
+                      missing="run `dvc repro`, whose ref_stats stage writes it")
+    return Source("an FID statistics .npz", "give a .npz of 'mu' (d,) and 'sigma' (d, d), as pytorch-fid's "
+                  "--save-stats writes, in fid.reference")
+
+
 def load_stats(path: str | Path) -> tuple[FidStats, dict[str, Any]]:
     """Read :func:`save_stats` output, or a pytorch-fid .npz with only ``mu`` and ``sigma``."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"FID statistics file {path} not found")
-    fix = ("make it again (`dvc repro` reruns the ref_stats stage that writes data/fid_ref.npz; "
-           "pytorch-fid's --save-stats writes precomputed ones)")
-    # Our own file object, closed here with the archive read through it: np.load leaves the file it
-    # opens itself open when the zip is damaged.
-    with open(path, "rb") as f:
-        try:
-            data = np.load(f, allow_pickle=False)  # never unpickles: a foreign file cannot run code
-        except Exception as exc:  # zip and format errors, and numpy's refusal to unpickle
-            raise UserError(f"{path} is not an FID statistics .npz ({why_unreadable(exc)}): {fix}") from exc
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise UserError(f"{path} is not an FID statistics .npz (it holds a single array): {fix}")
-        try:
-            if "mu" not in data or "sigma" not in data:
-                raise UserError(f"{path} lacks 'mu' and 'sigma': not an FID statistics file")
-            mu = np.asarray(data["mu"], dtype=np.float64)
-            sigma = np.asarray(data["sigma"], dtype=np.float64)
-            n = int(data["n"]) if "n" in data else -1
-            meta = json.loads(str(data["meta"])) if "meta" in data else {}
-        except UserError:
-            raise
-        except Exception as exc:  # a damaged member, object arrays, a 'meta' that is not JSON
-            raise UserError(f"{path} is not a readable FID statistics .npz ({why_unreadable(exc)}): "
-                            f"{fix}") from exc
+    source = _stats_source(path)
+    arrays = load_npz(path, STATS_ARRAYS, source)
+    meta = json_text(path, "meta", arrays["meta"], source) if "meta" in arrays else {}
+    n = int(arrays["n"]) if "n" in arrays else -1
+    mu, sigma = (np.asarray(arrays[k], dtype=np.float64) for k in ("mu", "sigma"))
     return FidStats(mu=mu, sigma=sigma, n=n), meta
 
 

@@ -16,6 +16,10 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..runtime.fileio import atomic_path  # noqa: E402
+from ..runtime.loaders import TRAIN_LOG, load_tsv  # noqa: E402
+
+# The columns of the training logs (training/runlog.py writes them), by the value each holds.
+LOG_COLUMNS = {"loss": ("step", "loss", "lr"), "fid": ("step", "fid")}
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -128,7 +132,7 @@ def save_training_curves(loss_log: str | Path, fid_log: str | Path, loss_png: st
                          fid_png: str | Path) -> None:
     """The study's two figures from the training logs (TSVs with a ``step`` column): the loss, raw and
     smoothed, and the training-time FID of the EMA weights."""
-    loss = pd.read_csv(loss_log, sep="\t")
+    loss = load_training_log(loss_log, "loss")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(loss["step"], loss["loss"], color="#9ecae1", linewidth=0.6, label="loss")
     window = max(1, len(loss) // 50)
@@ -138,7 +142,7 @@ def save_training_curves(loss_log: str | Path, fid_log: str | Path, loss_png: st
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save_fig(fig, loss_png)
-    fid = pd.read_csv(fid_log, sep="\t")
+    fid = load_training_log(fid_log, "fid")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(fid["step"], fid["fid"], marker="o", color="#1f77b4")
     ax.set(xlabel="step", ylabel="FID", title="FID during training (EMA weights)")
@@ -146,6 +150,14 @@ def save_training_curves(loss_log: str | Path, fid_log: str | Path, loss_png: st
         ax.text(0.5, 0.5, "no training-time FID (train.fid_every: 0)", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     _save_fig(fig, fid_png)
+
+
+def load_training_log(path: str | Path, value: str) -> pd.DataFrame:
+    """The training log of ``value`` ("loss" or "fid"), checked: a step and finite numbers per row."""
+    columns = LOG_COLUMNS[value]
+    rows = load_tsv(path, TRAIN_LOG, columns=columns)
+    frame = pd.DataFrame(rows, columns=list(columns)).astype(float)
+    return frame.astype({"step": int})
 
 
 def _save_fig(fig: Any, path: str | Path) -> None:

@@ -5,9 +5,11 @@ a report with the provenance (reference, Inception digest, sampler, reasons), wh
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..runtime.errors import UserError
+from ..runtime.loaders import Source, check_fields, load_json, load_yaml
 
 if TYPE_CHECKING:  # a type only: the plots stage reads reports without loading torch and Inception
     from .fid import InceptionInfo
@@ -54,7 +56,7 @@ def check_same_inception(ref_meta: dict[str, Any], info: InceptionInfo) -> None:
     if want and want != info.sha256:
         raise UserError(
             f"the reference statistics were computed with Inception weights {want[:12]}, but "
-            f"{info.path} is {info.sha256[:12]}: rerun the ref_stats stage (dvc repro ref_stats)"
+            f"{info.path} is {info.sha256[:12]}: rerun the ref_stats stage with `dvc repro ref_stats`"
         )
 
 
@@ -101,3 +103,39 @@ def fid_tables(ours: dict[str, Any], baselines: list[dict[str, Any]],
     here = [{"model": m["name"], "fid": m["fid"], "samples": m["n_samples"], "comparable": m["comparable"],
              "not_comparable_because": "; ".join(m["not_comparable_because"])} for m in mine]
     return published, here
+
+
+# What the plots stage needs of a report (fid_report's keys), and of a baseline (baselines.yaml).
+REPORT_FIELDS = {"fid": "number", "n_samples": "int", "comparable": "bool", "not_comparable_because": "list"}
+BASELINE_FIELDS = {"name": "str", "fid": "number", "samples": "any"}
+
+
+def load_report(path: str | Path, stage: str) -> dict[str, Any]:
+    """An FID report the ``stage`` stage wrote (reports/fid.json: evaluate; reports/pretrained_fid.json:
+    pretrained, which writes only ``enabled: false`` when switched off), checked for what plots draw."""
+    source = Source("an FID report", f"remove it and rerun `dvc repro`, whose {stage} stage writes it again",
+                    missing=f"run `dvc repro`, whose {stage} stage writes it")
+    report = load_json(path, source)
+    if report.get("enabled", True) is False:
+        return report
+    fields = {**REPORT_FIELDS, "name": "str"} if "enabled" in report else REPORT_FIELDS
+    if why := check_fields(report, fields):
+        raise source.refuse(path, why)
+    if not all(isinstance(reason, str) for reason in report["not_comparable_because"]):
+        raise source.refuse(path, "its 'not_comparable_because' is not a list of text")
+    return report
+
+
+def load_baselines(path: str | Path) -> list[dict[str, Any]]:
+    """The quoted FIDs of baselines.yaml (a file of the repository, not an output: git restores it)."""
+    source = Source("a list of baselines", f"restore it with `git checkout {path}`")
+    doc = load_yaml(path, source)
+    baselines = doc.get("baselines") if isinstance(doc, dict) else None
+    if not isinstance(baselines, list):
+        raise source.refuse(path, "it has no 'baselines' list")
+    for number, baseline in enumerate(baselines, start=1):
+        if not isinstance(baseline, dict):
+            raise source.refuse(path, f"its baseline {number} is not a mapping")
+        if why := check_fields(baseline, BASELINE_FIELDS, owner=f"baseline {number}"):
+            raise source.refuse(path, why)
+    return baselines

@@ -17,6 +17,7 @@ checkpoints, logs and W&B.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from ..runtime.distributed import broadcast_from_main, mean_over_ranks, rank_and
 from ..runtime.errors import UserError
 from .batches import BatchSource
 from .runlog import RunLogger
-from .state import CheckpointMeta, TrainOutputs, TrainState, fingerprint, resume, save
+from .state import CheckpointMeta, TrainOutputs, TrainState, diverged, fingerprint, resume, save
 from .tracking import Tracker
 
 # The training-time FID, as the caller hands it in (ddpm_cifar.evaluation.scoring.training_fid):
@@ -181,6 +182,9 @@ def train(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConf
     try:
         while state.step < cfg.steps:
             loss, lr = train_step(state, net, data, diffusion, cfg)
+            if not math.isfinite(loss):  # averaged over ranks: every rank stops here at the same step
+                raise diverged(f"the loss at step {state.step} is {loss}", state, outputs.checkpoint,
+                               meta.train_config)
             images_seen += cfg.batch_size * cfg.grad_accum
             logger.step(state.step, loss, lr)
             # FID before the checkpoint: a checkpoint at step k promises that step k's FID row is

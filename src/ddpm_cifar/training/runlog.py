@@ -16,19 +16,18 @@ import numpy as np
 from tqdm import tqdm
 
 from ..runtime.fileio import atomic_path
+from ..runtime.loaders import TRAIN_LOG, load_tsv
 from .tracking import Tracker
 
 RUNNING_LOSS_STEPS = 100  # the loss shown on the bar and reported as final: a mean of the last steps
 
 
 def read_log(path: Path, max_step: int) -> list[list[str]]:
-    """Rows of a TSV log up to ``max_step``; torn last lines from a crash are dropped."""
+    """Rows of a TSV log up to ``max_step``, checked (a step, then finite numbers); a torn last line from a
+    crash is dropped. A missing log has no rows."""
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t"))
-    header, body = rows[:1], rows[1:]
-    return [r for r in body if len(r) == len(header[0]) and r[0].isdigit() and int(r[0]) <= max_step]
+    return load_tsv(path, TRAIN_LOG, max_step=max_step)
 
 
 class TsvLog:

@@ -77,6 +77,7 @@ class TrainState:
     precision: str  # fp32, bf16 or fp16: how the forward pass runs (from the device and train.amp)
     step: int = 0
     resumed_from: int = 0
+    saved: int = 0  # the step of this run's last checkpoint, written or resumed from (0: none yet)
     # [first step, last step, processes] of each earlier stretch of training (from the checkpoint)
     history: list[list[int]] = field(default_factory=list)
 
@@ -116,7 +117,7 @@ class TrainState:
 
     def load_state_dict(self, ckpt: dict[str, Any], *, rank: int, world: int, seed: int) -> int:
         """Continue from ``ckpt`` as rank ``rank`` of ``world``; returns how many processes saved it."""
-        self.step = self.resumed_from = int(ckpt["step"])
+        self.step = self.resumed_from = ckpt["step"]
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -147,7 +148,7 @@ def _why_not_resume(ckpt: dict[str, Any], fp: str, cfg: TrainConfig, model: torc
     """None if ``ckpt`` can continue this run; else the reason, for the log."""
     if ckpt.get("fingerprint") != fp:
         return "was made with other params, data, device or precision"
-    if int(ckpt["step"]) > cfg.steps:
+    if ckpt["step"] > cfg.steps:
         return f"is at step {ckpt['step']}, past train.steps {cfg.steps}"
     own = model.state_dict()
     theirs = ckpt.get("model", {})
@@ -171,7 +172,7 @@ def resume(state: TrainState, path: Path, *, fp: str, fid_id: str, cfg: TrainCon
             ckpt, why_not = None, "is from an older version of this pipeline"
         if why_not is None:
             assert ckpt is not None
-            found = Resumed(int(ckpt["step"]), ckpt["fid_id"] == fid_id, ckpt.get("wandb_run_id"))
+            found = Resumed(ckpt["step"], ckpt.get("fid_id") == fid_id, ckpt.get("wandb_run_id"))
         else:
             log(f"{path} {why_not}: starting fresh")
     found = broadcast_from_main(found)
@@ -182,8 +183,13 @@ def resume(state: TrainState, path: Path, *, fp: str, fid_id: str, cfg: TrainCon
             raise UserError(f"cannot read {path}, which rank 0 resumes from: every rank "
                             "needs the run's files (a shared filesystem across nodes)")
         ckpt = checkpoint.load(path)
-    assert ckpt is not None and int(ckpt["step"]) == found.step
-    saved_world = state.load_state_dict(ckpt, rank=rank, world=world, seed=cfg.seed)
+    assert ckpt is not None and ckpt["step"] == found.step
+    try:
+        saved_world = state.load_state_dict(ckpt, rank=rank, world=world, seed=cfg.seed)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # parts missing or of another shape
+        raise UserError(f"{path} is not a usable checkpoint (it does not hold a whole training state: "
+                        f"{type(exc).__name__}): remove it and rerun `dvc repro` to train afresh") from exc
+    state.saved = found.step
     log(f"resuming from {path} at step {found.step}")
     if saved_world != world:
         log(f"the checkpoint was saved by {saved_world} processes, this run has {world}: "
@@ -212,9 +218,24 @@ class CheckpointMeta:
     fid_id: str
 
 
+def diverged(what: str, state: TrainState, checkpoint_path: Path, train_config: dict[str, Any]) -> UserError:
+    """The one line that stops a run whose loss or weights are no longer finite (``what``, at
+    ``state.step``): nothing of that state is saved, the last checkpoint stays."""
+    kept = (f"{checkpoint_path} keeps step {state.saved}, the last good checkpoint" if state.saved
+            else "no checkpoint was written")
+    clip = " or set train.max_grad_norm" if train_config.get("max_grad_norm") is None else ""
+    return UserError(f"training diverged: {what}; {kept}: lower train.lr (now {train_config['lr']:g}){clip} "
+                     "in params.yaml and rerun `dvc repro` (a changed train.lr trains afresh)")
+
+
 def save(state: TrainState, outputs: TrainOutputs, meta: CheckpointMeta, logger: RunLogger) -> None:
     """Checkpoint and EMA file at ``state.step``. Every rank takes part (RNG states are gathered and
-    the EMA replicas compared); rank 0 writes."""
+    the EMA replicas compared); rank 0 writes. Weights that are not finite are never written: every rank
+    sees the same weights (DDP keeps them equal), so all stop here together."""
+    for part, module in (("model", state.model), ("ema", state.ema.model)):
+        if bad := checkpoint.non_finite(module.state_dict()):
+            raise diverged(f"the {part} weights at step {state.step} hold NaN or infinite values, in {bad}",
+                           state, outputs.checkpoint, meta.train_config)
     if not all_ranks_agree(list(state.ema.model.parameters())):
         raise RuntimeError(f"step {state.step}: EMA weights differ across ranks")
     rng: dict[str, Any] = {"torch": _gather_rng(torch.get_rng_state()), "noise": state.noise_gen.get_state()}
@@ -222,6 +243,7 @@ def save(state: TrainState, outputs: TrainOutputs, meta: CheckpointMeta, logger:
         rng["cuda"] = _gather_rng(torch.cuda.get_rng_state())
     rank, world = rank_and_world()
     if rank:
+        state.saved = state.step  # rank 0 writes it; every rank's divergence message names it alike
         return
     logger.flush()  # a checkpoint at step k promises the logs' rows up to k
     wandb = {"wandb_run_id": logger.run_id} if logger.run_id else {}
@@ -230,3 +252,4 @@ def save(state: TrainState, outputs: TrainOutputs, meta: CheckpointMeta, logger:
         "train_config": meta.train_config, "fid_id": meta.fid_id, "world_size": world, **wandb,
     })
     checkpoint.save(outputs.ema, {**meta.payload, "step": state.step, "ema": state.ema.state_dict()})
+    state.saved = state.step
