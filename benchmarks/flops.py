@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_cifar.models.networks import build_model
 from ddpm_cifar.models.unet import count_parameters
-from ddpm_cifar.runtime import config
+from ddpm_cifar.runtime import config, params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4
@@ -51,7 +51,7 @@ def main() -> None:
     paper = {**study, **yaml.safe_load((ROOT / "configs" / "ddpm-paper.yaml").read_text())["model"]}
     rows = []
     for name, raw in (("study (params.yaml at HEAD)", study), ("paper (configs/ddpm-paper.yaml)", paper)):
-        net = build_model(config.parse_section("model", raw, config.ModelConfig))
+        net = build_model(params_file.parse_section("model", raw, config.ModelConfig))
         rows.append((name, count_parameters(net), per_image(net, False), per_image(net, True)))
     print(f"{'network':34s} {'params':>11s} {'GFLOP fwd':>10s} {'GFLOP fwd+bwd':>14s}")
     for name, params, fwd, train in rows:

@@ -46,7 +46,7 @@ from typing import Any
 from exp_leftovers import clean_exps, leftover_note
 
 from ddpm_cifar.data.cifar_archive import CIFAR10_MD5, CIFAR10_URL
-from ddpm_cifar.runtime import config, fileio
+from ddpm_cifar.runtime import config, fileio, params_file
 from ddpm_cifar.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def with_sets(overlay: Flat, sets: list[str]) -> Flat:
         section, dot, key = dotted.partition(".")
         if not eq or not dot or not section or not key:
             sys.exit(f"error: -S {item!r}: expected section.key=value, e.g. -S train.lr=1e-4")
-        value = _or_exit(config.parse_yaml, text, f"-S {item!r}")
+        value = _or_exit(params_file.parse_yaml, text, f"-S {item!r}")
         out.update(flatten(value, dotted + ".") if isinstance(value, dict) and value else {dotted: value})
     return out
 
@@ -146,8 +146,8 @@ def study_params() -> dict[str, Any]:
     proc = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:params.yaml"], capture_output=True,
                           text=True)
     if proc.returncode != 0:
-        return _or_exit(config.read_yaml, ROOT / "params.yaml")
-    study = _or_exit(config.parse_yaml, proc.stdout, "HEAD:params.yaml")
+        return _or_exit(params_file.read_yaml, ROOT / "params.yaml")
+    study = _or_exit(params_file.parse_yaml, proc.stdout, "HEAD:params.yaml")
     if not isinstance(study, dict):
         sys.exit("error: HEAD:params.yaml must hold a mapping of sections")
     return study
@@ -171,7 +171,7 @@ def check(workspace: dict[str, Any], changes: Flat) -> None:
     raw = copy.deepcopy(workspace)
     for dotted, value in changes.items():
         set_in(raw, dotted, value)
-    params = _or_exit(config.Params, raw, tuple(config.SECTIONS), "the preset's params")
+    params = _or_exit(params_file.Params, raw, tuple(config.SECTIONS), "the preset's params")
     for section in config.SECTIONS:
         _or_exit(params.section, section)
     check_fid(raw)  # after the types are checked: a count is an int, a reference a string
@@ -216,7 +216,7 @@ def check_fid(params: dict[str, Any]) -> None:
 def load_overlay(preset: Path) -> Flat:
     if not preset.is_file():
         sys.exit(f"error: preset {preset} not found (presets: {', '.join(_presets())})")
-    overlay = _or_exit(config.read_yaml, preset)
+    overlay = _or_exit(params_file.read_yaml, preset)
     bad = [section for section, values in overlay.items() if not isinstance(values, dict)]
     if bad:
         sys.exit(f"error: {preset}: section {bad[0]!r} must be a mapping of keys")
@@ -322,7 +322,7 @@ def main() -> None:
     source, md5, why = data_source(args.source)
     overlay.update({"data.source": source, "data.md5": md5})
     overlay = with_sets(overlay, args.set)
-    workspace = _or_exit(config.read_yaml, ROOT / "params.yaml")
+    workspace = _or_exit(params_file.read_yaml, ROOT / "params.yaml")
     changes = plan(study_params(), workspace, overlay)
     check(workspace, changes)
     name = args.name or f"{args.preset.stem}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from committed import committed_text
 
-from ddpm_cifar.runtime import config
+from ddpm_cifar.runtime import config, params_file
 from ddpm_cifar.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def write_params(folder: Path, key: str, value: Any, base: dict[str, Any] | None
 def load_error(path: Path) -> str:
     """The one-line message of the ConfigError that loading every section of ``path`` raises."""
     with pytest.raises(ConfigError) as info:
-        params = config.load_params(path, tuple(config.SECTIONS))
+        params = params_file.load_params(path, tuple(config.SECTIONS))
         for name in config.SECTIONS:
             params.section(name)
     message = str(info.value)
@@ -144,7 +144,7 @@ def test_a_single_key_is_range_checked_too(tmp_path: Path, key: str, value: Any)
     """Stages that declare one key (evaluate reads fid.batch_size alone) get the same checks: the
     whole file is checked when it is read."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config.load_params(write_params(tmp_path, key, value), (key,))
+        params_file.load_params(write_params(tmp_path, key, value), (key,))
 
 
 def test_committed_params_and_the_quick_preset_pass(tmp_path: Path) -> None:
@@ -159,7 +159,7 @@ def test_committed_params_and_the_quick_preset_pass(tmp_path: Path) -> None:
     for name, raw in (("committed", BASE), ("quick", merged)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        params = config.load_params(path, tuple(config.SECTIONS))
+        params = params_file.load_params(path, tuple(config.SECTIONS))
         for section in config.SECTIONS:
             params.section(section)
 
@@ -177,7 +177,7 @@ def test_at_the_bounds_values_load(tmp_path: Path) -> None:
     raw["distributed"].update(nnodes=65_536, nproc_per_node=256, rdzv_endpoint="node0:65535")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = config.load_params(path, tuple(config.SECTIONS))
+    params = params_file.load_params(path, tuple(config.SECTIONS))
     assert params.section("sample").n == 1_000_000 and params.section("model").dim == 512
 
 

@@ -19,15 +19,14 @@ from ddpm_cifar.runtime.config import (
     DiffusionConfig,
     FidConfig,
     ModelConfig,
-    Params,
     SampleConfig,
     SamplerConfig,
     TrainConfig,
     WandbConfig,
-    load_params,
     to_dict,
 )
 from ddpm_cifar.runtime.errors import ConfigError, UserError
+from ddpm_cifar.runtime.params_file import Params, load_params
 
 # As committed, not as an experiment in the workspace may have left it (tests/committed.py).
 REPO_PARAMS_TEXT = committed_text("params.yaml")

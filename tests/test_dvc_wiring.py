@@ -1,6 +1,6 @@
 """dvc.yaml against the code: params, deps, commands, outputs, metrics and plots (no dvc run).
 
-Every stage script declares a module-level ``PARAMS`` (what :func:`ddpm_cifar.runtime.config.load_params`
+Every stage script declares a module-level ``PARAMS`` (what :func:`ddpm_cifar.runtime.params_file.load_params`
 lets it read); DVC only reruns a stage for the params its ``params:`` list names, so the two must
 be the same set or a changed hyperparameter silently fails to invalidate the stage.
 """
@@ -21,7 +21,7 @@ import pytest
 import yaml
 from committed import committed_yaml
 
-from ddpm_cifar.runtime import config
+from ddpm_cifar.runtime import config, params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = ROOT / "dvc.yaml"
@@ -396,4 +396,4 @@ def test_params_yaml_sections_have_exactly_the_config_keys(section: str) -> None
     assert keys == fields, (
         f"params.yaml [{section}]: missing {sorted(fields - keys)}, unknown {sorted(keys - fields)}"
     )
-    config.parse_section(section, PARAMS_FILE[section], cls)  # values have the right types too
+    params_file.parse_section(section, PARAMS_FILE[section], cls)  # values have the right types too

@@ -33,7 +33,7 @@ from test_pipeline_e2e import (
     toy_repo,
 )
 
-from ddpm_cifar.runtime import config
+from ddpm_cifar.runtime import params_file
 
 if TYPE_CHECKING:
     from conftest import TinyCifarArchive
@@ -52,7 +52,7 @@ def _project(root: Path, archive: TinyCifarArchive, inception: Path) -> tuple[Pa
     repo, run = toy_repo(root)
     (repo / INCEPTION_IN_REPO).parent.mkdir(parents=True)
     shutil.copy(inception, repo / INCEPTION_IN_REPO)
-    params = _tiny_params(config.read_yaml(repo / "params.yaml"), archive)
+    params = _tiny_params(params_file.read_yaml(repo / "params.yaml"), archive)
     for section, values in KILL_PARAMS.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

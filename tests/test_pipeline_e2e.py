@@ -28,7 +28,7 @@ import yaml
 from committed import committed_text
 from PIL import Image
 
-from ddpm_cifar.runtime import config
+from ddpm_cifar.runtime import config, params_file
 
 if TYPE_CHECKING:  # fixtures hand these over; conftest is not imported at run time
     from conftest import TinyCifarArchive
@@ -162,7 +162,7 @@ def _tiny_params(base: dict[str, Any], archive: TinyCifarArchive) -> dict[str, A
             params[section][key] = {**params[section][key], **value} if isinstance(value, dict) else value
     assert set(params) == set(config.SECTIONS)
     for section, cls in config.SECTIONS.items():  # fail here, not three stages into dvc repro
-        config.parse_section(section, params[section], cls)
+        params_file.parse_section(section, params[section], cls)
     return params
 
 
@@ -239,7 +239,7 @@ def _check_reruns_follow_imports(run: Runner, repo: Path) -> None:
             path.write_bytes(before)
     params = repo / "params.yaml"
     before = params.read_bytes()
-    raw = config.read_yaml(params)
+    raw = params_file.read_yaml(params)
     raw["wandb"]["enabled"] = True
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
@@ -262,12 +262,12 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
 
     (repo / INCEPTION_IN_REPO).parent.mkdir(parents=True)
     shutil.copy(e2e_random_inception, repo / INCEPTION_IN_REPO)
-    params = _tiny_params(config.read_yaml(repo / "params.yaml"), tiny_cifar_archive)
+    params = _tiny_params(params_file.read_yaml(repo / "params.yaml"), tiny_cifar_archive)
     (repo / "params.yaml").write_text(
         "# the end-to-end test's toy run (tests/test_pipeline_e2e.py)\n"
         + yaml.safe_dump(params, sort_keys=False, default_flow_style=False)
     )
-    assert config.read_yaml(repo / "params.yaml") == params
+    assert params_file.read_yaml(repo / "params.yaml") == params
     run.commit("toy project")
 
     # --- first repro: every stage runs ---------------------------------------------------------
@@ -347,7 +347,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     assert _ran(out) == AFTER_SAMPLING, f"exp run ran {sorted(_ran(out))}:\n{out}"
     assert ckpt.stat().st_mtime_ns == ckpt_mtime, "exp run touched the training checkpoint"
     assert json.loads((repo / "metrics/fid.json").read_text())["n_samples"] == 5
-    assert config.read_yaml(repo / "params.yaml")["sample"]["n"] == 5
+    assert params_file.read_yaml(repo / "params.yaml")["sample"]["n"] == 5
     _assert_metrics_are_numbers(repo)
     with Image.open(repo / "plots/fid_comparison.png") as im:
         im.load()

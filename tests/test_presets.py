@@ -24,7 +24,7 @@ from test_run_preset import _script
 from ddpm_cifar.diffusion.samplers import spaced_timesteps
 from ddpm_cifar.models.networks import build_model, ddpm_unet_config
 from ddpm_cifar.models.unet import count_parameters
-from ddpm_cifar.runtime import config
+from ddpm_cifar.runtime import config, params_file
 from ddpm_cifar.training.ema import EMA
 from ddpm_cifar.training.loop import learning_rate
 
@@ -77,8 +77,8 @@ def _overlay(raw: dict[str, Any], values: dict[str, Any], where: str) -> None:
 
 def composed(preset: Path) -> dict[str, Any]:
     """The committed params.yaml with ``preset``'s values on top, as `-S` would set them."""
-    raw = config.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")
-    _overlay(raw, config.read_yaml(preset), f"{preset.name}: ")
+    raw = params_file.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")
+    _overlay(raw, params_file.read_yaml(preset), f"{preset.name}: ")
     return raw
 
 
@@ -89,19 +89,19 @@ def _at(raw: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def _section(preset: Path, name: str) -> Any:
-    return config.parse_section(name, composed(preset)[name], config.SECTIONS[name])
+    return params_file.parse_section(name, composed(preset)[name], config.SECTIONS[name])
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_preset_composes_into_valid_params(preset: Path) -> None:
     raw = composed(preset)
     for name, cls in config.SECTIONS.items():
-        config.parse_section(name, raw[name], cls)
+        params_file.parse_section(name, raw[name], cls)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_the_script_accepts_every_preset(preset: Path) -> None:
-    script, study = _script(), config.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")
+    script, study = _script(), params_file.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")
     script.check(study, script.plan(study, study, script.load_overlay(preset)))  # exits on a bad value
 
 
@@ -143,7 +143,7 @@ def test_paper_warmup_reaches_the_papers_lr_at_5000_steps() -> None:
     assert learning_rate(cfg, 2500) == pytest.approx(1e-4, rel=1e-12)
     assert learning_rate(cfg, 5000) == pytest.approx(2e-4, rel=1e-12)
     assert learning_rate(cfg, 799_999) == pytest.approx(2e-4, rel=1e-12)
-    study = config.parse_section("train", yaml.safe_load(committed_text("params.yaml"))["train"],
+    study = params_file.parse_section("train", yaml.safe_load(committed_text("params.yaml"))["train"],
                                  config.TrainConfig)
     assert study.warmup_steps == 0 and learning_rate(study, 0) == study.lr  # the study has none
 
@@ -186,7 +186,7 @@ def test_workspace_mode_writes_params_keeping_comments(tmp_path: Path) -> None:
     overlay = _script().flatten(yaml.safe_load(PAPER.read_text()))
     _script().write_params(params, overlay)
     text = params.read_text()
-    raw = config.read_yaml(params)
+    raw = params_file.read_yaml(params)
     for dotted, value in overlay.items():
         assert _at(raw, tuple(dotted.split("."))) == value, dotted
     assert raw["wandb"] == yaml.safe_load(committed_text("params.yaml"))["wandb"]  # the rest as it was
@@ -246,7 +246,7 @@ def test_paper_recipe_at_quick_size_runs_as_an_experiment(tmp_path: Path, tiny_c
     assert [r[2] for r in loss_rows] == ["0", "5e-05", "0.0001", "0.00015", "0.0002", "0.0002"]  # warm-up
     train_metrics = json.loads((repo / "metrics/train.json").read_text())
     assert train_metrics["steps"] == 6 and train_metrics["parameters"] == count_parameters(
-        build_model(config.parse_section("model", params["model"], config.ModelConfig)))
+        build_model(params_file.parse_section("model", params["model"], config.ModelConfig)))
     report = json.loads((repo / "reports/fid.json").read_text())
     assert report["sampler"]["variance"] == "beta" and report["sampler"]["name"] == "ddpm"
     assert report["n_samples"] == 8 and report["comparable"] is False

@@ -101,12 +101,12 @@ def test_a_preset_starts_from_the_committed_study_whatever_the_workspace_holds()
     """After `dvc exp apply` or a --workspace run, params.yaml holds another experiment: the preset's
     unlisted keys must still get the study's values, or `make quick` after `make paper-recipe` would
     run the paper's network at the quick size."""
-    from ddpm_cifar.runtime import config
+    from ddpm_cifar.runtime import params_file
 
     script = _script()
-    study = config.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")
-    quick = config.read_yaml(ROOT / "configs" / "quick.yaml")
-    paper = config.read_yaml(ROOT / "configs" / "ddpm-paper.yaml")
+    study = params_file.parse_yaml(committed_text("params.yaml"), "HEAD:params.yaml")
+    quick = params_file.read_yaml(ROOT / "configs" / "quick.yaml")
+    paper = params_file.read_yaml(ROOT / "configs" / "ddpm-paper.yaml")
     workspace = copy.deepcopy(study)  # the paper recipe applied
     for dotted, value in script.flatten(paper).items():
         script.set_in(workspace, dotted, value)

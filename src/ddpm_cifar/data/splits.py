@@ -33,19 +33,19 @@ def load_split(data_dir: Path, split: str) -> Split:
     """Load ``data_dir/<split>.npz`` as (images uint8 NHWC, labels int64)."""
     path = Path(data_dir) / f"{split}.npz"
     if not path.is_file():
-        raise UserError(f"{path} not found; run the fetch stage first (dvc repro fetch)")
+        raise UserError(f"{path} not found; run the fetch stage first (`dvc repro fetch`)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             images, labels = npz["images"], npz["labels"]
     except (OSError, ValueError, KeyError, zlib.error) as exc:
-        raise UserError(f"{path} is unreadable ({exc}); rerun the fetch stage (dvc repro fetch)") \
+        raise UserError(f"{path} is unreadable ({exc}); rerun the fetch stage (`dvc repro fetch`)") \
             from exc
     expected = (IMAGE_SIZE, IMAGE_SIZE, 3)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
         raise UserError(f"{path}: images are {images.dtype} {images.shape}, expected uint8 "
                         f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3); rerun the fetch stage "
-                        "(dvc repro fetch)")
+                        "(`dvc repro fetch`)")
     if labels.shape != (images.shape[0],):
         raise UserError(f"{path}: {labels.shape} labels for {images.shape[0]} images; "
-                        "rerun the fetch stage (dvc repro fetch)")
+                        "rerun the fetch stage (`dvc repro fetch`)")
     return images, labels.astype(np.int64, copy=False)

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from ..diffusion.process import GaussianDiffusion
-from ..runtime.config import DiffusionConfig, ModelConfig, parse_section, to_dict
+from ..runtime.config import DiffusionConfig, ModelConfig, to_dict
 from ..runtime.errors import ConfigError, UserError
 from ..runtime.fileio import atomic_path, load_weights_only, why_unreadable
+from ..runtime.params_file import parse_section
 from .networks import LoadedModel, build_model
 
 # Bump when what a checkpoint holds changes meaning; a file of another version is refused in one line.

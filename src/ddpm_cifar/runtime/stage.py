@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import DistributedConfig, Params, load_params
+from .config import DistributedConfig
 from .distributed import any_rank, is_main, process_group
 from .errors import UserError
 from .outputs import claim_outputs
+from .params_file import Params, load_params
 from .worker import die_with_parent
 
 
