@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from committed import committed_text
 from conftest import require
 from factories import (
     FakeWandb,
@@ -586,10 +587,11 @@ def test_stage_splits_metrics_from_report_and_continues_its_wandb_run(tmp_path: 
     data.mkdir(parents=True)
     np.savez(data / "train.npz", images=random_images(n=8, size=32), labels=np.zeros(8, np.int64))
     (data / "meta.json").write_text(json.dumps({"source": "random", "official": False}))
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(committed_text("params.yaml"))  # as committed, not a workspace experiment's
     raw["model"].update(arch="unet", image_size=32, channels=3, dim=8, dim_mults=[1, 2], num_res_blocks=1,
                         full_attn=[False, True], attn_heads=1, attn_dim_head=8)
     raw["diffusion"]["timesteps"] = 20
+    raw["sample"]["sampler"]["steps"] = raw["train"]["fid_sampler"]["steps"] = 5  # at most the 20 timesteps
     raw["train"].update(steps=2, batch_size=4, grad_accum=1, checkpoint_every=1, fid_every=0, amp=False)
     raw["wandb"].update(enabled=True, mode="offline", run_name=None)
     raw["distributed"].update(nnodes=1, nproc_per_node=1)
