@@ -7,10 +7,9 @@ import argparse
 import os
 from pathlib import Path
 
-from ddpm_cifar.data.splits import load_split
+from ddpm_cifar.data.splits import load_meta, load_split
 from ddpm_cifar.evaluation.scoring import training_fid
 from ddpm_cifar.runtime.fileio import file_digest, write_json
-from ddpm_cifar.runtime.loaders import Source, load_json
 from ddpm_cifar.runtime.stage import stage
 from ddpm_cifar.training.loop import TrainOutputs, train
 from ddpm_cifar.training.tracking import Tracker, make_tracker
@@ -18,16 +17,6 @@ from ddpm_cifar.training.tracking import Tracker, make_tracker
 PARAMS = ("model", "diffusion", "train", "fid.inception_weights", "distributed")
 # Read but deliberately not DVC params: they change how the stage runs, never what it computes.
 RUN_PARAMS = ("wandb",)
-# data/cifar10 is a cached output of the fetch stage: a checkout restores it as the last run left it.
-DATA_META = Source("a data set description", "restore it with `dvc checkout --force data/cifar10` (or rerun "
-                   "`dvc repro`, whose fetch stage writes it again)")
-
-
-def dataset_meta(data: Path) -> dict | None:
-    """The data set's provenance that the fetch stage writes beside it (for W&B), if there."""
-    meta = data / "meta.json"
-    return load_json(meta, DATA_META) if meta.is_file() else None
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -48,7 +37,7 @@ def main() -> None:
             shape = (model_cfg.channels, model_cfg.image_size, model_cfg.image_size)
             fid_fn, fid_id, fid_meta = training_fid(params.key("fid.inception_weights"), args.ref, cfg, shape,
                                                     device)
-        config = {**params.as_dict(), "dataset": dataset_meta(args.data)}
+        config = {**params.as_dict(), "dataset": load_meta(args.data)}
         # `dvc exp run` names the experiment in DVC_EXP_NAME: the W&B run's name unless params give one.
         tracker = (make_tracker(params.section("wandb"), config, args.models / "wandb",
                                 default_name=os.environ.get("DVC_EXP_NAME")) if run.main else Tracker())

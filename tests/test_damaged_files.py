@@ -32,6 +32,7 @@ import yaml
 from committed import committed_text
 from factories import one_thread, random_images, tiny_diffusion, tiny_model, tiny_train, train_outputs
 
+from ddpm_cifar.data.splits import load_meta
 from ddpm_cifar.diffusion import generate
 from ddpm_cifar.evaluation import fid, plots, reports
 from ddpm_cifar.models import checkpoint
@@ -398,10 +399,6 @@ def _hints(message: str) -> list[tuple[str | None, str]]:
     return hints
 
 
-def _train_stage() -> dict[str, Any]:
-    return runpy.run_path(str(ROOT / "stages" / "train.py"))
-
-
 def _random_bytes(path: Path) -> None:
     path.write_bytes(np.random.default_rng(1).bytes(2048))
 
@@ -429,7 +426,7 @@ HINTED: list[tuple[str, Callable[[Path], None], Callable[[], object], list[str]]
      ["dvc repro"]),
     (LOSS_LOG, _random_bytes, lambda: plots.load_training_log(LOSS_LOG, "loss"), ["dvc repro"]),
     (FID_LOG, _random_bytes, lambda: plots.load_training_log(FID_LOG, "fid"), ["dvc repro"]),
-    ("data/cifar10/meta.json", _random_bytes, lambda: _train_stage()["dataset_meta"](Path("data/cifar10")),
+    ("data/cifar10/meta.json", _random_bytes, lambda: load_meta(Path("data/cifar10")),
      ["dvc checkout --force data/cifar10", "dvc repro"]),
     ("baselines.yaml", _random_bytes, lambda: reports.load_baselines("baselines.yaml"),
      ["git checkout baselines.yaml"]),

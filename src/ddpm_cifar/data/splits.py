@@ -15,11 +15,15 @@ import numpy as np
 
 from ..runtime import fileio
 from ..runtime.errors import UserError
+from ..runtime.loaders import Source, load_json
 
 IMAGE_SIZE = 32
 
 # One split: (images uint8 NHWC, labels int64).
 Split = tuple[np.ndarray, np.ndarray]
+# data/cifar10 is a cached output of the fetch stage: a checkout restores it as the last run left it.
+META = Source("a data set description", "restore it with `dvc checkout --force data/cifar10` (or rerun "
+              "`dvc repro`, whose fetch stage writes it again)")
 
 
 def save_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -49,3 +53,9 @@ def load_split(data_dir: Path, split: str) -> Split:
         raise UserError(f"{path}: {labels.shape} labels for {images.shape[0]} images; "
                         "rerun the fetch stage (`dvc repro fetch`)")
     return images, labels.astype(np.int64, copy=False)
+
+
+def load_meta(folder: Path) -> dict | None:
+    """The data set's provenance that the fetch stage writes beside the splits, if there."""
+    meta = folder / "meta.json"
+    return load_json(meta, META) if meta.is_file() else None
