@@ -10,7 +10,7 @@ import tarfile
 import urllib.error
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -373,6 +373,24 @@ def test_non_tar_file_is_rejected_in_one_line(tmp_path: Path, content: bytes) ->
 def test_load_split_missing_dir_tells_to_fetch(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="dvc repro fetch"):
         splits.load_split(tmp_path / "does-not-exist", "train")
+
+
+@pytest.mark.parametrize(("damage", "why"), [
+    (lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"), "a damaged zip archive"),
+    (lambda p: np.savez(p, images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(3, np.int64)),
+     "'labels' has shape (3,): N is 2 in 'images'"),
+    (lambda p: np.savez(p, images=np.zeros((2, 32, 32, 3), np.float32), labels=np.zeros(2, np.int64)),
+     "'images' is float32, not uint8"),
+])
+def test_a_damaged_split_is_one_line_saying_how_to_restore_it(tmp_path: Path, damage: Any, why: str) -> None:
+    path = tmp_path / "train.npz"
+    damage(path)
+    with pytest.raises(UserError) as info:
+        splits.load_split(tmp_path, "train")
+    message = str(info.value)
+    assert "\n" not in message and why in message, message
+    assert message.endswith("restore it with `dvc checkout --force data/cifar10` (or rerun "
+                            "`dvc repro fetch`)")
 
 
 def test_class_list_is_official_order() -> None:

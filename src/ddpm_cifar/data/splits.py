@@ -8,19 +8,20 @@ read them with :func:`load_split`, which needs none of the readers of the source
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ..runtime import fileio
-from ..runtime.errors import UserError
-from ..runtime.loaders import Source, load_json
+from ..runtime.loaders import Array, Source, load_json, load_npz
 
 IMAGE_SIZE = 32
 
 # One split: (images uint8 NHWC, labels int64).
 Split = tuple[np.ndarray, np.ndarray]
+SPLIT = Source("a CIFAR-10 split .npz", "restore it with `dvc checkout --force data/cifar10` (or rerun "
+               "`dvc repro fetch`)", missing="run the fetch stage first (`dvc repro fetch`)")
+SPLIT_ARRAYS = {"images": Array("uint8", ("N", IMAGE_SIZE, IMAGE_SIZE, 3)), "labels": Array("int", ("N",))}
 # data/cifar10 is a cached output of the fetch stage: a checkout restores it as the last run left it.
 META = Source("a data set description", "restore it with `dvc checkout --force data/cifar10` (or rerun "
               "`dvc repro`, whose fetch stage writes it again)")
@@ -34,25 +35,9 @@ def save_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def load_split(data_dir: Path, split: str) -> Split:
-    """Load ``data_dir/<split>.npz`` as (images uint8 NHWC, labels int64)."""
-    path = Path(data_dir) / f"{split}.npz"
-    if not path.is_file():
-        raise UserError(f"{path} not found; run the fetch stage first (`dvc repro fetch`)")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            images, labels = npz["images"], npz["labels"]
-    except (OSError, ValueError, KeyError, zlib.error) as exc:
-        raise UserError(f"{path} is unreadable ({exc}); rerun the fetch stage (`dvc repro fetch`)") \
-            from exc
-    expected = (IMAGE_SIZE, IMAGE_SIZE, 3)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
-        raise UserError(f"{path}: images are {images.dtype} {images.shape}, expected uint8 "
-                        f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3); rerun the fetch stage "
-                        "(`dvc repro fetch`)")
-    if labels.shape != (images.shape[0],):
-        raise UserError(f"{path}: {labels.shape} labels for {images.shape[0]} images; "
-                        "rerun the fetch stage (`dvc repro fetch`)")
-    return images, labels.astype(np.int64, copy=False)
+    """Load ``data_dir/<split>.npz`` as (images uint8 NHWC, labels int64), checked."""
+    arrays = load_npz(Path(data_dir) / f"{split}.npz", SPLIT_ARRAYS, SPLIT)
+    return arrays["images"], arrays["labels"].astype(np.int64, copy=False)
 
 
 def load_meta(folder: Path) -> dict | None:

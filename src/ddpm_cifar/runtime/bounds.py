@@ -3,9 +3,10 @@
 A value out of range would otherwise reach torch or numpy unchecked: a traceback deep in a stage,
 NaN losses, or a host out of memory long after the stage started. Here it is a one-line
 :class:`ConfigError` naming the key, raised while the params load, before any work.
-:mod:`ddpm_cifar.runtime.config`'s dataclasses call :func:`check_fields` first thing in ``__post_init__``
-and ``Params.key`` calls :func:`check_field` for a single key; checks that relate two fields of one
-section (``sample.seed + sample.n``, widths of the U-Net) stay in that section's dataclass.
+:mod:`ddpm_cifar.runtime.config`'s dataclasses call :func:`check_fields` first thing in
+``__post_init__``; checks that relate two fields of one section (``sample.seed + sample.n``, widths
+of the U-Net) stay in that section's dataclass, and those that relate two sections in
+:func:`ddpm_cifar.runtime.params_file.check_file`.
 """
 
 from __future__ import annotations

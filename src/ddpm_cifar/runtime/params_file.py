@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .bounds import check_field
 from .config import SECTIONS, SamplerConfig, plain, to_dict
 from .errors import ConfigError
 
@@ -140,17 +139,16 @@ class Params:
     """
 
     def __init__(self, raw: Mapping[str, Any], declared: Sequence[str], source: str = "params"):
-        check_file(raw)
-        self._raw = raw
+        self._sections = check_file(raw)  # every section the file has, parsed and checked once
         self.declared = tuple(declared)
         self._source = source
 
     def section(self, name: str) -> Any:
         if name not in self.declared:
             raise RuntimeError(f"this stage reads params section {name!r} without declaring it")
-        if name not in self._raw:
+        if name not in self._sections:
             raise ConfigError(f"missing section {name!r} in {self._source}")
-        return parse_section(name, self._raw[name], SECTIONS[name])
+        return self._sections[name]
 
     def key(self, dotted: str) -> Any:
         """One key of a section, type-checked against that section's dataclass."""
@@ -158,15 +156,11 @@ class Params:
             raise RuntimeError(f"this stage reads param {dotted!r} without declaring it")
         section, key = dotted.split(".", 1)
         cls = SECTIONS[section]
-        hints = typing.get_type_hints(cls)
-        if key not in hints:
+        if key not in {f.name for f in dataclasses.fields(cls)}:
             raise RuntimeError(f"{dotted} is not a field of {cls.__name__}")
-        raw = self._raw.get(section)
-        if not isinstance(raw, Mapping) or key not in raw:
+        if section not in self._sections:
             raise ConfigError(f"missing key {dotted}")
-        value = _coerce(dotted, raw[key], hints[key])
-        check_field(dotted, value)  # a single key gets its range checked like a whole section
-        return value
+        return getattr(self._sections[section], key)
 
     def as_dict(self) -> dict[str, Any]:
         """Every declared section and key, checked, as plain data nested like params.yaml."""
@@ -180,19 +174,18 @@ class Params:
         return out
 
 
-def check_file(raw: Mapping[str, Any]) -> None:
-    """Every section of a params file, read or not by the stage at hand, and the rules that relate
-    keys of two sections: a value that would fail a later stage fails before the first one works.
-    A missing section is an error only for the stage that reads it (:meth:`Params.section`)."""
+def check_file(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Every section of a params file, read or not by the stage at hand, parsed, and the rules that
+    relate keys of two sections checked: a value that would fail a later stage fails before the first
+    one works. A missing section is an error only for the stage that reads it (:meth:`Params.section`)."""
     parsed = {name: parse_section(name, raw[name], cls) for name, cls in SECTIONS.items() if name in raw}
     diffusion = parsed.get("diffusion")
-    if diffusion is None:
-        return
     # Both samplers run the diffusion these params train: more steps than it has timesteps is
     # refused by the sample stage after the whole training run.
     for section, block in (("sample", "sampler"), ("train", "fid_sampler")):
-        if section in parsed:
+        if diffusion is not None and section in parsed:
             getattr(parsed[section], block).check_steps(diffusion.timesteps, f"{section}.{block}")
+    return parsed
 
 
 def load_params(path: str | Path, declared: Sequence[str]) -> Params:
