@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddpm_cifar.evaluation.fid import OFFICIAL_INCEPTION_FILENAME, download_official_inception
+from ddpm_cifar.evaluation.inception import OFFICIAL_INCEPTION_FILENAME, download_official_inception
 from ddpm_cifar.runtime.errors import UserError
 
 DEFAULT_PATH = Path("data/inception") / OFFICIAL_INCEPTION_FILENAME

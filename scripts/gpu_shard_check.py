@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 
 from ddpm_cifar.diffusion.generate import generate_images_sharded
 from ddpm_cifar.diffusion.process import GaussianDiffusion
-from ddpm_cifar.evaluation.fid import load_inception, save_random_inception, statistics_sharded
+from ddpm_cifar.evaluation.fid import statistics_sharded
+from ddpm_cifar.evaluation.inception import load_inception, save_random_inception
 from ddpm_cifar.models.unet import UNet
 from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, SamplerConfig
 

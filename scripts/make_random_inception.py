@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddpm_cifar.evaluation.fid import load_inception, save_random_inception
+from ddpm_cifar.evaluation.inception import load_inception, save_random_inception
 from ddpm_cifar.runtime.errors import UserError
 
 

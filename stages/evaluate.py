@@ -1,5 +1,6 @@
-"""Stage evaluate: FID of the samples against the reference statistics -> metrics/fid.json (the
-numbers) and reports/fid.json (the provenance: reference, Inception, sampler, comparability).
+"""Stage evaluate: FID, Inception Score, KID and precision/recall of the samples, from one Inception pass
+-> metrics/fid.json (the numbers) and reports/fid.json (the provenance: reference, Inception, sampler,
+spreads, the weights' step, comparability).
 
 Under torchrun (params distributed) each rank runs Inception on its share of the samples."""
 
@@ -7,9 +8,10 @@ import argparse
 from pathlib import Path
 
 from ddpm_cifar.diffusion.generate import load_samples
-from ddpm_cifar.evaluation.fid import load_inception, load_stats
-from ddpm_cifar.evaluation.reports import check_same_inception, fid_report, metrics_of
-from ddpm_cifar.evaluation.scoring import fid_sharded
+from ddpm_cifar.evaluation.fid import load_reference
+from ddpm_cifar.evaluation.inception import load_inception
+from ddpm_cifar.evaluation.reports import check_same_inception, fid_report, metrics_of, summary_line
+from ddpm_cifar.evaluation.scoring import score_sharded
 from ddpm_cifar.runtime.fileio import write_json
 from ddpm_cifar.runtime.stage import stage
 
@@ -28,20 +30,18 @@ def main() -> None:
         params, device = run.params, run.device
         # The files first, Inception (seconds to load) last: a damaged file stops the stage at once.
         samples = load_samples(args.samples)
-        images = samples.images
-        ref, ref_meta = load_stats(args.ref)
+        reference = load_reference(args.ref)
         inception, info = load_inception(params.key("fid.inception_weights"), device)
-        check_same_inception(ref_meta, info)
-        fid = fid_sharded(images, inception, ref, batch_size=params.key("fid.batch_size"), device=device)
+        check_same_inception(reference.meta, info)
+        scores = score_sharded(samples.images, inception, reference, batch_size=params.key("fid.batch_size"),
+                               device=device)
         if not run.main:
             return
-        report = fid_report(fid, n_samples=len(images), sample_cfg=samples.config, ref_meta=ref_meta,
-                            info=info)
-        write_json(args.report, {**report, "checkpoint_step": samples.checkpoint_step})
+        report = fid_report(scores, sample_cfg=samples.config, ref_meta=reference.meta, info=info)
+        weights = samples.config.get("weights", "final")
+        write_json(args.report, {**report, "weights": weights, "checkpoint_step": samples.checkpoint_step})
         write_json(args.out, metrics_of(report))
-        reasons = report["not_comparable_because"]
-        flag = f"  (NOT comparable: {'; '.join(reasons)})" if reasons else ""
-        print(f"FID {fid:.2f} on {len(images)} samples vs {ref_meta.get('reference')}{flag}")
+        print(summary_line(report) + f"; {weights} weights of step {samples.checkpoint_step}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ it reruns everything that scored with it.
 import argparse
 from pathlib import Path
 
-from ddpm_cifar.evaluation.fid import (
+from ddpm_cifar.evaluation.inception import (
     OFFICIAL_INCEPTION_FILENAME,
     OFFICIAL_INCEPTION_URL,
     download_official_inception,

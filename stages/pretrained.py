@@ -10,9 +10,16 @@ import shutil
 from pathlib import Path
 
 from ddpm_cifar.diffusion.generate import for_sampling, sample_cache_key
-from ddpm_cifar.evaluation.fid import load_inception, load_stats
-from ddpm_cifar.evaluation.reports import PRETRAINED, check_same_inception, fid_report, metrics_of
-from ddpm_cifar.evaluation.scoring import fid_of_model
+from ddpm_cifar.evaluation.fid import load_reference
+from ddpm_cifar.evaluation.inception import load_inception
+from ddpm_cifar.evaluation.reports import (
+    PRETRAINED,
+    check_same_inception,
+    fid_report,
+    metrics_of,
+    summary_line,
+)
+from ddpm_cifar.evaluation.scoring import score_model
 from ddpm_cifar.models.networks import load_pretrained
 from ddpm_cifar.runtime.config import to_dict
 from ddpm_cifar.runtime.fileio import file_digest, write_json
@@ -42,21 +49,20 @@ def main() -> None:
         weights_sha = file_digest(weights)  # DVC does not track the folder: the report names the files
         digest = weights_sha + file_digest(Path(cfg.folder) / "config.json")
         inception, info = load_inception(params.key("fid.inception_weights"), device)
-        ref, ref_meta = load_stats(args.ref)
-        check_same_inception(ref_meta, info)
+        reference = load_reference(args.ref)
+        check_same_inception(reference.meta, info)
         net = for_sampling(model.net, device, compile=sample.compile)
-        fid = fid_of_model(net, model.diffusion, sample, inception, ref, shape=model.shape,
+        scores = score_model(net, model.diffusion, sample, inception, reference, shape=model.shape,
                            fid_batch_size=params.key("fid.batch_size"), device=device, cache_dir=args.partial,
                            cache_key=sample_cache_key(digest, sample, device),
                            desc="pretrained")
         if run.main:
-            report = fid_report(fid, n_samples=sample.n, sample_cfg=to_dict(sample), ref_meta=ref_meta,
-                                info=info)
+            report = fid_report(scores, sample_cfg=to_dict(sample), ref_meta=reference.meta, info=info)
             write_json(args.report, {"name": PRETRAINED, "enabled": True, **report, "weights": str(weights),
                                      "weights_sha256": weights_sha})
             write_json(args.out, {"enabled": True, **metrics_of(report)})
             shutil.rmtree(args.partial, ignore_errors=True)
-            print(f"{PRETRAINED}: FID {fid:.2f} on {sample.n} samples vs {ref_meta.get('reference')}")
+            print(f"{PRETRAINED}: {summary_line(report)}")
 
 
 if __name__ == "__main__":

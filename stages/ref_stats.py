@@ -1,4 +1,5 @@
-"""Stage ref_stats: Inception statistics of the FID reference set -> data/fid_ref.npz (cached by DVC).
+"""Stage ref_stats: Inception statistics of the FID reference set, and the pool3 features of its first
+fid.reference_features images (for KID and precision/recall) -> data/fid_ref.npz (cached by DVC).
 
 Under torchrun (params distributed) each rank runs Inception on its share of the images."""
 
@@ -7,7 +8,8 @@ import json
 from pathlib import Path
 
 from ddpm_cifar.data.splits import load_split
-from ddpm_cifar.evaluation.fid import load_inception, load_stats, save_stats, statistics_sharded
+from ddpm_cifar.evaluation.fid import load_reference, save_reference, statistics
+from ddpm_cifar.evaluation.inception import features_sharded, load_inception
 from ddpm_cifar.evaluation.reports import reference_meta
 from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.runtime.stage import stage
@@ -31,17 +33,24 @@ def main() -> None:
                                 f"images of the {cfg.reference} split in {args.data}: lower it, or 0 for all")
             if cfg.reference_count:
                 images = images[: cfg.reference_count]
-            stats = statistics_sharded(images, inception, batch_size=cfg.batch_size, device=device)
-            if stats is None:
+            if len(images) < 2:  # fail before spending time on Inception, on every rank alike
+                raise UserError(f"FID statistics need at least 2 images, got {len(images)}")
+            feats = features_sharded(images, inception, batch_size=cfg.batch_size, device=device)
+            if feats is None:
                 return  # not rank 0: its features went to rank 0, which writes the file
+            stats, kept = statistics(feats), feats[: cfg.reference_features]
             data_meta = json.loads((args.data / "meta.json").read_text())
             meta = reference_meta(f"cifar10-{cfg.reference}", stats.n, data_meta, info)
         else:  # precomputed statistics (e.g. pytorch-fid's); trusted only as far as its own meta says
-            stats, given = load_stats(cfg.reference)
-            meta = {**reference_meta(cfg.reference, stats.n, {}, info), **given, "provided": cfg.reference}
+            given = load_reference(cfg.reference)
+            stats, kept = given.stats, given.features
+            meta = {**reference_meta(cfg.reference, stats.n, {}, info), **given.meta,
+                    "provided": cfg.reference}
         if run.main:
-            save_stats(args.out, stats, meta)
-            print(f"reference statistics of {meta['reference']} ({stats.n} images) -> {args.out}")
+            meta["features_n"] = 0 if kept is None else len(kept)
+            save_reference(args.out, stats, meta, kept if kept is not None and len(kept) else None)
+            print(f"reference statistics of {meta['reference']} ({stats.n} images, features of "
+                  f"{meta['features_n']}) -> {args.out}")
 
 
 if __name__ == "__main__":

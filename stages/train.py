@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 from ddpm_cifar.data.splits import load_meta, load_split
-from ddpm_cifar.evaluation.scoring import training_fid
+from ddpm_cifar.evaluation.scoring import training_evaluation
 from ddpm_cifar.runtime.fileio import file_digest, write_json
 from ddpm_cifar.runtime.stage import stage
-from ddpm_cifar.training.loop import TrainOutputs, train
+from ddpm_cifar.training.loop import TrainingEval, TrainOutputs, train
 from ddpm_cifar.training.tracking import Tracker, make_tracker
 
 PARAMS = ("model", "diffusion", "train", "fid.inception_weights", "distributed")
@@ -32,27 +32,29 @@ def main() -> None:
         model_cfg, diffusion_cfg = params.section("model"), params.section("diffusion")
         cfg = params.section("train")
         images, _ = load_split(args.data, "train")
-        fid_fn, fid_id, fid_meta = None, "", {}
+        evaluation, eval_meta = None, {}
         if cfg.fid_every:
             shape = (model_cfg.channels, model_cfg.image_size, model_cfg.image_size)
-            fid_fn, fid_id, fid_meta = training_fid(params.key("fid.inception_weights"), args.ref, cfg, shape,
-                                                    device)
+            scorer = training_evaluation(params.key("fid.inception_weights"), args.ref, cfg, shape, device)
+            evaluation = TrainingEval(scorer.fn, scorer.columns, scorer.id, cfg.fid_samples)
+            eval_meta = scorer.meta
         config = {**params.as_dict(), "dataset": load_meta(args.data)}
         # `dvc exp run` names the experiment in DVC_EXP_NAME: the W&B run's name unless params give one.
         tracker = (make_tracker(params.section("wandb"), config, args.models / "wandb",
                                 default_name=os.environ.get("DVC_EXP_NAME")) if run.main else Tracker())
         outputs = TrainOutputs(args.models / "checkpoint.pt", args.models / "ema.pt",
-                               args.metrics / "train_loss.tsv", args.metrics / "train_fid.tsv")
+                               args.metrics / "train_loss.tsv", args.metrics / "train_fid.tsv",
+                               args.models / "ema_best.pt")
         try:
             result = train(model_cfg, diffusion_cfg, cfg, images=images, outputs=outputs, device=device,
-                           data_id=file_digest(args.data / "train.npz"), tracker=tracker, fid_fn=fid_fn,
-                           fid_id=fid_id)
+                           data_id=file_digest(args.data / "train.npz"), tracker=tracker,
+                           evaluation=evaluation)
         finally:
             tracker.finish()
         if run.main:
             write_json(args.metrics / "train.json", result.metrics())
             write_json(args.reports / "train.json",
-                       {**result.report(), "device": device.type, **fid_meta, **tracker.info()})
+                       {**result.report(), "device": device.type, **eval_meta, **tracker.info()})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_cifar.evaluation.fid import save_random_inception
+from ddpm_cifar.evaluation.inception import save_random_inception
 
 
 def in_ci() -> bool:

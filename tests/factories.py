@@ -35,7 +35,7 @@ def tiny_train(**kw: object) -> TrainConfig:
                 ema_inv_gamma=1.0, ema_power=2 / 3, warmup_steps=0,
                 amp=True, seed=0, checkpoint_every=3, fid_every=0,
                 fid_samples=8, fid_sampler=SamplerConfig("ddpm", 5, "uniform"),
-                fid_batch_size=8, sample_grid_every=0)
+                fid_batch_size=8, sample_grid_every=0, best_metric=None)
     return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 

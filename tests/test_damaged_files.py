@@ -34,7 +34,7 @@ from factories import one_thread, random_images, tiny_diffusion, tiny_model, tin
 
 from ddpm_cifar.data.splits import load_meta
 from ddpm_cifar.diffusion import generate
-from ddpm_cifar.evaluation import fid, plots, reports
+from ddpm_cifar.evaluation import fid, inception, plots, reports
 from ddpm_cifar.models import checkpoint
 from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.errors import UserError
@@ -110,8 +110,8 @@ def evaluate_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, e2e_random_
     params = yaml.safe_load(committed_text("params.yaml"))
     params["fid"]["inception_weights"] = str(e2e_random_inception)
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    dim = fid.FEATURE_DIM
-    fid.save_stats("data/fid_ref.npz", fid.FidStats(np.zeros(dim), np.eye(dim), 5), {})
+    dim = inception.FEATURE_DIM
+    fid.save_reference("data/fid_ref.npz", fid.FidStats(np.zeros(dim), np.eye(dim), 5), {})
     Path("samples").mkdir()
     return tmp_path
 
@@ -153,7 +153,7 @@ def test_missing_samples_say_which_stage_writes_them(tmp_path: Path) -> None:
 # --- the plots stage: reports, logs and baselines -------------------------------------------------------
 
 def _report(name: str | None = None) -> dict[str, Any]:
-    info = fid.InceptionInfo("inception.pth", "0" * 64, official=False)
+    info = inception.InceptionInfo("inception.pth", "0" * 64, official=False)
     out = reports.fid_report(12.5, n_samples=4, sample_cfg={"sampler": {"name": "ddpm"}}, ref_meta={},
                              info=info)
     return {**out, "name": name, "enabled": True} if name else out
@@ -296,7 +296,7 @@ elif name == "ref_stats":
     from ddpm_cifar.evaluation import fid
     from ddpm_cifar.runtime.fileio import file_digest
     meta = {"reference": "toy", "inception_sha256": file_digest(sys.argv[2])}
-    fid.save_stats("data/fid_ref.npz", fid.FidStats(np.zeros(3), np.eye(3), 4), meta)
+    fid.save_reference("data/fid_ref.npz", fid.FidStats(np.zeros(3), np.eye(3), 4), meta)
 elif name == "train":
     import torch
     from ddpm_cifar.models import checkpoint
@@ -324,7 +324,7 @@ elif name == "sample":
         Path(f"plots/{png}.png").write_bytes(b"png")
 elif name in ("evaluate", "pretrained"):
     from ddpm_cifar.evaluation import reports
-    from ddpm_cifar.evaluation.fid import InceptionInfo
+    from ddpm_cifar.evaluation.inception import InceptionInfo
     report = reports.fid_report(12.5, n_samples=4, sample_cfg={"n": 4}, ref_meta={},
                                 info=InceptionInfo("x", "0" * 64, False))
     if name == "pretrained":
@@ -404,12 +404,12 @@ def _random_bytes(path: Path) -> None:
 
 
 def _other_inception(path: Path) -> None:
-    fid.save_random_inception(path, seed=1)  # good weights, but not those the statistics were made with
+    inception.save_random_inception(path, seed=1)  # good weights, but not those the statistics were made with
 
 
 def _check_same_inception() -> None:
-    reports.check_same_inception(fid.load_stats("data/fid_ref.npz")[1],
-                                 fid.InceptionInfo(INCEPTION, file_digest(INCEPTION), official=False))
+    reports.check_same_inception(fid.load_reference("data/fid_ref.npz").meta,
+                                 inception.InceptionInfo(INCEPTION, file_digest(INCEPTION), official=False))
 
 
 # file damaged, how, the checked read the stage does, the commands its hints must hold
@@ -420,7 +420,7 @@ HINTED: list[tuple[str, Callable[[Path], None], Callable[[], object], list[str]]
      ["dvc repro", "dvc checkout --force models/checkpoint.pt"]),
     ("models/ema.pt", _random_bytes, lambda: checkpoint.load_model("models/ema.pt"),
      ["dvc repro", "dvc checkout --force models/ema.pt"]),
-    ("data/fid_ref.npz", _random_bytes, lambda: fid.load_stats("data/fid_ref.npz"), ["dvc repro"]),
+    ("data/fid_ref.npz", _random_bytes, lambda: fid.load_reference("data/fid_ref.npz"), ["dvc repro"]),
     (FID_REPORT, _random_bytes, lambda: reports.load_report(FID_REPORT, "evaluate"), ["dvc repro"]),
     (PRETRAINED_REPORT, _random_bytes, lambda: reports.load_report(PRETRAINED_REPORT, "pretrained"),
      ["dvc repro"]),
@@ -430,7 +430,7 @@ HINTED: list[tuple[str, Callable[[Path], None], Callable[[], object], list[str]]
      ["dvc checkout --force data/cifar10", "dvc repro"]),
     ("baselines.yaml", _random_bytes, lambda: reports.load_baselines("baselines.yaml"),
      ["git checkout baselines.yaml"]),
-    (INCEPTION, _random_bytes, lambda: fid.load_inception(INCEPTION),
+    (INCEPTION, _random_bytes, lambda: inception.load_inception(INCEPTION),
      ["dvc repro", f"python scripts/make_random_inception.py {INCEPTION} --seed 0"]),
     (INCEPTION, _other_inception, _check_same_inception, ["dvc repro ref_stats"]),
 ]
@@ -447,11 +447,11 @@ def test_the_official_inception_hint_replaces_a_damaged_file(
     """`python scripts/get_inception.py PATH`, the hint for a damaged official file, with the download
     served here (the test runs offline): the damaged file is replaced by one that loads."""
     monkeypatch.chdir(tmp_path)
-    path = Path("data/inception") / fid.OFFICIAL_INCEPTION_FILENAME
+    path = Path("data/inception") / inception.OFFICIAL_INCEPTION_FILENAME
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x00" * 100)
     with pytest.raises(UserError) as info:
-        fid.load_inception(path)
+        inception.load_inception(path)
     [(removal, command)] = _hints(str(info.value))
     assert removal is None and command == f"python scripts/get_inception.py {path}"
     good = e2e_random_inception.read_bytes()
@@ -460,7 +460,7 @@ def test_the_official_inception_hint_replaces_a_damaged_file(
     monkeypatch.setattr(sys, "argv", shlex.split(command)[1:])
     runpy.run_path(str(ROOT / "scripts" / "get_inception.py"), run_name="__main__")
     assert path.read_bytes() == good
-    fid.load_inception(path)
+    inception.load_inception(path)
 
 
 @pytest.mark.slow  # ~1 min on 2 cores: a DVC project, two dozen dvc and stage runs

@@ -17,7 +17,8 @@ from factories import one_thread, random_images, tiny_diffusion, tiny_model, tin
 
 from ddpm_cifar.diffusion.generate import generate_images, generate_images_sharded
 from ddpm_cifar.diffusion.process import GaussianDiffusion
-from ddpm_cifar.evaluation.fid import load_inception, save_random_inception, statistics_sharded
+from ddpm_cifar.evaluation.fid import statistics_sharded
+from ddpm_cifar.evaluation.inception import load_inception, save_random_inception
 from ddpm_cifar.models.unet import LinearAttention, ResBlock, UNet
 from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.distributed import rank_and_world, shard, unshard

@@ -13,7 +13,7 @@ from ddpm_cifar.evaluation.scoring import training_fid_id
 from ddpm_cifar.runtime.config import SampleConfig, SamplerConfig
 
 SPEC = SamplerConfig("ddim", 50, "quadratic", 0.0)
-SAMPLE = SampleConfig(n=10, sampler=SPEC, compile=False, batch_size=5, seed=0, grid_images=4,
+SAMPLE = SampleConfig(n=10, sampler=SPEC, weights="final", compile=False, batch_size=5, seed=0, grid_images=4,
                       strip_seeds=(0,), strip_frames=5)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_cifar.evaluation import fid
+from ddpm_cifar.evaluation import fid, inception
 from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.runtime.fileio import file_digest
 
@@ -35,13 +35,13 @@ def _sqrt_psd(s: np.ndarray) -> np.ndarray:
 def random_inception_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Written once: the file is ~96 MB and building it costs seconds.
     path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    fid.save_random_inception(path, seed=0)
+    inception.save_random_inception(path, seed=0)
     return path
 
 
 @pytest.fixture(scope="session")
-def random_inception(random_inception_path: Path) -> tuple[torch.nn.Module, fid.InceptionInfo]:
-    return fid.load_inception(random_inception_path)
+def random_inception(random_inception_path: Path) -> tuple[torch.nn.Module, inception.InceptionInfo]:
+    return inception.load_inception(random_inception_path)
 
 
 @pytest.fixture
@@ -119,28 +119,48 @@ def test_compute_statistics_needs_two_images(random_inception, images: np.ndarra
 def test_stats_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     s = fid.FidStats(rng.normal(size=DIM), _random_cov(rng), 123)
-    fid.save_stats(tmp_path / "s.npz", s, {"split": "train", "inception_sha256": "abc"})
-    got, meta = fid.load_stats(tmp_path / "s.npz")
+    fid.save_reference(tmp_path / "s.npz", s, {"split": "train", "inception_sha256": "abc"})
+    ref = fid.load_reference(tmp_path / "s.npz")
+    got, meta = ref.stats, ref.meta
     np.testing.assert_array_equal(got.mu, s.mu)
     np.testing.assert_array_equal(got.sigma, s.sigma)
-    assert got.n == 123
+    assert got.n == 123 and ref.features is None
     assert meta == {"split": "train", "inception_sha256": "abc"}
     assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temp file left behind
 
 
-def test_load_stats_accepts_pytorch_fid_npz(tmp_path: Path) -> None:
+def test_reference_features_round_trip_as_float32(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    feats = rng.normal(size=(20, DIM)).astype(np.float32).astype(np.float64)  # what Inception gives
+    s = fid.statistics(feats)
+    fid.save_reference(tmp_path / "s.npz", s, {}, features=feats[:12])
+    ref = fid.load_reference(tmp_path / "s.npz")
+    assert ref.features is not None and ref.features.dtype == np.float32 and ref.features.shape == (12, DIM)
+    np.testing.assert_array_equal(ref.features.astype(np.float64), feats[:12])  # nothing lost
+
+
+def test_reference_with_more_features_than_statistics_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    s = fid.FidStats(np.zeros(DIM), np.eye(DIM), 5)
+    fid.save_reference(tmp_path / "fid_ref.npz", s, {}, features=rng.normal(size=(6, DIM)))
+    with pytest.raises(UserError, match="features of 6 images but statistics of 5"):
+        fid.load_reference(tmp_path / "fid_ref.npz")
+
+
+def test_load_reference_accepts_pytorch_fid_npz(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     mu, sigma = rng.normal(size=DIM).astype(np.float32), _random_cov(rng).astype(np.float32)
     np.savez_compressed(tmp_path / "ref.npz", mu=mu, sigma=sigma)  # pytorch-fid's --save-stats
-    got, meta = fid.load_stats(tmp_path / "ref.npz")
-    assert got.n == -1 and meta == {}
+    ref = fid.load_reference(tmp_path / "ref.npz")
+    got, meta = ref.stats, ref.meta
+    assert got.n == -1 and meta == {} and ref.features is None
     assert got.mu.dtype == np.float64 and got.sigma.dtype == np.float64
     np.testing.assert_array_equal(got.sigma, sigma.astype(np.float64))
 
 
-def test_load_stats_missing_file(tmp_path: Path) -> None:
+def test_load_reference_missing_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
-        fid.load_stats(tmp_path / "nope.npz")
+        fid.load_reference(tmp_path / "nope.npz")
 
 
 # --- Inception --------------------------------------------------------------------------------
@@ -152,12 +172,12 @@ def test_random_inception_round_trips(random_inception_path: Path, random_incept
     assert info.path == str(random_inception_path)
     assert info.sha256 == file_digest(random_inception_path, "sha256")
     assert not model.training
-    built = fid.build_inception(seed=0).state_dict()
+    built = inception.build_inception(seed=0).state_dict()
     loaded = model.state_dict()
     assert built.keys() == loaded.keys()
     for k in built:
         assert torch.equal(built[k], loaded[k]), k
-    other = fid.build_inception(seed=1).state_dict()
+    other = inception.build_inception(seed=1).state_dict()
     assert not torch.equal(other["Conv2d_1a_3x3.conv.weight"], built["Conv2d_1a_3x3.conv.weight"])
 
 
@@ -179,8 +199,8 @@ def test_state_dict_keys_are_those_of_pytorch_fid(random_inception) -> None:
 
 def test_features_shape_dtype_and_determinism(random_inception, images: np.ndarray) -> None:
     model, _ = random_inception
-    a = fid.inception_features(images, model, batch_size=2, device="cpu", progress=False)
-    b = fid.inception_features(images, model, batch_size=3, device="cpu", progress=False)
+    a = inception.inception_features(images, model, batch_size=2, device="cpu", progress=False)
+    b = inception.inception_features(images, model, batch_size=3, device="cpu", progress=False)
     assert a.shape == (3, 2048) and a.dtype == np.float64
     assert np.isfinite(a).all()
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # batching does not change features
@@ -191,17 +211,17 @@ def test_features_shape_dtype_and_determinism(random_inception, images: np.ndarr
 def test_features_refuse_float_images(random_inception, images: np.ndarray) -> None:
     model, _ = random_inception
     with pytest.raises((TypeError, UserError), match="uint8"):
-        fid.inception_features(images.astype(np.float32) / 255, model, batch_size=2,
+        inception.inception_features(images.astype(np.float32) / 255, model, batch_size=2,
                                device="cpu", progress=False)
 
 
 def test_missing_weights_file_names_path_and_official_file(tmp_path: Path) -> None:
     path = tmp_path / "weights" / "inception.pth"
     with pytest.raises(UserError) as exc:
-        fid.load_inception(path)
+        inception.load_inception(path)
     msg = str(exc.value)
     assert str(path) in msg
-    assert fid.OFFICIAL_INCEPTION_FILENAME in msg
+    assert inception.OFFICIAL_INCEPTION_FILENAME in msg
     assert "get_inception.py" in msg and "make_random_inception.py" in msg
     assert "\n" not in msg
 
@@ -210,11 +230,11 @@ def test_invalid_weights_file_is_a_user_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a state dict")
     with pytest.raises(UserError, match="garbage.pth"):
-        fid.load_inception(garbage)
+        inception.load_inception(garbage)
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv.weight": torch.zeros(3)}, wrong)
     with pytest.raises(UserError, match="wrong.pth.*missing keys"):
-        fid.load_inception(wrong)
+        inception.load_inception(wrong)
 
 
 # --- files that are not what they should be ---------------------------------------------------
@@ -248,9 +268,10 @@ def _write_bad(path: Path, kind: str, marker: Path) -> None:
         torch.save({"Conv2d_1a_3x3.conv.weight": RunsCode(marker)}, path)
     elif kind == "truncated-state-dict":
         # A small state dict cut short fails as the 96 MB one does: at the missing zip directory.
-        _truncated(path, lambda p: torch.save(fid.FidInceptionV3().fc.state_dict(), p))
+        _truncated(path, lambda p: torch.save(inception.FidInceptionV3().fc.state_dict(), p))
     elif kind == "truncated-stats":
-        _truncated(path, lambda p: fid.save_stats(p, fid.FidStats(np.zeros(DIM), np.eye(DIM), 5), {"a": 1}))
+        stats = fid.FidStats(np.zeros(DIM), np.eye(DIM), 5)
+        _truncated(path, lambda p: fid.save_reference(p, stats, {"a": 1}))
     elif kind == "empty":
         path.write_bytes(b"")
 
@@ -281,19 +302,19 @@ def _refusal(load, path: Path) -> str:
 def test_unreadable_inception_weights_are_one_line_of_ours(tmp_path: Path, kind: str) -> None:
     path, marker = tmp_path / "inception.pth", tmp_path / "code-ran"
     _write_bad(path, kind, marker)
-    message = _refusal(fid.load_inception, path)
+    message = _refusal(inception.load_inception, path)
     assert not marker.exists()
     assert message.startswith(f"{path} is not a readable Inception weights file (")
     assert message.endswith(
         f"): get the official file again with `python scripts/get_inception.py {path}` "
-        f"(it replaces a damaged file), or copy {fid.OFFICIAL_INCEPTION_FILENAME} to {path}")
+        f"(it replaces a damaged file), or copy {inception.OFFICIAL_INCEPTION_FILENAME} to {path}")
     assert REASON.get(kind, "") in message
 
 
 def test_unreadable_random_inception_says_the_stage_makes_it_again(tmp_path: Path) -> None:
     path = tmp_path / "inception-random-seed3.pth"
     path.write_bytes(b"\x00" * 100)
-    assert _refusal(fid.load_inception, path).endswith(
+    assert _refusal(inception.load_inception, path).endswith(
         "remove it and rerun `dvc repro`, whose inception stage makes it again (or "
         f"`python scripts/make_random_inception.py {path} --seed 3`)")
 
@@ -304,7 +325,7 @@ def test_unreadable_stats_are_one_line_of_ours(tmp_path: Path, kind: str) -> Non
     _write_bad(path, kind, marker)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
-        message = _refusal(fid.load_stats, path)
+        message = _refusal(fid.load_reference, path)
         gc.collect()  # a file left open by the failed load would warn as it is collected
     assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not marker.exists()
@@ -316,10 +337,10 @@ def test_unreadable_stats_are_one_line_of_ours(tmp_path: Path, kind: str) -> Non
 
 def test_stats_that_are_one_array_or_python_objects_are_refused(tmp_path: Path) -> None:
     np.save(tmp_path / "mu.npy", np.zeros(DIM))
-    assert "(it holds a single array, not named arrays)" in _refusal(fid.load_stats, tmp_path / "mu.npy")
+    assert "(it holds a single array, not named arrays)" in _refusal(fid.load_reference, tmp_path / "mu.npy")
     np.savez(tmp_path / "objects.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(DIM))
     assert "(it holds arrays of Python objects, which a safe load refuses)" in _refusal(
-        fid.load_stats, tmp_path / "objects.npz")
+        fid.load_reference, tmp_path / "objects.npz")
 
 
 @pytest.mark.parametrize(("members", "why"), [
@@ -333,7 +354,7 @@ def test_stats_that_are_one_array_or_python_objects_are_refused(tmp_path: Path) 
 def test_stats_that_are_not_finite_or_do_not_fit_are_refused(tmp_path: Path, members: dict, why: str) -> None:
     path = tmp_path / "fid_ref.npz"
     np.savez(path, **members)
-    assert _refusal(fid.load_stats, path) == (
+    assert _refusal(fid.load_reference, path) == (
         f"{path} is not an FID statistics .npz ({why}): remove it and rerun `dvc repro`, whose ref_stats "
         "stage writes it again")
 
@@ -341,6 +362,6 @@ def test_stats_that_are_not_finite_or_do_not_fit_are_refused(tmp_path: Path, mem
 def test_a_given_reference_says_what_to_give(tmp_path: Path) -> None:
     path = tmp_path / "cifar10_train_stats.npz"  # fid.reference: statistics computed elsewhere
     path.write_bytes(b"")
-    assert _refusal(fid.load_stats, path) == (
+    assert _refusal(fid.load_reference, path) == (
         f"{path} is not an FID statistics .npz (empty or cut short): give a .npz of 'mu' (d,) and 'sigma' "
         "(d, d), as pytorch-fid's --save-stats writes, in fid.reference")

@@ -18,7 +18,8 @@ from factories import one_thread, random_images, save_tiny_checkpoint
 from PIL import Image
 
 from ddpm_cifar.app.engine import Demo, load_demo_model
-from ddpm_cifar.evaluation.fid import compute_statistics, load_inception, save_random_inception, save_stats
+from ddpm_cifar.evaluation.fid import compute_statistics, save_reference
+from ddpm_cifar.evaluation.inception import load_inception, save_random_inception
 from ddpm_cifar.evaluation.plots import save_fid_comparison
 from ddpm_cifar.evaluation.reports import PRETRAINED, reference_meta
 from ddpm_cifar.models.networks import PUBLISHED, load_pretrained
@@ -45,7 +46,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         net, info = load_inception(root / "inception.pth")
         stats = compute_statistics(random_images(8, 32), net, batch_size=8, device="cpu", progress=False)
     meta = reference_meta("cifar10-train", stats.n, {"official": False, "source": "random pixels"}, info)
-    save_stats(root / "ref.npz", stats, meta)
+    save_reference(root / "ref.npz", stats, meta)
     return root
 
 
@@ -54,9 +55,9 @@ def _run(root: Path, *, enabled: bool, folder: str) -> subprocess.CompletedProce
         "pretrained": {"enabled": enabled, "folder": folder},
         "sample": {"n": 6, "sampler": {"name": "ddim", "steps": 3, "spacing": "uniform", "eta": 0.0,
                                        "variance": "posterior", "clip_x0": True},
-                   "compile": False, "batch_size": 4, "seed": 0, "grid_images": 4, "strip_seeds": [0],
+                   "weights": "final", "compile": False, "batch_size": 4, "seed": 0, "grid_images": 4, "strip_seeds": [0],
                    "strip_frames": 3},
-        "fid": {"inception_weights": str(root / "inception.pth"), "reference": "train", "reference_count": 0,
+        "fid": {"inception_weights": str(root / "inception.pth"), "reference": "train", "reference_count": 0, "reference_features": 100,
                 "batch_size": 6},
         "distributed": {"nnodes": 1, "nproc_per_node": 1, "rdzv_endpoint": "localhost:0"},
     }

@@ -28,7 +28,7 @@ from factories import (
 from ddpm_cifar.runtime.config import SamplerConfig, TrainConfig, WandbConfig
 from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.training.batches import BatchSource
-from ddpm_cifar.training.loop import TrainOutputs, TrainResult, train
+from ddpm_cifar.training.loop import TrainingEval, TrainOutputs, TrainResult, train
 from ddpm_cifar.training.tracking import Tracker, make_tracker
 
 IMAGES = random_images(n=12, size=8, seed=3)
@@ -178,7 +178,7 @@ def test_metrics_hold_numbers_and_the_report_the_rest(straight: Run) -> None:
     assert all(isinstance(v, int | float) for v in metrics.values())
     assert metrics["steps"] == 6 and metrics["parameters"] == straight.result.parameters
     assert report == {"resumed_from_step": 0, "precision": "fp32", "world_size": 1,
-                      "world_history": [[0, 6, 1]], "last_fid": None}
+                      "world_history": [[0, 6, 1]], "last_fid": None, "last_kid": None, "best_weights": None}
     with_fid = replace(straight.result, fids=[(3, 50.0), (6, 40.0)])
     assert with_fid.metrics()["fid"] == 40.0 and with_fid.report()["last_fid"] == 40.0
 
@@ -363,19 +363,20 @@ def test_interruption_during_training_fid_leaves_no_gap_in_the_fid_curve(tmp_pat
     cfg = tiny_train(steps=4, checkpoint_every=2, fid_every=2)
     calls: list[int] = []
 
-    def dying_fid(model: torch.nn.Module, diffusion: object) -> float:
+    def dying_fid(model: torch.nn.Module, diffusion: object) -> dict[str, float]:
         calls.append(1)
         raise KeyboardInterrupt
 
     with one_thread(), pytest.raises(KeyboardInterrupt):
         train(tiny_model(), tiny_diffusion(), cfg, images=IMAGES, data_id="d", outputs=outputs,
-              device=CPU, fid_fn=dying_fid, log=lambda _: None)
+              device=CPU, evaluation=TrainingEval(dying_fid), log=lambda _: None)
     assert calls == [1]
     assert not outputs.checkpoint.exists()  # step 2 was not checkpointed before its FID
 
     with one_thread():
         result = train(tiny_model(), tiny_diffusion(), cfg, images=IMAGES, data_id="d",
-                       outputs=outputs, device=CPU, fid_fn=lambda m, d: 1.5, log=lambda _: None)
+                       outputs=outputs, device=CPU, evaluation=TrainingEval(lambda m, d: {"fid": 1.5}),
+                       log=lambda _: None)
     assert [s for s, _ in result.fids] == [2, 4]
     assert [r.split("\t")[0] for r in _rows(outputs.fid_log)] == ["step", "2", "4"]
 
@@ -404,9 +405,9 @@ def _retrain_with_new_fid_reference(tmp_path: Path, second_steps: int) -> tuple[
     kw = dict(images=IMAGES, data_id="d", outputs=outputs, device=CPU, log=lambda _: None)
     with one_thread():
         train(tiny_model(), tiny_diffusion(), tiny_train(steps=2, fid_every=1),
-              fid_fn=lambda m, d: 5.0, fid_id="old", **kw)
+              evaluation=TrainingEval(lambda m, d: {"fid": 5.0}, id="old"), **kw)
         result = train(tiny_model(), tiny_diffusion(), tiny_train(steps=second_steps, fid_every=1),
-                       fid_fn=lambda m, d: 1.0, fid_id="new", **kw)
+                       evaluation=TrainingEval(lambda m, d: {"fid": 1.0}, id="new"), **kw)
     return result, outputs
 
 
@@ -414,7 +415,7 @@ def test_a_new_fid_reference_restarts_the_fid_curve_but_not_training(tmp_path: P
     result, outputs = _retrain_with_new_fid_reference(tmp_path, second_steps=3)
     assert result.resumed_from == 2
     assert result.fids == [(3, 1.0)]
-    assert _rows(outputs.fid_log) == ["step\tfid", "3\t1.0000"]
+    assert _rows(outputs.fid_log) == ["step\tfid", "3\t1"]
 
 
 def test_images_of_another_size_are_refused(tmp_path: Path) -> None:
@@ -426,7 +427,7 @@ def test_images_of_another_size_are_refused(tmp_path: Path) -> None:
 def test_a_finished_run_with_a_new_fid_reference_measures_its_final_weights(tmp_path: Path) -> None:
     result, outputs = _retrain_with_new_fid_reference(tmp_path, second_steps=2)
     assert result.resumed_from == 2 and result.fids == [(2, 1.0)]
-    assert _rows(outputs.fid_log) == ["step\tfid", "2\t1.0000"]
+    assert _rows(outputs.fid_log) == ["step\tfid", "2\t1"]
 
 
 # -- divergence: a non-finite loss or weights stop the run, keeping the last good checkpoint --------

@@ -11,13 +11,17 @@ from typing import TYPE_CHECKING, Any
 from ..runtime.errors import UserError
 from ..runtime.loaders import Source, check_fields, load_json, load_yaml
 
-if TYPE_CHECKING:  # a type only: the plots stage reads reports without loading torch and Inception
-    from .fid import InceptionInfo
+if TYPE_CHECKING:  # types only: the plots stage reads reports without loading torch and Inception
+    from .inception import InceptionInfo
+    from .scoring import Scores
 
 # The measured pretrained model's name in reports and plots, beside the quoted baselines.
 PRETRAINED = "pretrained DDPM (measured)"
 # Keys of a report that go to the metrics file: numbers and booleans that change with the experiment.
-METRIC_KEYS = ("fid", "n_samples", "reference_n", "comparable")
+METRIC_KEYS = ("fid", "is", "kid", "precision", "recall", "n_samples", "reference_n", "comparable")
+# The features precision/recall (and KID) compare, said in every report.
+PR_FEATURES = ("pool3 features (2,048-d) of the FID Inception, as the ADM evaluator uses; torch-fidelity's "
+               "default is VGG16's")
 
 
 def reference_meta(name: str, n: int, data_meta: dict[str, Any], info: InceptionInfo) -> dict[str, Any]:
@@ -60,14 +64,18 @@ def check_same_inception(ref_meta: dict[str, Any], info: InceptionInfo) -> None:
         )
 
 
-def fid_report(value: float, *, n_samples: int, sample_cfg: dict[str, Any], ref_meta: dict[str, Any],
+def fid_report(scores: Scores, *, sample_cfg: dict[str, Any], ref_meta: dict[str, Any],
                info: InceptionInfo) -> dict[str, Any]:
-    """Everything about one FID: the number, its sample count and reference, and why it is or is not
-    comparable with published FIDs. ``sample_cfg`` is the sample section that made the images."""
-    reasons = comparability(ref_meta, info, n_samples)
-    return {
-        "fid": round(float(value), 4),
-        "n_samples": n_samples,
+    """Everything about one image set's metrics: the numbers, each with its sample count and reference,
+    and why they are or are not comparable with published numbers (one verdict for all: they share the
+    Inception network, the samples and the reference). ``sample_cfg`` is the sample section that made
+    the images."""
+    reasons = comparability(ref_meta, info, scores.n)
+    values = scores.values()
+    report: dict[str, Any] = {
+        "fid": round(float(scores.fid), 4),
+        **{key: _rounded(values[key]) for key in ("is", "kid", "precision", "recall") if key in values},
+        "n_samples": scores.n,
         "reference": ref_meta.get("reference"),
         "reference_n": ref_meta.get("reference_n"),
         "reference_official": bool(ref_meta.get("reference_official")),
@@ -79,6 +87,30 @@ def fid_report(value: float, *, n_samples: int, sample_cfg: dict[str, Any], ref_
         "sampler": sample_cfg.get("sampler"),  # the sample.sampler block: name, steps, spacing, ...
         "sample": sample_cfg,
     }
+    return {**report, **_details(scores)}
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def _details(scores: Scores) -> dict[str, Any]:
+    """Each metric beyond FID with its spread, sizes and how it was measured."""
+    out: dict[str, Any] = {}
+    if (isc := scores.inception_score) is not None:
+        out["inception_score"] = {"mean": _rounded(isc.mean), "std": _rounded(isc.std), "splits": isc.splits,
+                                  "n": isc.n, "logits": "the FID Inception's 1008 logits without bias"}
+    if (k := scores.kid) is not None:
+        out["kid_detail"] = {"mean": _rounded(k.mean), "std": _rounded(k.std), "subsets": k.subsets,
+                             "subset_size": k.subset_size, "n": k.n, "reference_n": k.reference_n,
+                             "error_bar": k.error_bar, "features": PR_FEATURES}
+    if (pr := scores.precision_recall) is not None:
+        out["precision_recall"] = {"precision": _rounded(pr.precision), "recall": _rounded(pr.recall),
+                                   "k": pr.k, "n": pr.n, "reference_n": pr.reference_n,
+                                   "features": PR_FEATURES}
+    if scores.missing:
+        out["not_measured"] = {"kid, precision, recall": scores.missing}
+    return out
 
 
 def metrics_of(report: dict[str, Any]) -> dict[str, Any]:
@@ -139,3 +171,18 @@ def load_baselines(path: str | Path) -> list[dict[str, Any]]:
         if why := check_fields(baseline, BASELINE_FIELDS, owner=f"baseline {number}"):
             raise source.refuse(path, why)
     return baselines
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line of a report's numbers: what a stage prints when it is done."""
+    parts = [f"FID {report['fid']:.2f}"]
+    if "inception_score" in report:
+        parts.append(f"IS {report['inception_score']['mean']:.2f} ± {report['inception_score']['std']:.2f}")
+    if "kid_detail" in report:
+        kid = report["kid_detail"]
+        parts.append(f"KID {kid['mean']:.4g} ± {kid['std']:.2g} (subsets of {kid['subset_size']})")
+    if "precision_recall" in report:
+        parts.append(f"precision {report['precision']:.3f}, recall {report['recall']:.3f}")
+    reasons = report["not_comparable_because"]
+    flag = f" (NOT comparable: {'; '.join(reasons)})" if reasons else ""
+    return f"{', '.join(parts)} on {report['n_samples']} samples vs {report['reference']}{flag}"

@@ -28,7 +28,7 @@ class OlderCheckpoint(UserError):
 
 
 # The parts of a checkpoint that hold weights: never written, nor read back, with a NaN or an infinity.
-WEIGHTS = ("model", "ema")
+WEIGHTS = ("model", "ema", "best_ema")
 
 
 def non_finite(weights: dict[str, Any]) -> str | None:
@@ -58,7 +58,7 @@ def _recovery(path: Path) -> str:
     finished; a plain checkout refuses to overwrite a changed file, hence --force. tests/test_damaged_files.py
     runs each command in a DVC project."""
     restore = f"restore the copy DVC last recorded with `dvc checkout --force {path}`"
-    if path.name == "ema.pt":
+    if path.name in ("ema.pt", "ema_best.pt"):
         again = "rerun `dvc repro`, which rewrites it from the training checkpoint"
         # Non-persistent in dvc.yaml: repro reruns train, which rewrites a missing ema.pt from the
         # finished checkpoint without training again.
@@ -123,6 +123,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", weights: st
     its ``weights`` ("ema", or "model" for the raw weights of a training checkpoint)."""
     ckpt = load(path)
     model_cfg, diffusion_cfg = configs(ckpt, path)
+    if isinstance(ckpt.get("no_weights"), str):  # models/ema_best.pt of a run that kept no best weights
+        raise UserError(f"{path} holds no weights: {ckpt['no_weights']}; set sample.weights to final, or "
+                        "train.best_metric to kid or fid with train.fid_every above 0, and rerun `dvc repro`")
     if weights not in ckpt:
         raise UserError(f"{path} has no {weights!r} weights (it has: {', '.join(sorted(ckpt))})")
     model = build_model(model_cfg)

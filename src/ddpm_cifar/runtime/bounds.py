@@ -122,6 +122,13 @@ BOUNDS: dict[str, Bound] = {
                                                "features take 16 KB; CIFAR-10's sets hold 50,000 and "
                                                "10,000)", text="0 (all) or at least 2"),
     "fid.batch_size": _BATCH,
+    # float32 pool3 features, 8 KB per image, kept in data/fid_ref.npz: 82 MB at the default 10,000
+    "fid.reference_features": Bound(0, 1_000_000, "images (each reference image's 2,048 float32 Inception "
+                                                  "features take 8 KB in data/fid_ref.npz; CIFAR-10's sets "
+                                                  "hold 50,000 and 10,000)"),
+    "frontier.n": Bound(4, 1_000_000, "images per sampler setting (each held as 3 KB of uint8 and 24 KB "
+                                      "of Inception features; FID protocols use 10,000-50,000)"),
+    "frontier.batch_size": _BATCH,
     "distributed.nnodes": Bound(1, BATCH_MAX, "machines (every process takes an equal share, at least one "
                                               "image, of train.batch_size, at most 65,536)"),
     "distributed.nproc_per_node": Bound(1, 256, "processes per machine (one per GPU, and the largest "

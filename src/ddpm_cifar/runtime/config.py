@@ -22,6 +22,8 @@ VARIANCE_NAMES = ("posterior", "beta")  # DDPM's sigma^2: beta tilde or beta
 USES_ETA = ("ddim",)  # the samplers that read eta; the others ignore it
 USES_VARIANCE = ("ddpm",)  # the samplers that read variance
 MODEL_ARCHS = ("unet", "ddpm")
+BEST_METRICS = ("kid", "fid")  # what train.best_metric may name (null: keep no best weights)
+WEIGHTS = ("final", "best")  # the EMA weights sample and frontier read: models/ema.pt or models/ema_best.pt
 
 
 @dataclass(frozen=True)
@@ -161,17 +163,23 @@ class TrainConfig:
     ema_power: float | None
     # Linear learning-rate warm-up over this many steps (ddpm_cifar.training.loop.learning_rate); 0 = none.
     warmup_steps: int
+    # The training-time score whose best EMA weights go to models/ema_best.pt: kid or fid; null keeps
+    # none (the file then holds no weights and says why).
+    best_metric: str | None
 
     def __post_init__(self) -> None:
         # fid_samples, fid_sampler and fid_batch_size are checked with the FID off too: the W&B
         # sample grid uses the same sampler, and a value that is wrong now fails when it is turned on.
         check_fields("train", self)
+        if self.best_metric is not None:
+            _check_choice("train.best_metric", self.best_metric, BEST_METRICS)
 
 
 @dataclass(frozen=True)
 class SampleConfig:
     n: int
     sampler: SamplerConfig
+    weights: str  # final (models/ema.pt) or best (models/ema_best.pt, train.best_metric's best)
     compile: bool  # torch.compile the network (CUDA only; see benchmarks/)
     batch_size: int
     seed: int  # image i uses seed + i, whatever the batch size
@@ -181,6 +189,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_fields("sample", self)
+        _check_choice("sample.weights", self.weights, WEIGHTS)
         if not 1 <= len(self.strip_seeds) <= 64:  # a row of the strip's figure each
             raise ConfigError(f"sample.strip_seeds must list 1 to 64 seeds, got {len(self.strip_seeds)}")
         if self.grid_images > self.n:  # the grid shows the first grid_images samples: no more exist
@@ -196,12 +205,68 @@ class FidConfig:
     inception_weights: str
     reference: str  # train | test | path to a .npz with mu and sigma
     reference_count: int  # use the first N reference images; 0 = all
+    # Pool3 features of the first N reference images kept beside the statistics, for KID and
+    # precision/recall (float32: 8 KB per image); 0 keeps none and those metrics are not measured.
+    reference_features: int
     batch_size: int
 
     def __post_init__(self) -> None:
         check_fields("fid", self)
         if self.reference_count == 1:  # a covariance needs two images
             raise ConfigError("fid.reference_count must be 0 (all) or at least 2, got 1")
+
+
+@dataclass(frozen=True)
+class FrontierCurve:
+    """One sampler of the frontier at several step counts: a sampler block whose ``steps`` is a list.
+    The keys after ``steps`` may be left out (the defaults below)."""
+
+    OPTIONAL = ("spacing", "eta", "variance", "clip_x0")
+
+    name: str
+    steps: tuple[int, ...]
+    spacing: str = "quadratic"
+    eta: float = 0.0
+    variance: str = "posterior"
+    clip_x0: bool = True
+    where: InitVar[str] = "frontier.curves"
+
+    def __post_init__(self, where: str) -> None:
+        object.__setattr__(self, "_where", where)  # not a field: equal curves compare equal wherever listed
+        if not self.steps:
+            raise ConfigError(f"{where}.steps must list at least one step count")
+        if len(set(self.steps)) != len(self.steps):
+            raise ConfigError(f"{where}.steps lists a step count twice: {list(self.steps)}")
+        object.__setattr__(self, "eta", float(self.eta))
+        self.samplers()  # each step count as a sampler block: its checks, its messages naming this entry
+
+    def samplers(self) -> list[SamplerConfig]:
+        """The sampler block of each step count, in the order listed."""
+        where = self.__dict__["_where"]
+        return [SamplerConfig(self.name, steps, self.spacing, self.eta, self.variance, self.clip_x0,
+                              where=where) for steps in self.steps]
+
+
+@dataclass(frozen=True)
+class FrontierConfig:
+    """Quality against sampler steps: each curve's sampler at each step count, on the first n of the
+    sample stage's seeds, scored like the samples (FID, KID) and timed."""
+
+    enabled: bool
+    n: int
+    batch_size: int
+    curves: tuple[FrontierCurve, ...]
+
+    def __post_init__(self) -> None:
+        check_fields("frontier", self)
+        if not self.curves:
+            raise ConfigError("frontier.curves must list at least one sampler")
+        keys = [s.key() for c in self.curves for s in c.samplers()]
+        if len(set(keys)) != len(keys):
+            raise ConfigError("frontier.curves lists the same sampler settings twice")
+
+    def samplers(self) -> list[SamplerConfig]:
+        return [s for c in self.curves for s in c.samplers()]
 
 
 @dataclass(frozen=True)
@@ -263,6 +328,7 @@ SECTIONS: dict[str, type] = {
     "fid": FidConfig,
     "wandb": WandbConfig,
     "pretrained": PretrainedConfig,
+    "frontier": FrontierConfig,
     "distributed": DistributedConfig,
 }
 
@@ -294,4 +360,6 @@ def plain(v: Any) -> Any:
         return to_dict(v)
     if isinstance(v, tuple | list):
         return [plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
     return v

@@ -19,10 +19,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .config import SECTIONS, SamplerConfig, plain, to_dict
+from .bounds import SEED_MAX
+from .config import SECTIONS, FrontierCurve, SamplerConfig, plain, to_dict
 from .errors import ConfigError
 
 T = TypeVar("T")
+# Blocks nested inside a section, built with ``where`` = their key so that messages name it.
+_BLOCKS = (SamplerConfig, FrontierCurve)
 
 
 class _Loader(yaml.SafeLoader):
@@ -57,7 +60,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
-    if tp is SamplerConfig:  # a nested block, named by its key in every message
+    if tp in _BLOCKS:  # a nested block, named by its key in every message
         return parse_section(key, value, tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -106,7 +109,7 @@ def _type_name(tp: Any) -> str:
         return "null"
     if typing.get_origin(tp) is tuple:
         return "a list"
-    if tp is SamplerConfig:
+    if tp in _BLOCKS:
         return "a mapping"
     return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[tp]
 
@@ -122,11 +125,12 @@ def parse_section(name: str, raw: Any, cls: type[T]) -> T:
     unknown = [k for k in raw if k not in fields]
     if unknown:
         raise ConfigError(f"unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
-    missing = [k for k in fields if k not in raw]
+    optional = getattr(cls, "OPTIONAL", ())  # keys with a default that may be left out
+    missing = [k for k in fields if k not in raw and k not in optional]
     if missing:
         raise ConfigError(f"missing key {name}.{missing[0]}")
-    values = {k: _coerce(f"{name}.{k}", raw[k], hints[k]) for k in fields}
-    if cls is SamplerConfig:
+    values = {k: _coerce(f"{name}.{k}", raw[k], hints[k]) for k in fields if k in raw}
+    if cls in _BLOCKS:
         return cls(**values, where=name)
     return cls(**values)
 
@@ -185,6 +189,16 @@ def check_file(raw: Mapping[str, Any]) -> dict[str, Any]:
     for section, block in (("sample", "sampler"), ("train", "fid_sampler")):
         if diffusion is not None and section in parsed:
             getattr(parsed[section], block).check_steps(diffusion.timesteps, f"{section}.{block}")
+    if diffusion is not None and "frontier" in parsed:
+        for i, curve in enumerate(parsed["frontier"].curves):
+            for sampler in curve.samplers():
+                sampler.check_steps(diffusion.timesteps, f"frontier.curves[{i}]")
+    if "frontier" in parsed and "sample" in parsed:  # the frontier's seeds are the sample stage's first n
+        sample = parsed["sample"]
+        if sample.seed + parsed["frontier"].n - 1 > SEED_MAX:
+            n = parsed["frontier"].n
+            raise ConfigError(f"sample.seed {sample.seed} is too large for frontier.n {n}: "
+                              "the frontier's image i uses sample.seed + i, below 2^63")
     return parsed
 
 

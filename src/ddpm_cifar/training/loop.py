@@ -37,9 +37,22 @@ from .runlog import RunLogger
 from .state import CheckpointMeta, TrainOutputs, TrainState, diverged, fingerprint, resume, save
 from .tracking import Tracker
 
-# The training-time FID, as the caller hands it in (ddpm_cifar.evaluation.scoring.training_fid):
-# (EMA model, diffusion) -> FID, called on every rank.
-FidFn = Callable[[torch.nn.Module, GaussianDiffusion], float]
+# The training-time evaluation as the caller hands it in (ddpm_cifar.evaluation.scoring.training_evaluation):
+# (EMA model, diffusion) -> {"fid": ..., "kid": ..., "kid_std": ...}, called on every rank, which all get
+# the same values.
+ScoreFn = Callable[[torch.nn.Module, GaussianDiffusion], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TrainingEval:
+    """What scores the EMA weights during training: ``fn``; the ``columns`` it returns, in the FID log's
+    order ("fid" first); ``id``, what the values depend on besides the weights (when it changed since the
+    checkpoint, the curve logged so far is dropped); ``n``, the images it samples."""
+
+    fn: ScoreFn
+    columns: tuple[str, ...] = ("fid",)
+    id: str = ""
+    n: int = 0
 
 
 @dataclass
@@ -54,6 +67,8 @@ class TrainResult:
     world_history: list[list[int]]  # [first step, last step, processes] for every stretch of training
     ema: torch.nn.Module  # this rank's EMA weights
     fids: list[tuple[int, float]] = field(default_factory=list)
+    kids: list[tuple[int, float]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # metric, step and score of the best weights kept
 
     def metrics(self) -> dict[str, Any]:
         """The numbers that can differ between experiments (DVC metrics); ``fid`` only when measured."""
@@ -62,13 +77,18 @@ class TrainResult:
                                "parameters": self.parameters}
         if self.fids:
             out["fid"] = self.fids[-1][1]
+        if self.kids:
+            out["kid"] = self.kids[-1][1]
+        if self.best:
+            out["best_step"] = self.best["step"]
         return out
 
     def report(self) -> dict[str, Any]:
         """How the run went: provenance beside the metrics."""
         return {"resumed_from_step": self.resumed_from, "precision": self.precision,
                 "world_size": self.world_size, "world_history": self.world_history,
-                "last_fid": self.fids[-1][1] if self.fids else None}
+                "last_fid": self.fids[-1][1] if self.fids else None,
+                "last_kid": self.kids[-1][1] if self.kids else None, "best_weights": self.best}
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -125,7 +145,7 @@ def train_step(state: TrainState, net: torch.nn.Module, data: BatchSource, diffu
 
 
 def _check_inputs(images: np.ndarray, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig,
-                  cfg: TrainConfig, fid_fn: FidFn | None, world: int) -> None:
+                  cfg: TrainConfig, world: int) -> None:
     expected = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
     if images.ndim != 4 or images.shape[1:] != expected:
         raise UserError(f"the data are {images.shape[1:]} images but the model expects {expected} "
@@ -157,22 +177,26 @@ def _data_parallel(model: torch.nn.Module, device: torch.device, world: int) -> 
 
 def train(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig, *, images: np.ndarray,
           data_id: str, outputs: TrainOutputs, device: torch.device, tracker: Tracker | None = None,
-          fid_fn: FidFn | None = None, fid_id: str = "", log: Callable[[str], None] = print) -> TrainResult:
+          evaluation: TrainingEval | None = None, log: Callable[[str], None] = print) -> TrainResult:
     """Train, resuming from ``outputs.checkpoint`` when it was made by the same configuration.
 
-    ``fid_id`` names what the training-time FID is measured against; when it changed since the
-    checkpoint, the old FID curve is dropped. In a process group every rank calls this with the
-    same arguments; ``tracker`` (started here, continuing the checkpoint's W&B run; the caller
-    finishes it) and ``log`` are used on rank 0 only.
+    ``evaluation`` scores the EMA weights every ``cfg.fid_every`` steps (its curve restarts when its
+    ``id`` changed since the checkpoint), and ``cfg.best_metric`` picks the best of them for
+    ``outputs.ema_best``. In a process group every rank calls this with the same arguments;
+    ``tracker`` (started here, continuing the checkpoint's W&B run; the caller finishes it) and
+    ``log`` are used on rank 0 only.
     """
+    fid_id = evaluation.id if evaluation else ""
     rank, world = rank_and_world()
-    _check_inputs(images, model_cfg, diffusion_cfg, cfg, fid_fn, world)
+    _check_inputs(images, model_cfg, diffusion_cfg, cfg, world)
     diffusion = GaussianDiffusion(diffusion_cfg).to(device)
     fp = fingerprint(model_cfg, diffusion_cfg, cfg, data_id, device)
     meta = CheckpointMeta(checkpoint.model_payload(model_cfg, diffusion_cfg), fp, to_dict(cfg), fid_id)
     state = TrainState.create(model_cfg, cfg, device, rank)
     data = BatchSource(images, cfg.seed, device)
-    logger = RunLogger(outputs.loss_log, outputs.fid_log, tracker or Tracker(), main=rank == 0, log=log)
+    columns = evaluation.columns if evaluation else ("fid",)
+    logger = RunLogger(outputs.loss_log, outputs.fid_log, tracker or Tracker(), main=rank == 0, log=log,
+                       columns=columns)
     found = resume(state, outputs.checkpoint, fp=fp, fid_id=fid_id, cfg=cfg, log=logger.message)
     if state.step >= cfg.steps and state.step > 0:
         logger.message(f"checkpoint is already at step {state.step} = train.steps: nothing to train")
@@ -189,17 +213,17 @@ def train(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConf
             logger.step(state.step, loss, lr)
             # FID before the checkpoint: a checkpoint at step k promises that step k's FID row is
             # written, so an interruption during the FID cannot leave a gap in the curve.
-            if fid_fn is not None and cfg.fid_every and (state.step % cfg.fid_every == 0
-                                                         or state.step == cfg.steps):
-                logger.fid(state.step, fid_fn(state.ema.model, diffusion), cfg.fid_samples)
+            if evaluation is not None and cfg.fid_every and (state.step % cfg.fid_every == 0
+                                                             or state.step == cfg.steps):
+                _evaluate(state, evaluation, diffusion, logger, cfg)
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
                 save(state, outputs, meta, logger)
             if cfg.sample_grid_every and state.step % cfg.sample_grid_every == 0 and logger.wants_images():
                 logger.images("samples", _sample_grid(state, diffusion, model_cfg, cfg), state.step)
         if state.resumed_from == state.step:
-            if fid_fn is not None and cfg.fid_every and not broadcast_from_main(bool(logger.fids)):
+            if evaluation is not None and cfg.fid_every and not broadcast_from_main(bool(logger.evals)):
                 # the curve was dropped for a new reference: measure the final weights
-                logger.fid(state.step, fid_fn(state.ema.model, diffusion), cfg.fid_samples)
+                _evaluate(state, evaluation, diffusion, logger, cfg)
             save(state, outputs, meta, logger)  # nothing to train: rewrite ema.pt, which DVC removed
     finally:
         logger.close()
@@ -208,5 +232,14 @@ def train(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConf
         step=state.step, resumed_from=state.resumed_from, final_loss=logger.final_loss,
         images_per_second=images_seen / elapsed if images_seen else 0.0, precision=state.precision,
         parameters=count_parameters(state.model), world_size=world,
-        world_history=state.world_history(world), ema=state.ema.model, fids=logger.fids,
+        world_history=state.world_history(world), ema=state.ema.model, fids=logger.series("fid"),
+        kids=logger.series("kid"), best=state.best.describe() if state.best else None,
     )
+
+
+def _evaluate(state: TrainState, evaluation: TrainingEval, diffusion: GaussianDiffusion, logger: RunLogger,
+              cfg: TrainConfig) -> None:
+    """Score the EMA weights at this step: the log row, then the best weights when they improved."""
+    scores = evaluation.fn(state.ema.model, diffusion)
+    logger.evaluation(state.step, scores, evaluation.n or cfg.fid_samples)
+    state.consider(cfg.best_metric, scores)

@@ -61,11 +61,13 @@ class RunLogger:
     """The training run's logs, bar, W&B run and messages; a no-op unless ``main``."""
 
     def __init__(self, loss_log: Path, fid_log: Path, tracker: Tracker, *, main: bool,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, columns: tuple[str, ...] = ("fid",)):
         self.loss_path, self.fid_path, self.main = loss_log, fid_log, main
+        self.columns = columns  # of the training-time evaluation's log, after "step"
         self.tracker = tracker if main else Tracker()
         self._log = log if main else (lambda _: None)
-        self.fids: list[tuple[int, float]] = []  # (step, FID) of the curve so far, resumed rows included
+        # (step, {column: value}) of the evaluations so far, resumed rows included
+        self.evals: list[tuple[int, dict[str, float]]] = []
         self.recent: list[float] = []  # the last RUNNING_LOSS_STEPS losses, across a resume
         self._loss: TsvLog | None = None
         self._fid: TsvLog | None = None
@@ -79,11 +81,12 @@ class RunLogger:
             return
         fid_keep = step if step and keep_fids else None
         if fid_keep:
-            self.fids = [(int(r[0]), float(r[1])) for r in read_log(self.fid_path, fid_keep)]
+            self.evals = [(int(r[0]), dict(zip(self.columns, map(float, r[1:]), strict=True)))
+                          for r in read_log(self.fid_path, fid_keep)]
         if step:
             self.recent = [float(r[1]) for r in read_log(self.loss_path, step)][-RUNNING_LOSS_STEPS:]
         self._loss = TsvLog(self.loss_path, ["step", "loss", "lr"], step if step else None)
-        self._fid = TsvLog(self.fid_path, ["step", "fid"], fid_keep)
+        self._fid = TsvLog(self.fid_path, ["step", *self.columns], fid_keep)
         self._bar = tqdm(total=total, initial=min(step, total), desc="train", unit="step")
 
     @property
@@ -103,15 +106,21 @@ class RunLogger:
         self._bar.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.4f}")
         self.tracker.log({"loss": loss, "lr": lr}, step)
 
-    def fid(self, step: int, value: float, n_samples: int) -> None:
-        """A training-time FID: its log row is on disk when this returns."""
-        self.fids.append((step, value))
+    def evaluation(self, step: int, scores: dict[str, float], n_samples: int) -> None:
+        """A training-time evaluation (``scores`` holds every column): its log row is on disk when this
+        returns."""
+        self.evals.append((step, {c: scores[c] for c in self.columns}))
         if self._fid is None:
             return
-        self._fid.write(step, f"{value:.4f}")
+        self._fid.write(step, *(f"{scores[c]:.6g}" for c in self.columns))
         self._fid.flush()
-        self.tracker.log({"fid": value}, step)
-        self._log(f"step {step}: FID {value:.2f} ({n_samples} samples, EMA weights)")
+        self.tracker.log({c: scores[c] for c in self.columns}, step)
+        kid = f", KID {scores['kid']:.4g} ± {scores['kid_std']:.2g}" if "kid" in scores else ""
+        self._log(f"step {step}: FID {scores['fid']:.2f}{kid} ({n_samples} samples, EMA weights)")
+
+    def series(self, column: str) -> list[tuple[int, float]]:
+        """(step, value) of one column of the evaluations so far."""
+        return [(step, values[column]) for step, values in self.evals if column in values]
 
     def wants_images(self) -> bool:
         return self.main and self.tracker.mode != "disabled"

@@ -30,7 +30,7 @@ from .runlog import RunLogger
 # (raising ``steps`` continues a finished run).
 NON_TRAJECTORY_KEYS = (
     "steps", "checkpoint_every", "fid_every", "fid_samples", "fid_sampler", "fid_batch_size",
-    "sample_grid_every",
+    "sample_grid_every", "best_metric",
 )
 
 # Bump when a code change alters what a checkpoint means (network layout, loss, data order), so
@@ -43,7 +43,21 @@ class TrainOutputs:
     checkpoint: Path  # full state, for resume
     ema: Path  # EMA weights and configs, for sampling
     loss_log: Path  # TSV: step, loss, lr
-    fid_log: Path  # TSV: step, fid
+    fid_log: Path  # TSV: step, fid (and kid, kid_std when the reference holds features)
+    ema_best: Path | None = None  # the EMA weights of the best training-time score (None: not written)
+
+
+@dataclass
+class Best:
+    """The EMA weights at the training-time evaluation with the lowest ``metric`` so far."""
+
+    metric: str  # kid or fid (train.best_metric)
+    step: int
+    score: float
+    ema: dict[str, torch.Tensor]  # a copy of the EMA state dict at ``step``
+
+    def describe(self) -> dict[str, Any]:
+        return {"metric": self.metric, "step": self.step, "score": self.score}
 
 
 def fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig,
@@ -78,6 +92,8 @@ class TrainState:
     step: int = 0
     resumed_from: int = 0
     saved: int = 0  # the step of this run's last checkpoint, written or resumed from (0: none yet)
+    best: Best | None = None  # train.best_metric's best EMA weights so far (in the checkpoint too)
+    best_unwritten: bool = True  # outputs.ema_best is behind ``best`` (DVC removes it before a run)
     # [first step, last step, processes] of each earlier stretch of training (from the checkpoint)
     history: list[list[int]] = field(default_factory=list)
 
@@ -109,11 +125,23 @@ class TrainState:
             return [*history[:-1], [history[-1][0], self.step, world]]
         return [*history, [start, self.step, world]]
 
+    def consider(self, metric: str | None, scores: dict[str, float]) -> None:
+        """Keep the EMA weights when ``scores`` (this step's training-time evaluation) beat the best so
+        far on ``metric`` (lower is better; a tie keeps the earlier step)."""
+        if metric is None or metric not in scores:
+            return
+        if self.best is None or scores[metric] < self.best.score:
+            weights = {k: v.detach().clone() for k, v in self.ema.model.state_dict().items()}
+            self.best = Best(metric, self.step, scores[metric], weights)
+            self.best_unwritten = True
+
     def state_dict(self, rng: dict[str, Any], world: int) -> dict[str, Any]:
-        """The checkpoint's training part; ``rng`` holds every rank's generator states."""
+        """The checkpoint's training part; ``rng`` holds every rank's generator states. The best weights
+        are in it, so that a resumed run keeps the best of the steps before its checkpoint."""
+        best = {"best": self.best.describe(), "best_ema": self.best.ema} if self.best else {"best": None}
         return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
-                "world_history": self.world_history(world)}
+                "world_history": self.world_history(world), **best}
 
     def load_state_dict(self, ckpt: dict[str, Any], *, rank: int, world: int, seed: int) -> int:
         """Continue from ``ckpt`` as rank ``rank`` of ``world``; returns how many processes saved it."""
@@ -131,6 +159,8 @@ class TrainState:
         else:  # the dropout streams of other ranks: reseeded, reproducibly
             torch.manual_seed(seed + 1_000_003 * rank + self.step)
         self.history = [list(h) for h in ckpt["world_history"]]
+        if (best := ckpt.get("best")) is not None:
+            self.best = Best(best["metric"], best["step"], best["score"], ckpt["best_ema"])
         return saved_world
 
 
@@ -196,6 +226,10 @@ def resume(state: TrainState, path: Path, *, fp: str, fid_id: str, cfg: TrainCon
             "data order and noise continue exactly, dropout masks are reseeded")
     if not found.keep_fids:
         log("the FID reference or Inception weights changed: the training FID curve starts over")
+    if state.best is not None and (not found.keep_fids or state.best.metric != cfg.best_metric):
+        log(f"the best weights so far (step {state.best.step}, {state.best.metric} {state.best.score:.4g}) "
+            "were chosen by another measure: the best weights start over")
+        state.best = None
     return found
 
 
@@ -252,4 +286,21 @@ def save(state: TrainState, outputs: TrainOutputs, meta: CheckpointMeta, logger:
         "train_config": meta.train_config, "fid_id": meta.fid_id, "world_size": world, **wandb,
     })
     checkpoint.save(outputs.ema, {**meta.payload, "step": state.step, "ema": state.ema.state_dict()})
+    if outputs.ema_best is not None and state.best_unwritten:
+        _save_best(state, outputs.ema_best, meta)
     state.saved = state.step
+
+
+def _save_best(state: TrainState, path: Path, meta: CheckpointMeta) -> None:
+    """The best EMA weights so far, or a file that says why there are none (DVC expects the output)."""
+    if state.best is not None:
+        best = state.best
+        checkpoint.save(path, {**meta.payload, "step": best.step, "ema": best.ema, "best": best.describe()})
+    else:
+        metric = meta.train_config.get("best_metric")
+        every = meta.train_config["fid_every"]
+        why = ("train.best_metric is null" if metric is None else
+               f"no training-time {metric} was measured yet (train.fid_every {every})")
+        checkpoint.save(path, {**meta.payload, "step": state.step, "best": None,
+                               "no_weights": f"{why}, so training kept no best weights"})
+    state.best_unwritten = False
