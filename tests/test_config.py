@@ -60,7 +60,8 @@ BASE: dict[str, dict[str, Any]] = {
     "frontier": {"enabled": False, "n": 1000, "batch_size": 250,
                  "curves": [{"name": "ddim", "steps": [10, 20], "spacing": "quadratic", "eta": 0.0,
                              "variance": "posterior", "clip_x0": True},
-                            {"name": "ddpm", "steps": [100], "spacing": "uniform", "eta": 0.0, "variance": "beta",
+                            {"name": "ddpm", "steps": [100], "spacing": "uniform", "eta": 0.0,
+                             "variance": "beta",
                              "clip_x0": True}]},
     "distributed": {"nnodes": 1, "nproc_per_node": 2, "rdzv_endpoint": "localhost:0"},
 }

@@ -35,6 +35,7 @@ from factories import one_thread, random_images, tiny_diffusion, tiny_model, tin
 from ddpm_cifar.data.splits import load_meta
 from ddpm_cifar.diffusion import generate
 from ddpm_cifar.evaluation import fid, inception, plots, reports
+from ddpm_cifar.evaluation.scoring import Scores
 from ddpm_cifar.models import checkpoint
 from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.errors import UserError
@@ -154,7 +155,7 @@ def test_missing_samples_say_which_stage_writes_them(tmp_path: Path) -> None:
 
 def _report(name: str | None = None) -> dict[str, Any]:
     info = inception.InceptionInfo("inception.pth", "0" * 64, official=False)
-    out = reports.fid_report(12.5, n_samples=4, sample_cfg={"sampler": {"name": "ddpm"}}, ref_meta={},
+    out = reports.fid_report(Scores(n=4, fid=12.5), sample_cfg={"sampler": {"name": "ddpm"}}, ref_meta={},
                              info=info)
     return {**out, "name": name, "enabled": True} if name else out
 
@@ -325,7 +326,7 @@ elif name == "sample":
 elif name in ("evaluate", "pretrained"):
     from ddpm_cifar.evaluation import reports
     from ddpm_cifar.evaluation.inception import InceptionInfo
-    report = reports.fid_report(12.5, n_samples=4, sample_cfg={"n": 4}, ref_meta={},
+    report = reports.fid_report(Scores(n=4, fid=12.5), sample_cfg={"n": 4}, ref_meta={},
                                 info=InceptionInfo("x", "0" * 64, False))
     if name == "pretrained":
         report = {"name": reports.PRETRAINED, "enabled": False}
@@ -455,7 +456,7 @@ def test_the_official_inception_hint_replaces_a_damaged_file(
     [(removal, command)] = _hints(str(info.value))
     assert removal is None and command == f"python scripts/get_inception.py {path}"
     good = e2e_random_inception.read_bytes()
-    monkeypatch.setattr(fid, "OFFICIAL_INCEPTION_SHA256_PREFIX", file_digest(e2e_random_inception)[:8])
+    monkeypatch.setattr(inception, "OFFICIAL_INCEPTION_SHA256_PREFIX", file_digest(e2e_random_inception)[:8])
     monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: _Download(good))
     monkeypatch.setattr(sys, "argv", shlex.split(command)[1:])
     runpy.run_path(str(ROOT / "scripts" / "get_inception.py"), run_name="__main__")

@@ -85,7 +85,8 @@ def _sample_params(tmp_path: Path) -> Path:
     params = {
         "sample": {"n": 7, "sampler": {"name": "ddim", "steps": 3, "spacing": "uniform", "eta": 0.0,
                                        "variance": "posterior", "clip_x0": True},
-                   "weights": "final", "compile": False, "batch_size": 2, "seed": 0, "grid_images": 4, "strip_seeds": [0],
+                   "weights": "final",
+                   "compile": False, "batch_size": 2, "seed": 0, "grid_images": 4, "strip_seeds": [0],
                    "strip_frames": 3},
         "distributed": {"nnodes": 1, "nproc_per_node": 2, "rdzv_endpoint": "localhost:0"},
     }

@@ -59,13 +59,14 @@ def _linear_plots() -> list[dict]:
     return data
 
 
-def _write_tsv(path: Path, x: str, y: str, n: int = 12) -> None:
+def _write_tsv(path: Path, x: str, ys: list[str], n: int = 12) -> None:
+    """A data file with column ``x`` and every field in ``ys`` (several charts may read one file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":  # a bar chart: y names the bars, x is the FID
-        path.write_text(f"{y},{x}\nBigGAN (quoted),14.73\nours,48.2\nCTM (quoted),1.73\n")
+        path.write_text(f"{ys[0]},{x}\nBigGAN (quoted),14.73\nours,48.2\nCTM (quoted),1.73\n")
         return
-    rows = [f"{x}\t{y}"] + [f"{500 * (i + 1)}\t{2.0 * math.exp(-i / 4) + 0.05 * (i % 3):.4f}"
-                            for i in range(n)]
+    value = [f"{2.0 * math.exp(-i / 4) + 0.05 * (i % 3):.4f}" for i in range(n)]
+    rows = ["\t".join([x, *ys])] + ["\t".join([str(500 * (i + 1)), *[value[i]] * len(ys)]) for i in range(n)]
     path.write_text("\n".join(rows) + "\n")
 
 
@@ -108,10 +109,13 @@ def plots_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, repo / rel)
     linear = _linear_plots()
+    fields: dict[str, tuple[str, list[str]]] = {}
     for plot in linear:
         props = next(iter(plot.values()))
         for path, field in props["y"].items():
-            _write_tsv(repo / path, props["x"], field)
+            fields.setdefault(path, (props["x"], []))[1].append(field)
+    for path, (x, ys) in fields.items():
+        _write_tsv(repo / path, x, ys)
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": linear}, sort_keys=False))
     _run([sys.executable, "-m", "dvc", "plots", "show", "-o", "out"], repo)
     return repo / "out" / "index.html"

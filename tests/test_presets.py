@@ -49,6 +49,8 @@ PAPER_VALUES: dict[tuple[str, ...], Any] = {
     ("train", "grad_accum"): 1,
     ("train", "lr"): 2e-4,                       # App. B; lr=2e-4
     ("train", "warmup_steps"): 5000,             # run_cifar.py warmup=5000
+    ("train", "best_metric"): "fid",             # App. B "the minimum FID value over the course of training"
+    ("sample", "weights"): "best",               # ... and those weights are what the paper scores
     ("train", "adam_betas"): [0.9, 0.999],       # App. B "standard values"; TF AdamOptimizer defaults
     ("train", "max_grad_norm"): 1.0,             # grad_clip=1.
     ("train", "ema_decay"): 0.9999,              # App. B; run_training(ema_decay=0.9999)

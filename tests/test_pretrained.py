@@ -55,9 +55,11 @@ def _run(root: Path, *, enabled: bool, folder: str) -> subprocess.CompletedProce
         "pretrained": {"enabled": enabled, "folder": folder},
         "sample": {"n": 6, "sampler": {"name": "ddim", "steps": 3, "spacing": "uniform", "eta": 0.0,
                                        "variance": "posterior", "clip_x0": True},
-                   "weights": "final", "compile": False, "batch_size": 4, "seed": 0, "grid_images": 4, "strip_seeds": [0],
+                   "weights": "final",
+                   "compile": False, "batch_size": 4, "seed": 0, "grid_images": 4, "strip_seeds": [0],
                    "strip_frames": 3},
-        "fid": {"inception_weights": str(root / "inception.pth"), "reference": "train", "reference_count": 0, "reference_features": 100,
+        "fid": {"inception_weights": str(root / "inception.pth"), "reference": "train", "reference_count": 0,
+                "reference_features": 100,
                 "batch_size": 6},
         "distributed": {"nnodes": 1, "nproc_per_node": 1, "rdzv_endpoint": "localhost:0"},
     }

@@ -73,7 +73,8 @@ def test_a_changed_fid_reference_drops_the_curve_on_resume(tmp_path: Path) -> No
     second = _logger(tmp_path, Recorder())
     second.start(1, 2, keep_fids=False, wandb_run_id=None)
     second.close()
-    assert _steps(tmp_path / "fid.tsv") == [] and second.series("fid") == [] and _steps(tmp_path / "loss.tsv") == [1]
+    assert _steps(tmp_path / "fid.tsv") == [] and second.series("fid") == []
+    assert _steps(tmp_path / "loss.tsv") == [1]
 
 
 def test_other_ranks_write_nothing_and_start_no_run(tmp_path: Path) -> None:
@@ -85,4 +86,5 @@ def test_other_ranks_write_nothing_and_start_no_run(tmp_path: Path) -> None:
     logger.close()
     assert not (tmp_path / "loss.tsv").exists() and not (tmp_path / "fid.tsv").exists()
     assert tracker.started == [] and tracker.logged == []
-    assert logger.series("fid") == [(1, 5.0)]  # every rank knows the curve has a point (the final-FID decision)
+    # every rank knows the curve has a point (the final-FID decision)
+    assert logger.series("fid") == [(1, 5.0)]

@@ -68,7 +68,8 @@ def _sample_params(path: Path, nproc: int) -> Path:
     params = {
         "sample": {"n": 7, "sampler": {"name": "ddim", "steps": 3, "spacing": "uniform", "eta": 0.0,
                                        "variance": "posterior", "clip_x0": True},
-                   "weights": "final", "compile": False, "batch_size": 2, "seed": 0, "grid_images": 4, "strip_seeds": [0],
+                   "weights": "final",
+                   "compile": False, "batch_size": 2, "seed": 0, "grid_images": 4, "strip_seeds": [0],
                    "strip_frames": 3},
         "distributed": {"nnodes": 1, "nproc_per_node": nproc, "rdzv_endpoint": "localhost:0"},
     }

@@ -18,8 +18,10 @@ from PIL import Image  # noqa: E402
 from ..runtime.fileio import atomic_path  # noqa: E402
 from ..runtime.loaders import TRAIN_LOG, load_tsv  # noqa: E402
 
-# The columns of the training logs (training/runlog.py writes them), by the value each holds.
-LOG_COLUMNS = {"loss": ("step", "loss", "lr"), "fid": ("step", "fid")}
+# The columns of the training logs (training/runlog.py writes them), by the value each holds: the
+# evaluation log holds KID too when the reference has features.
+LOG_COLUMNS = {"loss": ("step", "loss", "lr"), "fid": ("step", "fid"),
+               "kid": ("step", "fid", "kid", "kid_std")}
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -142,22 +144,48 @@ def save_training_curves(loss_log: str | Path, fid_log: str | Path, loss_png: st
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save_fig(fig, loss_png)
-    fid = load_training_log(fid_log, "fid")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(fid["step"], fid["fid"], marker="o", color="#1f77b4")
-    ax.set(xlabel="step", ylabel="FID", title="FID during training (EMA weights)")
-    if fid.empty:
+    _save_evaluation_curves(load_training_log(fid_log, "fid"), fid_png)
+
+
+def _save_evaluation_curves(log: pd.DataFrame, path: str | Path) -> None:
+    """FID of the EMA weights during training and, when measured, KID with its band of ± one std
+    over subsets beside it."""
+    has_kid = "kid" in log.columns
+    fig, axes = plt.subplots(1, 2 if has_kid else 1, figsize=(10 if has_kid else 6, 3.5), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(log["step"], log["fid"], marker="o", color="#1f77b4")
+    ax.set(xlabel="step", ylabel="FID (lower is better)", title="FID of this model during training (EMA)")
+    if log.empty:
         ax.text(0.5, 0.5, "no training-time FID (train.fid_every: 0)", ha="center", transform=ax.transAxes)
+    if has_kid:
+        ax = axes[0][1]
+        low, high = log["kid"] - log["kid_std"], log["kid"] + log["kid_std"]
+        ax.fill_between(log["step"], low, high, color="#ff7f0e", alpha=0.25, linewidth=0,
+                        label="± 1 std over subsets")
+        ax.plot(log["step"], log["kid"], marker="o", color="#ff7f0e", label="KID")
+        ax.set(xlabel="step", ylabel="KID (lower is better)", title="KID of this model during training (EMA)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_fig(fig, fid_png)
+    _save_fig(fig, path)
 
 
 def load_training_log(path: str | Path, value: str) -> pd.DataFrame:
-    """The training log of ``value`` ("loss" or "fid"), checked: a step and finite numbers per row."""
+    """The training log of ``value`` ("loss" or "fid", whose log may hold KID too), checked: a step and
+    finite numbers per row."""
     columns = LOG_COLUMNS[value]
+    if value == "fid" and _first_line(path) == "\t".join(LOG_COLUMNS["kid"]):  # the header says which layout
+        columns = LOG_COLUMNS["kid"]
     rows = load_tsv(path, TRAIN_LOG, columns=columns)
     frame = pd.DataFrame(rows, columns=list(columns)).astype(float)
     return frame.astype({"step": int})
+
+
+def _first_line(path: str | Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\n")
+    except OSError:  # load_tsv says what is wrong with the file
+        return None
 
 
 def _save_fig(fig: Any, path: str | Path) -> None:
