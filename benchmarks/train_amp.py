@@ -45,7 +45,7 @@ def main() -> None:
                           ema_start_step=100, ema_inv_gamma=1.0, ema_power=2 / 3, amp=amp, seed=0,
                           checkpoint_every=args.steps, fid_every=0,
                           fid_samples=0, fid_sampler=SamplerConfig("ddpm", 1), fid_batch_size=1,
-                          sample_grid_every=0, warmup_steps=0)
+                          sample_grid_every=0, warmup_steps=0, best_metric=None)
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             outputs = TrainOutputs(root / "checkpoint.pt", root / "ema.pt", root / "loss.tsv",

@@ -43,6 +43,7 @@ def cfg(steps: int) -> TrainConfig:
                        max_grad_norm=1.0, ema_decay=0.9, ema_update_every=1, ema_start_step=2, amp=True,
                        seed=0, checkpoint_every=10, fid_every=0, fid_samples=8,
                        fid_sampler=SamplerConfig("ddpm", 5), fid_batch_size=8, sample_grid_every=0,
+                       best_metric=None,
                        ema_inv_gamma=1.0, ema_power=None, warmup_steps=0)
 
 
