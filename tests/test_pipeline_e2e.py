@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from committed import committed_text
 from PIL import Image
@@ -289,8 +290,15 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     assert reasons and any("Inception" in r for r in reasons), reasons
     assert report["sampler"]["steps"] == 5 and report["sampler"]["name"] == "ddpm", report
     _assert_metrics_are_numbers(repo)
+    # Six samples: KID and precision/recall against the 12 reference images' stored features (KID on
+    # subsets of 3, half the samples), no Inception Score (it needs 10 splits).
     assert json.loads((repo / "metrics/fid.json").read_text()) == {
-        "fid": report["fid"], "n_samples": 6, "reference_n": 12, "comparable": False}
+        "fid": report["fid"], "kid": report["kid"], "precision": report["precision"],
+        "recall": report["recall"], "n_samples": 6, "reference_n": 12, "comparable": False}
+    kid = report["kid_detail"]
+    assert kid["subset_size"] == 3 and kid["std"] > 0 and "half the 6 samples" in kid["error_bar"], kid
+    assert report["precision_recall"]["n"] == 6 and "pool3" in report["precision_recall"]["features"]
+    assert report["weights"] == "final" and report["checkpoint_step"] == 4
     # A FID that is not comparable is never on the chart of published numbers.
     published = (repo / "plots/fid_published.csv").read_text()
     assert "BigGAN (quoted)" in published and "ours" not in published, published
@@ -298,7 +306,11 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
 
     fid_rows = _read_tsv(repo / "metrics/train_fid.tsv")
     assert [int(r["step"]) for r in fid_rows] == [2, 4], fid_rows
-    assert all(math.isfinite(float(r["fid"])) for r in fid_rows), fid_rows
+    assert all(math.isfinite(float(r[c])) for r in fid_rows for c in ("fid", "kid", "kid_std")), fid_rows
+    best = json.loads((repo / "reports/train.json").read_text())["best_weights"]
+    kids = {int(r["step"]): float(r["kid"]) for r in fid_rows}
+    assert best["metric"] == "kid" and best["step"] == min(kids, key=kids.get), (best, kids)
+    assert torch.load(repo / "models/ema_best.pt", weights_only=True)["step"] == best["step"]
     loss_rows = _read_tsv(repo / "metrics/train_loss.tsv")
     assert [int(r["step"]) for r in loss_rows] == [1, 2, 3, 4], loss_rows
     assert all(math.isfinite(float(r["loss"])) for r in loss_rows), loss_rows
@@ -321,8 +333,8 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     html_dir = tmp_path / "dvc_plots"  # outside the repo: the tree stays clean for exp run
     run.dvc("plots", "show", "-o", str(html_dir))
     html = (html_dir / "index.html").read_text()
-    for title in ("Training loss", "FID during training", "FID beside published numbers",
-                  "FID measured here"):
+    for title in ("Training loss", "FID of this model during training", "KID of this model during training",
+                  "FID beside published numbers", "FID measured here"):
         assert title in html, f"plot {title!r} missing from dvc plots show"
     _keep_artifacts(repo, html_dir, "repro")
 

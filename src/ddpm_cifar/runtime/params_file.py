@@ -189,11 +189,14 @@ def check_file(raw: Mapping[str, Any]) -> dict[str, Any]:
     for section, block in (("sample", "sampler"), ("train", "fid_sampler")):
         if diffusion is not None and section in parsed:
             getattr(parsed[section], block).check_steps(diffusion.timesteps, f"{section}.{block}")
-    if diffusion is not None and "frontier" in parsed:
+    # The frontier's step counts and seeds only while it is on: its default curves go to 1,000 steps,
+    # more than a toy diffusion has, and it runs nothing while off.
+    frontier_on = "frontier" in parsed and parsed["frontier"].enabled
+    if diffusion is not None and frontier_on:
         for i, curve in enumerate(parsed["frontier"].curves):
             for sampler in curve.samplers():
                 sampler.check_steps(diffusion.timesteps, f"frontier.curves[{i}]")
-    if "frontier" in parsed and "sample" in parsed:  # the frontier's seeds are the sample stage's first n
+    if frontier_on and "sample" in parsed:  # the frontier's seeds are the sample stage's first n
         sample = parsed["sample"]
         if sample.seed + parsed["frontier"].n - 1 > SEED_MAX:
             n = parsed["frontier"].n
