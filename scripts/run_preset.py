@@ -114,8 +114,18 @@ def set_args(changes: Flat) -> list[str]:
     unambiguous for DVC's parser."""
     out = []
     for dotted, value in changes.items():
-        out += ["-S", f"{dotted}={json.dumps(value)}"]
+        out += ["-S", f"{dotted}={override_text(value)}"]
     return out
+
+
+def override_text(value: Any) -> str:
+    """A value as DVC's -S parser (Hydra's override grammar) reads it: JSON, except that a mapping's
+    keys go unquoted (a list of sampler blocks, frontier.curves)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {override_text(v)}" for key, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(override_text(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def with_sets(overlay: Flat, sets: list[str]) -> Flat:

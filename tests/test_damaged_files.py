@@ -311,6 +311,7 @@ elif name == "train":
     weights = UNet(model_cfg).state_dict()
     checkpoint.save("models/checkpoint.pt", {**payload, "step": 2, "model": weights, "ema": weights})
     checkpoint.save("models/ema.pt", {**payload, "step": 2, "ema": weights})
+    checkpoint.save("models/ema_best.pt", {**payload, "step": 2, "ema": weights})
     Path("metrics/train_loss.tsv").write_text("step\tloss\tlr\n1\t0.9\t0.001\n2\t0.8\t0.001\n")
     Path("metrics/train_fid.tsv").write_text("step\tfid\n2\t300.0\n")
     Path("metrics/train.json").write_text(json.dumps({"steps": 2}))
@@ -323,9 +324,13 @@ elif name == "sample":
                           checkpoint_step=2)
     for png in ("sample_grid", "denoise_strip"):
         Path(f"plots/{png}.png").write_bytes(b"png")
+elif name == "frontier":
+    Path("plots/frontier.csv").write_text("sampler,curve,nfe,fid,kid\n")
+    Path("plots/frontier.png").write_bytes(b"png")
 elif name in ("evaluate", "pretrained"):
     from ddpm_cifar.evaluation import reports
     from ddpm_cifar.evaluation.inception import InceptionInfo
+    from ddpm_cifar.evaluation.scoring import Scores
     report = reports.fid_report(Scores(n=4, fid=12.5), sample_cfg={"n": 4}, ref_meta={},
                                 info=InceptionInfo("x", "0" * 64, False))
     if name == "pretrained":

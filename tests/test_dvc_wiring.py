@@ -26,7 +26,7 @@ from ddpm_cifar.runtime import config, params_file
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = ROOT / "dvc.yaml"
 PACKAGE = "ddpm_cifar"
-LAUNCHED_STAGES = {"ref_stats", "train", "sample", "evaluate", "pretrained"}
+LAUNCHED_STAGES = {"ref_stats", "train", "sample", "frontier", "evaluate", "pretrained"}
 PACKAGE_DIR = ROOT / "src" / PACKAGE
 _INTERPOLATION = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 

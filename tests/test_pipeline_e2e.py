@@ -46,8 +46,8 @@ DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 STAGE_NAMES = tuple(DVC_YAML["stages"])
 # What a sampling param invalidates; everything upstream (training above all) must be skipped.
 # (pretrained too: it samples with the same settings; disabled here, it only rewrites its metrics)
-AFTER_SAMPLING = {"sample", "evaluate", "pretrained", "plots"}
-DATA_PARALLEL = {"ref_stats", "train", "sample", "evaluate", "pretrained"}  # under torchrun
+AFTER_SAMPLING = {"sample", "evaluate", "frontier", "pretrained", "plots"}
+DATA_PARALLEL = {"ref_stats", "train", "sample", "evaluate", "frontier", "pretrained"}  # under torchrun
 TIMEOUT_S = 600
 
 # Everything the toy run changes in params.yaml; every other key keeps the project's value (in a
@@ -228,9 +228,9 @@ def _check_reruns_follow_imports(run: Runner, repo: Path) -> None:
     run-only param (W&B) reruns nothing either."""
     for rel, expect in (("src/ddpm_cifar/app/ui.py", set()),
                         ("src/ddpm_cifar/diffusion/generate.py",
-                         {"train", "sample", "evaluate", "pretrained"}),
+                         {"train", "sample", "evaluate", "frontier", "pretrained"}),
                         ("src/ddpm_cifar/diffusion/samplers.py",
-                         {"train", "sample", "evaluate", "pretrained"})):
+                         {"train", "sample", "evaluate", "frontier", "pretrained"})):
         path = repo / rel
         before = path.read_bytes()
         path.write_bytes(before + b"\n# an edit\n")

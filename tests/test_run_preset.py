@@ -88,7 +88,8 @@ def test_the_quick_preset_becomes_set_args_dvc_reads_back() -> None:
     assert yaml.safe_load(pairs["sample.sampler.name"]) == "dpmpp_2m"
     assert yaml.safe_load(pairs["sample.sampler.steps"]) == 20 and "sample.sampler.spacing" not in pairs
     sections = {key.split(".")[0] for key in overlay}
-    assert sections <= {"model", "diffusion", "train", "sample", "fid"}, "the data source is the script's"
+    assert sections <= {"model", "diffusion", "train", "sample", "fid", "frontier"}, (
+        "the data source is the script's")
 
 
 def test_help_runs() -> None:
