@@ -1,11 +1,12 @@
 # Entry points for people: `make quick` (CPU-sized run), `make paper` (the study's run),
 # `make paper-recipe` (Ho et al.'s CIFAR-10 recipe, configs/ddpm-paper.yaml), `make test`.
 # `make quick SOURCE=path/to/cifar-10-python.tar.gz` (or SOURCE=official) picks the data.
+# `make compare A=NAME B=NAME`: two experiments side by side, the params and metrics that differ.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup setup-browser quick paper paper-recipe test test-fast lint app inception-random clean-exps
+.PHONY: setup setup-browser quick compare paper paper-recipe test test-fast lint app inception-random clean-exps
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,8 +25,13 @@ setup-browser:        ## Debian's Chromium, for the app's browser test (as root,
 app: setup            ## the demo app on the pipeline's model, at http://127.0.0.1:7860
 	python -m ddpm_cifar.app --checkpoint models/ema.pt
 
-quick: setup          ## the whole DAG at CPU size on real CIFAR-10, as a DVC experiment (11-13 min on 2 cores)
+quick: setup          ## the whole DAG at CPU size on real CIFAR-10, as a DVC experiment (about 15 min on 2 cores)
 	python scripts/run_preset.py configs/quick.yaml $(if $(SOURCE),--source $(SOURCE))
+
+compare: setup        ## two experiments side by side, the params and metrics that differ (make compare A=NAME B=NAME)
+	@[ -n "$(A)" ] && [ -n "$(B)" ] || { echo "error: name two experiments: make compare A=NAME B=NAME \
+	(their names: dvc exp list)" >&2; exit 2; }
+	dvc exp diff '$(A)' '$(B)'
 
 paper: setup          ## the study's experiment, exactly as params.yaml says
 	dvc repro

@@ -15,6 +15,12 @@ is preceded by a comment with its name, version and license: all three are BSD-3
 (University of Washington Interactive Data Lab); each LICENSE is copied in full, and the notices
 bundled inside vega-embed.min.js (fast-json-patch, MIT; tslib, 0BSD) are kept as they are.
 
+Its style adds two rules to DVC's. dvc_render.image.ImageRenderer puts each revision's image in a
+frame of its own, and the frames in a row that does not wrap, so a PNG wider than the window (the FID
+comparison, the denoising strip) was cut off on the right. Now an image is never wider than its frame
+(scaled down, its aspect kept), and frames that do not fit side by side (`dvc plots diff` of wide
+images) go onto the next line: the second rule overrides the row's inline nowrap.
+
 The template keeps DVC's placeholders {plot_divs} and {refresh_tag} and leaves out {scripts}, so
 DVC's CDN <script> tags are not added. DVC fills a template with str.replace, not str.format, so
 the braces in the JavaScript need no escaping; only the placeholder strings themselves must not
@@ -78,6 +84,13 @@ PAGE = """<!DOCTYPE html>
     <style>
         table {{
             border-spacing: 15px;
+        }}
+        img {{
+            max-width: 100%;
+            height: auto;
+        }}
+        div:has(> div > img) {{
+            white-space: normal !important;
         }}
     </style>
 </head>

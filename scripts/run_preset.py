@@ -12,11 +12,12 @@ stops there and prints the command.
 
 The experiment runs in a temporary copy of the checkout (`dvc exp run --temp`): params.yaml,
 dvc.lock and the workspace's outputs stay as committed, and the results live in DVC's experiment
-refs (`dvc exp show`; `dvc exp apply NAME` brings one into the workspace). A temporary copy keeps
-nothing when the run is interrupted, so long runs (`make paper-recipe`) use --workspace: the
-preset's values are written into params.yaml (comments kept), `dvc repro` runs in the workspace,
-whose training checkpoint persists, and `dvc exp save` records the result; the same command
-resumes an interrupted run.
+refs (`dvc exp show`; `dvc exp apply NAME` brings one into the workspace). DVC runs through
+scripts/exp_screens.py (why: there), and the run ends with a summary of it in 80 columns. A
+temporary copy keeps nothing when the run is interrupted, so long runs (`make paper-recipe`) use
+--workspace: the preset's values are written into params.yaml (comments kept), `dvc repro` runs in
+the workspace, whose training checkpoint persists, and `dvc exp save` records the result; the same
+command resumes an interrupted run.
 
 A killed temporary run (kill -9, a closed terminal) leaves its copy under .dvc/tmp/exps/standalone/
 and a Running row in `dvc exp show` that `dvc exp remove` and `dvc exp clean` do not remove: --clean
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from exp_leftovers import clean_exps, leftover_note
+from exp_screens import dvc_command, experiment_files, head_sha, summary
 
 from ddpm_cifar.data.cifar_archive import CIFAR10_MD5, CIFAR10_URL
 from ddpm_cifar.runtime import config, fileio, params_file
@@ -340,6 +342,7 @@ def main() -> None:
     if not args.dry_run:
         leftover_note(ROOT)
     print(f"data: {overlay['data.source']} ({why})", flush=True)
+    baseline, started = head_sha(ROOT), time.monotonic()  # the experiment's ref is under its baseline
     if args.workspace:
         run_in_workspace(changes, name, args.dry_run)
     else:
@@ -347,15 +350,13 @@ def main() -> None:
         print("$ " + shlex.join(cmd), flush=True)
         if args.dry_run:
             return
-        run_dvc(cmd, name, workspace=False)
+        # through exp_screens: DVC's warnings about outputs without a hash yet left out (see there)
+        run_dvc(dvc_command(cmd), name, workspace=False)
     if args.dry_run:
         return
-    where = ("The workspace holds its params and outputs (`git checkout params.yaml` brings back the "
-             "study's params)." if args.workspace else "params.yaml is unchanged.")
-    print(f"\nExperiment {name} is saved in DVC's experiment refs. {where}\n"
-          f"  dvc exp show --only-changed     compare it with other runs\n"
-          f"  dvc exp apply {name}   bring its params, models and plots into the workspace\n")
-    subprocess.run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", "Created"], cwd=ROOT)
+    # The last screen: a summary in 80 columns (`dvc exp show --only-changed` printed one of `…`)
+    files = experiment_files(ROOT, baseline, name)
+    print("\n" + "\n".join(summary(name, files, time.monotonic() - started, args.workspace)), flush=True)
 
 
 def _presets() -> list[str]:

@@ -315,3 +315,135 @@ def test_help_names_clean() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_preset.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--clean" in proc.stdout and "make clean-exps" in proc.stdout
+
+
+# --- What a newcomer sees first and last ---------------------------------------------------------------
+
+# An experiment's files as the quick run wrote them (experiment quick-20261206-211132), cut to what the
+# summary reads.
+QUICK_FID = {"fid": 6.5576, "is": 1.0004, "kid": 0.0123219, "precision": 0.899, "recall": 0.635,
+             "n_samples": 1000, "reference_n": 1000, "comparable": False}
+QUICK_REPORT = {**QUICK_FID, "reference": "cifar10-train",
+                "not_comparable_because": ["Inception weights are not the official pt_inception file",
+                                           "only 1000 samples (published FIDs use 10k-50k)"],
+                "kid_detail": {"mean": 0.0123219, "std": 0.00139203, "subsets": 100, "subset_size": 500}}
+QUICK_TRAIN = {"steps": 1500, "final_loss": 0.059869, "images_per_second": 118.76, "fid": 6.19246697257563}
+
+
+def _quick_files(**fid: object) -> dict[str, dict]:
+    return {"metrics/fid.json": {**QUICK_FID, **fid}, "reports/fid.json": {**QUICK_REPORT, **fid},
+            "metrics/train.json": QUICK_TRAIN}
+
+
+@pytest.mark.parametrize("workspace", [False, True])
+@pytest.mark.parametrize("name", ["quick-20261206-211132", "x" * 40])
+def test_the_last_screen_is_a_summary_in_80_columns(name: str, workspace: bool) -> None:
+    lines = _script("exp_screens").summary(name, _quick_files(), 901.4, workspace)
+    text = "\n".join(lines)
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert "…" not in text and len(lines) <= 12
+    assert lines[0] == f"Experiment {name} finished in 15 min 1 s."
+    assert "  FID    6.56 on 1000 samples vs 1000 reference images, comparable: no" in lines
+    assert "  KID    0.01232 ± 0.0014 (std over 100 subsets of 500)" in lines
+    assert "  train  1500 steps, final loss 0.05987" in lines
+    assert "reports/fid.json says why the FID is not comparable" in text
+    assert f"make compare A={name} B=NAME" in text
+    assert (f"dvc exp apply {name}" in text) is not workspace and "plots/*.png" in text
+
+
+def test_the_summary_says_when_the_fid_is_comparable_and_when_there_is_none() -> None:
+    script = _script("exp_screens")
+    comparable = script.summary("q", _quick_files(comparable=True, not_comparable_because=[]), 59.6, False)
+    assert "comparable: yes" in "\n".join(comparable) and "not comparable" not in "\n".join(comparable)
+    assert comparable[0] == "Experiment q finished in 1 min 0 s."
+    nothing = script.summary("q", {}, None, False)
+    assert nothing[:2] == ["Experiment q finished.", "  FID    none: the experiment has no metrics/fid.json"]
+
+
+def test_only_the_pre_run_checkouts_no_hash_warning_is_dropped() -> None:
+    """The filter drops exactly DVC's "No file hash info found for '<path>'. It won't be created." from
+    the logger of the checkout `dvc exp run` makes before any stage, and nothing else."""
+    import logging
+
+    script = _script("exp_screens")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(f"{record.name} {record.levelname}: {record.getMessage()}")
+    dvc_data, checkout = logging.getLogger("dvc_data"), logging.getLogger("dvc_data.index.checkout")
+    dvc_data.addHandler(handler)  # as DVC's logger.setup does: the checkout's records propagate to it
+    no_hash = script.drop_no_hash_warnings()
+    path = "/repo/.dvc/tmp/exps/standalone/tmpab12/models/ema.pt"
+    try:
+        checkout.warning("No file hash info found for '%s'. It won't be created.", path)
+        checkout.warning("No file hash info found for '%s'. It will be created.", path)
+        checkout.warning("No file hash info found for '/x'. It won't be created.")  # not DVC's call
+        checkout.error("No file hash info found for '%s'. It won't be created.", path)
+        checkout.warning("Some other warning about '%s'", path)
+        logging.getLogger("dvc_data.hashfile.checkout").warning(
+            "No file hash info found for '%s'. It won't be created.", path)  # `dvc checkout`'s: kept
+    finally:
+        checkout.removeFilter(no_hash)
+        dvc_data.removeHandler(handler)
+    assert seen == [
+        f"dvc_data.index.checkout WARNING: No file hash info found for '{path}'. It will be created.",
+        "dvc_data.index.checkout WARNING: No file hash info found for '/x'. It won't be created.",
+        f"dvc_data.index.checkout ERROR: No file hash info found for '{path}'. It won't be created.",
+        f"dvc_data.index.checkout WARNING: Some other warning about '{path}'",
+        f"dvc_data.hashfile.checkout WARNING: No file hash info found for '{path}'. It won't be created.",
+    ]
+
+
+def test_the_filtered_dvc_is_still_found_by_the_leftover_check(tmp_path: Path) -> None:
+    """`dvc exp run` runs through exp_screens.py; `make clean-exps` must still see it as running."""
+    cmd = _script("exp_screens").dvc_command(["dvc", "exp", "run", "--temp", "-n", "x"])
+    assert cmd[:2] == [sys.executable, str(ROOT / "scripts" / "exp_screens.py")]
+    assert cmd[2:] == ["dvc", "exp", "run", "--temp", "-n", "x"]
+    leftovers = _script("exp_leftovers")
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"
+    copy.mkdir(parents=True)
+    started = copy.stat().st_mtime - 2  # DVC starts before it makes the copy
+    assert leftovers.in_use(leftovers.TempRun(copy, "x"), tmp_path, [(tmp_path, cmd, started)])
+
+
+@pytest.mark.slow
+def test_a_temp_experiment_through_the_filter_shows_no_no_hash_warning(tmp_path: Path) -> None:
+    """On a project without dvc.lock, plain `dvc exp run --temp` warns once per output before the stage
+    runs; through exp_screens.py it does not, and DVC's other output stays."""
+    env, repo = _dvc_env(tmp_path), tmp_path / "repo"
+    repo.mkdir()
+    for argv in (["git", "init", "-q"], ["git", "config", "user.email", "toy@example.invalid"],
+                 ["git", "config", "user.name", "toy"], ["git", "config", "commit.gpgsign", "false"],
+                 ["dvc", "init", "-q"]):
+        subprocess.run(argv, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+    (repo / "params.yaml").write_text("n: 1\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: python -c \"open('out.txt', 'w').write('x')\"\n"
+        "    params: [n]\n    outs: [out.txt]\n")
+    (repo / ".gitignore").write_text("/out.txt\n")
+    for argv in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "toy"]):
+        subprocess.run(argv, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+    outputs = {}
+    for label, argv in (("plain", ["dvc", "exp", "run", "--temp", "-n", "plain", "-S", "n=2"]),
+                        ("filtered", _script("exp_screens").dvc_command(
+                            ["dvc", "exp", "run", "--temp", "-n", "filtered", "-S", "n=3"]))):
+        proc = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outputs[label] = proc.stdout + proc.stderr
+    assert "No file hash info found for" in outputs["plain"] and "out.txt" in outputs["plain"]
+    assert "No file hash info found" not in outputs["filtered"] and "WARNING" not in outputs["filtered"]
+    assert "Running stage 'make'" in outputs["filtered"]
+    assert "Ran experiment(s): filtered" in outputs["filtered"]
+
+
+def test_the_compare_target_diffs_two_experiments() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "compare", "A=quick-a", "B=quick-b"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "dvc exp diff 'quick-a' 'quick-b'" in proc.stdout
+    proc = subprocess.run(["make", "-s", "-o", ".venv/.installed", "compare", "A=quick-a"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.splitlines()[0] == ("error: name two experiments: make compare A=NAME B=NAME "
+                                           "(their names: dvc exp list)")
