@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ddpm_cifar.data.splits import load_split
-from ddpm_cifar.evaluation.fid import load_reference, save_reference, statistics
+from ddpm_cifar.evaluation.fid import check_count, load_reference, save_reference, statistics
 from ddpm_cifar.evaluation.inception import features_sharded, load_inception
 from ddpm_cifar.evaluation.reports import reference_meta
 from ddpm_cifar.runtime.errors import UserError
@@ -33,8 +33,7 @@ def main() -> None:
                                 f"images of the {cfg.reference} split in {args.data}: lower it, or 0 for all")
             if cfg.reference_count:
                 images = images[: cfg.reference_count]
-            if len(images) < 2:  # fail before spending time on Inception, on every rank alike
-                raise UserError(f"FID statistics need at least 2 images, got {len(images)}")
+            check_count(len(images))  # on every rank alike, before Inception
             feats = features_sharded(images, inception, batch_size=cfg.batch_size, device=device)
             if feats is None:
                 return  # not rank 0: its features went to rank 0, which writes the file

@@ -30,15 +30,20 @@ class FidStats:
     n: int
 
 
+def check_count(n: int) -> None:
+    """Refuse fewer than 2 images, before any Inception work: np.cov of one row is all NaN, and sqrtm of a
+    NaN matrix can hang (pytorch-fid's does)."""
+    if n < 2:
+        raise UserError(f"FID statistics need at least 2 images, got {n}")
+
+
 def statistics(features: np.ndarray) -> FidStats:
     """Mean and unbiased covariance of (N, d) features, in float64."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2:
         raise UserError(f"features must have shape (N, d), got {features.shape}")
     n = features.shape[0]
-    if n < 2:
-        # np.cov of one row is all NaN, and sqrtm of a NaN matrix can hang (pytorch-fid does).
-        raise UserError(f"FID statistics need at least 2 images, got {n}")
+    check_count(n)
     return FidStats(mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False), n=n)
 
 
@@ -51,8 +56,7 @@ def compute_statistics(
     progress: bool = True,
 ) -> FidStats:
     """uint8 NHWC images -> FID statistics."""
-    if len(images) < 2:  # fail before spending time on Inception
-        raise UserError(f"FID statistics need at least 2 images, got {len(images)}")
+    check_count(len(images))
     feats = inception_features(images, model, batch_size=batch_size, device=device,
                                progress=progress)
     return statistics(feats)
@@ -155,7 +159,6 @@ def statistics_sharded(images: np.ndarray, model: nn.Module, *, batch_size: int,
                        progress: bool = True) -> FidStats | None:
     """FID statistics of ``images`` (uint8 NHWC, the same on every rank), Inception's batches split
     across the ranks (:func:`~.inception.features_sharded`); rank 0 gets the statistics, the others None."""
-    if len(images) < 2:  # fail before spending time on Inception, on every rank alike
-        raise UserError(f"FID statistics need at least 2 images, got {len(images)}")
+    check_count(len(images))  # on every rank alike, before Inception
     feats = features_sharded(images, model, batch_size=batch_size, device=device, progress=progress)
     return statistics(feats) if feats is not None else None

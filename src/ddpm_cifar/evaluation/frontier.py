@@ -39,7 +39,7 @@ from ..runtime.fileio import atomic_path, write_json  # noqa: E402
 from ..runtime.params_file import parse_section  # noqa: E402
 from .fid import Reference  # noqa: E402
 from .inception import FidInceptionV3, InceptionInfo  # noqa: E402
-from .scoring import sampler_label, score_sharded  # noqa: E402
+from .scoring import score_sharded  # noqa: E402
 
 COLUMNS = ("sampler", "curve", "steps", "nfe", "spacing", "eta", "variance", "clip_x0", "fid", "kid",
            "kid_std", "seconds_per_image", "n", "reused")
@@ -76,6 +76,11 @@ def nfe(spec: SamplerConfig, num_timesteps: int) -> int:
     """Network evaluations per image: one per visited timestep for all three samplers (DPM-Solver++(2M)
     reuses the previous step's x0 rather than evaluating twice; clipping x0 costs no evaluation)."""
     return len(spaced_timesteps(num_timesteps, spec.steps, spec.spacing))
+
+
+def sampler_label(spec: SamplerConfig) -> str:
+    """A sampler setting as a short label: "ddim 50 (quadratic)"."""
+    return f"{spec.name} {spec.steps} ({spec.spacing})"
 
 
 def curve_label(spec: SamplerConfig) -> str:

@@ -16,12 +16,12 @@ import torch
 from ..diffusion.generate import for_sampling, generate_images_sharded
 from ..diffusion.process import GaussianDiffusion, Model
 from ..diffusion.samplers import SAMPLING_VERSION
-from ..runtime.config import SampleConfig, SamplerConfig, TrainConfig
+from ..runtime.config import SampleConfig, TrainConfig
 from ..runtime.distributed import broadcast_from_main
 from ..runtime.errors import UserError
 from ..runtime.fileio import file_digest
 from .feature_metrics import InceptionScore, Kid, PrecisionRecall, inception_score, kid, precision_recall
-from .fid import Reference, frechet_distance, load_reference, statistics
+from .fid import Reference, check_count, frechet_distance, load_reference, statistics
 from .inception import FidInceptionV3, features_sharded, load_inception, unbiased_logits
 from .reports import check_same_inception
 
@@ -89,8 +89,7 @@ def score_sharded(images: np.ndarray, inception: FidInceptionV3, reference: Refe
                   device: torch.device, full: bool = True, progress: bool = True) -> Scores:
     """The metrics of ``images`` (uint8 NHWC, the same on every rank), Inception's batches split over the
     process group's ranks; every rank returns them. Without a group, one process does it all."""
-    if len(images) < 2:  # fail before spending time on Inception, on every rank alike
-        raise UserError(f"FID statistics need at least 2 images, got {len(images)}")
+    check_count(len(images))  # on every rank alike, before Inception
     feats = features_sharded(images, inception, batch_size=batch_size, device=device, progress=progress)
     scores = score_features(feats, reference, inception, full=full) if feats is not None else None
     return broadcast_from_main(scores)  # type: ignore[arg-type]
@@ -159,8 +158,3 @@ def training_fid_id(inception_sha256: str, ref_digest: str, cfg: TrainConfig) ->
     already logged is dropped rather than continued with values that are not comparable."""
     return (f"{inception_sha256}:{ref_digest}:{SAMPLING_VERSION}:{cfg.fid_samples}:"
             f"{cfg.fid_sampler.key()}:{cfg.fid_batch_size}")
-
-
-def sampler_label(spec: SamplerConfig) -> str:
-    """A sampler block as a short label: "ddim 50 (quadratic)"."""
-    return f"{spec.name} {spec.steps} ({spec.spacing})"
