@@ -69,7 +69,7 @@ def run_dvc_main(args: list[str]) -> int:
 
 # --- The last screen ---------------------------------------------------------------------------------
 
-FID_METRICS, FID_REPORT, TRAIN_METRICS = "metrics/fid.json", "reports/fid.json", "metrics/train.json"
+FID_METRICS, FID_REPORT, TRAIN_METRICS = "metrics/fid.json", "reports/fid.json", "dvclive/metrics.json"
 
 
 def head_sha(root: Path) -> str | None:
@@ -126,7 +126,7 @@ def score_lines(files: dict[str, dict[str, Any]]) -> list[str]:
     elif _number(fid.get("kid")):
         lines.append(f"  KID    {fid['kid']:.4g}")
     if _number(train.get("final_loss")):
-        lines.append(f"  train  {train.get('steps', '?')} steps, final loss {train['final_loss']:.4g}")
+        lines.append(f"  train  {train.get('step', '?')} steps, final loss {train['final_loss']:.4g}")
     if report.get("not_comparable_because"):
         lines.append(f"  {FID_REPORT} says why the FID is not comparable with published ones.")
     return lines

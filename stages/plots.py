@@ -21,8 +21,7 @@ def main() -> None:
     ap.add_argument("--fid", type=Path, default=Path("reports/fid.json"))
     ap.add_argument("--pretrained", type=Path, default=Path("reports/pretrained_fid.json"))
     ap.add_argument("--baselines", type=Path, default=Path("baselines.yaml"))
-    ap.add_argument("--loss-log", type=Path, default=Path("metrics/train_loss.tsv"))
-    ap.add_argument("--fid-log", type=Path, default=Path("metrics/train_fid.tsv"))
+    ap.add_argument("--live", type=Path, default=Path("dvclive"), help="the train stage's DVCLive folder")
     ap.add_argument("--out", type=Path, default=Path("plots"))
     args = ap.parse_args()
     with stage("plots", args.params, PARAMS, [args.out]):
@@ -35,8 +34,7 @@ def main() -> None:
         for name, rows in zip(("fid_published.csv", "fid_measured.csv"), tables, strict=True):
             with atomic_path(args.out / name) as tmp:
                 pd.DataFrame(rows).to_csv(tmp, index=False)
-        save_training_curves(args.loss_log, args.fid_log, args.out / "loss_curve.png",
-                             args.out / "fid_curve.png")
+        save_training_curves(args.live, args.out / "loss_curve.png", args.out / "fid_curve.png")
     print(f"FID comparison, training curves -> {args.out}/")
 
 

@@ -1,5 +1,6 @@
 """Stage train: U-Net + Gaussian diffusion with EMA, gradient accumulation, AMP and exact resume ->
-models/, metrics/train.json (the numbers) and reports/train.json (how the run went).
+models/, dvclive/ (DVCLive's histories and summary, written as the run goes) and reports/train.json
+(how the run went).
 
 Runs data-parallel under torchrun when params ask for more than one process (dvc.yaml's command)."""
 
@@ -24,10 +25,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/cifar10"))
     ap.add_argument("--ref", type=Path, default=Path("data/fid_ref.npz"))
     ap.add_argument("--models", type=Path, default=Path("models"))
-    ap.add_argument("--metrics", type=Path, default=Path("metrics"))
+    ap.add_argument("--live", type=Path, default=Path("dvclive"))
     ap.add_argument("--reports", type=Path, default=Path("reports"))
     args = ap.parse_args()
-    with stage("train", args.params, PARAMS + RUN_PARAMS, [args.models, args.metrics, args.reports]) as run:
+    with stage("train", args.params, PARAMS + RUN_PARAMS, [args.models, args.live, args.reports]) as run:
         params, device = run.params, run.device
         model_cfg, diffusion_cfg = params.section("model"), params.section("diffusion")
         cfg = params.section("train")
@@ -42,8 +43,7 @@ def main() -> None:
         # `dvc exp run` names the experiment in DVC_EXP_NAME: the W&B run's name unless params give one.
         tracker = (make_tracker(params.section("wandb"), config, args.models / "wandb",
                                 default_name=os.environ.get("DVC_EXP_NAME")) if run.main else Tracker())
-        outputs = TrainOutputs(args.models / "checkpoint.pt", args.models / "ema.pt",
-                               args.metrics / "train_loss.tsv", args.metrics / "train_fid.tsv",
+        outputs = TrainOutputs(args.models / "checkpoint.pt", args.models / "ema.pt", args.live,
                                args.models / "ema_best.pt")
         try:
             result = train(model_cfg, diffusion_cfg, cfg, images=images, outputs=outputs, device=device,
@@ -52,7 +52,6 @@ def main() -> None:
         finally:
             tracker.finish()
         if run.main:
-            write_json(args.metrics / "train.json", result.metrics())
             write_json(args.reports / "train.json",
                        {**result.report(), "device": device.type, **eval_meta, **tracker.info()})
 

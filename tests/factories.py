@@ -66,9 +66,8 @@ def random_images(n: int = 16, size: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def train_outputs(root: Path) -> TrainOutputs:
-    """The four training outputs under ``root``."""
-    return TrainOutputs(checkpoint=root / "checkpoint.pt", ema=root / "ema.pt",
-                        loss_log=root / "loss.tsv", fid_log=root / "fid.tsv")
+    """The training outputs under ``root`` (DVCLive's folder: ``root/dvclive``)."""
+    return TrainOutputs(checkpoint=root / "checkpoint.pt", ema=root / "ema.pt", live=root / "dvclive")
 
 
 @contextlib.contextmanager

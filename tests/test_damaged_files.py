@@ -40,6 +40,7 @@ from ddpm_cifar.models import checkpoint
 from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.errors import UserError
 from ddpm_cifar.runtime.fileio import file_digest
+from ddpm_cifar.runtime.loaders import live_metric_path
 from ddpm_cifar.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +167,11 @@ def _plots_inputs(root: Path) -> None:
     (root / "reports/fid.json").write_text(json.dumps(_report()))
     off = {"name": reports.PRETRAINED, "enabled": False}  # what the pretrained stage writes when disabled
     (root / "reports/pretrained_fid.json").write_text(json.dumps(off))
-    (root / "metrics/train_loss.tsv").write_text("step\tloss\tlr\n1\t0.5\t0.001\n2\t0.4\t0.001\n")
-    (root / "metrics/train_fid.tsv").write_text("step\tfid\n2\t300.5\n")
+    (root / "dvclive/plots/metrics").mkdir(parents=True, exist_ok=True)
+    (root / LOSS_LOG).write_text("step\tloss\n1\t0.5\n2\t0.4\n")
+    (root / FID_LOG).write_text("step\tfid\n2\t300.5\n")
+    (root / KID_LOG).write_text("step\tkid\n2\t0.25\n")
+    (root / KID_STD_LOG).write_text("step\tkid_std\n2\t0.01\n")
     shutil.copy(ROOT / "baselines.yaml", root / "baselines.yaml")
 
 
@@ -177,7 +181,8 @@ LOG_FIX = ("remove it and rerun `dvc repro`, whose train stage starts it again (
            "resumes at)")
 BASELINES_FIX = "restore it with `git checkout baselines.yaml`"
 FID_REPORT, PRETRAINED_REPORT = "reports/fid.json", "reports/pretrained_fid.json"
-LOSS_LOG, FID_LOG = "metrics/train_loss.tsv", "metrics/train_fid.tsv"
+LOSS_LOG, FID_LOG = "dvclive/plots/metrics/loss.tsv", "dvclive/plots/metrics/fid.tsv"
+KID_LOG, KID_STD_LOG = "dvclive/plots/metrics/kid.tsv", "dvclive/plots/metrics/kid_std.tsv"
 # file, its damaged content, what it should be, why it is not, the fix
 DAMAGED_PLOT_INPUTS = {
     "fid-report-not-json": (FID_REPORT, '{"fid": 12.', "an FID report",
@@ -197,10 +202,12 @@ DAMAGED_PLOT_INPUTS = {
         "it has no 'fid'", PRETRAINED_FIX),
     "loss-log-binary": (LOSS_LOG, np.random.default_rng(0).bytes(300), "a training log", "not UTF-8 text",
                         LOG_FIX),
-    "loss-log-bad-number": (LOSS_LOG, "step\tloss\tlr\n1\t0.5\t0.001\n2\tx\t0.001\n", "a training log",
-                            "line 3 is '2\\tx\\t0.001', not a step and 2 finite numbers", LOG_FIX),
+    "loss-log-bad-number": (LOSS_LOG, "step\tloss\n1\t0.5\n2\tx\n", "a training log",
+                            "line 3 is '2\\tx', not a step and 1 finite number", LOG_FIX),
     "fid-log-other-columns": (FID_LOG, "step\tloss\n1\t0.5\n", "a training log",
                               "its header is 'step\\tloss', not 'step\\tfid'", LOG_FIX),
+    "kid-log-other-steps": (KID_LOG, "step\tkid\n3\t0.25\n", "a training log",
+                            "its steps are not those of fid.tsv beside it", LOG_FIX),
     "baselines-not-yaml": ("baselines.yaml", "baselines: [name: x\n", "a list of baselines",
                            "not YAML: expected ',' or ']', but got '<stream end>' at line 2 column 1",
                            BASELINES_FIX),
@@ -220,11 +227,20 @@ def test_damaged_plot_inputs_stop_plots_with_one_line(tmp_path: Path, monkeypatc
     assert _run_stage("plots", monkeypatch) == f"error: {rel} is not {what} ({why}): {fix}"
 
 
+def test_a_kid_history_without_its_std_stops_plots_with_one_line(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _plots_inputs(tmp_path)
+    Path(KID_STD_LOG).unlink()
+    expected = f"error: {KID_STD_LOG} not found: run `dvc repro`, whose train stage writes it"
+    assert _run_stage("plots", monkeypatch) == expected
+
+
 def test_good_plot_inputs_are_drawn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     _plots_inputs(tmp_path)
     # A line torn by a crash mid-write (no newline at the end) is not a damaged log.
-    with open("metrics/train_loss.tsv", "a") as f:
+    with open(LOSS_LOG, "a") as f:
         f.write("3\t0.3")
     assert _run_stage("plots", monkeypatch) == ""
     assert Path("plots/loss_curve.png").is_file() and Path("plots/fid_published.csv").is_file()
@@ -233,9 +249,8 @@ def test_good_plot_inputs_are_drawn(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 # --- training's own logs, read back on resume ------------------------------------------------------------
 
 @pytest.mark.parametrize(("content", "why"), [
-    (b"step\tloss\tlr\n1\t0.5\t0.001\n\xff\xfe\n", "not UTF-8 text"),
-    (b"step\tloss\tlr\n1\tnan\t0.001\n2\t0.4\t0.001\n",
-     "line 2 is '1\\tnan\\t0.001', not a step and 2 finite numbers"),
+    (b"step\tloss\n1\t0.5\n\xff\xfe\n", "not UTF-8 text"),
+    (b"step\tloss\n1\tnan\n2\t0.4\n", "line 2 is '1\\tnan', not a step and 1 finite number"),
 ])
 def test_a_damaged_loss_log_stops_a_resume_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          content: bytes, why: str) -> None:
@@ -245,10 +260,11 @@ def test_a_damaged_loss_log_stops_a_resume_with_one_line(tmp_path: Path, monkeyp
                 device=torch.device("cpu"), log=lambda _: None)
     with one_thread():
         train(tiny_model(), tiny_diffusion(), tiny_train(steps=3), **args)
-        outputs.loss_log.write_bytes(content)
+        live_metric_path(outputs.live, "loss").write_bytes(content)
         with pytest.raises(UserError) as info:
             train(tiny_model(), tiny_diffusion(), tiny_train(steps=4), **args)
-    assert str(info.value) == f"metrics/loss.tsv is not a training log ({why}): {LOG_FIX}"
+    log = "metrics/dvclive/plots/metrics/loss.tsv"
+    assert str(info.value) == f"{log} is not a training log ({why}): {LOG_FIX}"
 
 
 # --- the sample cache: a damaged batch is sampled again ---------------------------------------------------
@@ -312,9 +328,10 @@ elif name == "train":
     checkpoint.save("models/checkpoint.pt", {**payload, "step": 2, "model": weights, "ema": weights})
     checkpoint.save("models/ema.pt", {**payload, "step": 2, "ema": weights})
     checkpoint.save("models/ema_best.pt", {**payload, "step": 2, "ema": weights})
-    Path("metrics/train_loss.tsv").write_text("step\tloss\tlr\n1\t0.9\t0.001\n2\t0.8\t0.001\n")
-    Path("metrics/train_fid.tsv").write_text("step\tfid\n2\t300.0\n")
-    Path("metrics/train.json").write_text(json.dumps({"steps": 2}))
+    Path("dvclive/plots/metrics").mkdir(parents=True, exist_ok=True)
+    Path("dvclive/plots/metrics/loss.tsv").write_text("step\tloss\n1\t0.9\n2\t0.8\n")
+    Path("dvclive/plots/metrics/fid.tsv").write_text("step\tfid\n2\t300.0\n")
+    Path("dvclive/metrics.json").write_text(json.dumps({"step": 2, "loss": 0.8}))
     Path("reports").mkdir(exist_ok=True)
     Path("reports/train.json").write_text(json.dumps({"resumed_from_step": 0}))
 elif name == "sample":
@@ -430,8 +447,8 @@ HINTED: list[tuple[str, Callable[[Path], None], Callable[[], object], list[str]]
     (FID_REPORT, _random_bytes, lambda: reports.load_report(FID_REPORT, "evaluate"), ["dvc repro"]),
     (PRETRAINED_REPORT, _random_bytes, lambda: reports.load_report(PRETRAINED_REPORT, "pretrained"),
      ["dvc repro"]),
-    (LOSS_LOG, _random_bytes, lambda: plots.load_training_log(LOSS_LOG, "loss"), ["dvc repro"]),
-    (FID_LOG, _random_bytes, lambda: plots.load_training_log(FID_LOG, "fid"), ["dvc repro"]),
+    (LOSS_LOG, _random_bytes, lambda: plots.load_training_log("dvclive", ("loss",)), ["dvc repro"]),
+    (FID_LOG, _random_bytes, lambda: plots.load_training_log("dvclive", ("fid",)), ["dvc repro"]),
     ("data/cifar10/meta.json", _random_bytes, lambda: load_meta(Path("data/cifar10")),
      ["dvc checkout --force data/cifar10", "dvc repro"]),
     ("baselines.yaml", _random_bytes, lambda: reports.load_baselines("baselines.yaml"),

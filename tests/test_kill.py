@@ -28,7 +28,7 @@ import yaml
 from test_pipeline_e2e import (
     INCEPTION_IN_REPO,
     Runner,
-    _read_tsv,
+    _live_rows,
     _tiny_params,
     toy_repo,
 )
@@ -94,7 +94,7 @@ def _repro_killed_when(run: Runner, repo: Path, due: Callable[[], bool], timeout
 
 
 def _loss_rows(repo: Path) -> int:
-    path = repo / "metrics/train_loss.tsv"
+    path = repo / "dvclive/plots/metrics/loss.tsv"
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
 
 
@@ -142,10 +142,17 @@ def test_killed_runs_leave_no_writer_and_resume_to_the_same_results(
     assert all(torch.equal(ema[k], ref_ema[k]) for k in ref_ema), "weights differ from an uninterrupted run"
     with np.load(repo / "samples/samples.npz") as got, np.load(reference / "samples/samples.npz") as want:
         assert np.array_equal(got["images"], want["images"]), "samples differ from an uninterrupted run"
-    rows = _read_tsv(repo / "metrics/train_loss.tsv")
-    ref_rows = _read_tsv(reference / "metrics/train_loss.tsv")
+    # DVCLive's histories: every step once, every value to the last digit an uninterrupted run's
+    rows, ref_rows = (_live_rows(r, "loss", "lr") for r in (repo, reference))
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1)), "gaps or duplicates in the loss log"
     assert rows == ref_rows
+    histories = {r: {p.name: p.read_bytes() for p in (r / "dvclive/plots/metrics").iterdir()}
+                 for r in (repo, reference)}
+    assert set(histories[repo]) == {"loss.tsv", "lr.tsv"}  # train.fid_every: 0
+    assert histories[repo] == histories[reference], "a history differs from an uninterrupted run's"
+    live, ref_live = (json.loads((r / "dvclive/metrics.json").read_text()) for r in (repo, reference))
+    assert {k: v for k, v in live.items() if k != "images_per_second"} == {
+        k: v for k, v in ref_live.items() if k != "images_per_second"}
     train = json.loads((repo / "reports/train.json").read_text())
     assert train["world_history"] == [[0, STEPS, 2]], train
     assert not list(repo.rglob(".*.tmp")), "temporary files left behind"

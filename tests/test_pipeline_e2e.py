@@ -188,6 +188,14 @@ def _read_tsv(path: Path) -> list[dict[str, str]]:
     return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line]
 
 
+def _live_rows(repo: Path, *names: str) -> list[dict[str, str]]:
+    """DVCLive's histories of ``names`` (dvclive/plots/metrics/NAME.tsv) joined by step: one row per step of
+    the first, with every name's value at that step."""
+    by_name = {name: {r["step"]: r[name] for r in _read_tsv(repo / f"dvclive/plots/metrics/{name}.tsv")}
+               for name in names}
+    return [{"step": step, **{name: by_name[name][step] for name in names}} for step in by_name[names[0]]]
+
+
 def _keep_artifacts(repo: Path, plots_html: Path, label: str) -> None:
     target = os.environ.get("E2E_ARTIFACTS")
     if not target:
@@ -304,19 +312,21 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     assert "BigGAN (quoted)" in published and "ours" not in published, published
     assert "ours" in (repo / "plots/fid_measured.csv").read_text()
 
-    fid_rows = _read_tsv(repo / "metrics/train_fid.tsv")
+    fid_rows = _live_rows(repo, "fid", "kid", "kid_std")
     assert [int(r["step"]) for r in fid_rows] == [2, 4], fid_rows
     assert all(math.isfinite(float(r[c])) for r in fid_rows for c in ("fid", "kid", "kid_std")), fid_rows
     best = json.loads((repo / "reports/train.json").read_text())["best_weights"]
     kids = {int(r["step"]): float(r["kid"]) for r in fid_rows}
     assert best["metric"] == "kid" and best["step"] == min(kids, key=kids.get), (best, kids)
     assert torch.load(repo / "models/ema_best.pt", weights_only=True)["step"] == best["step"]
-    loss_rows = _read_tsv(repo / "metrics/train_loss.tsv")
+    loss_rows = _live_rows(repo, "loss", "lr")
     assert [int(r["step"]) for r in loss_rows] == [1, 2, 3, 4], loss_rows
     assert all(math.isfinite(float(r["loss"])) for r in loss_rows), loss_rows
     train_json = json.loads((repo / "reports/train.json").read_text())
     assert train_json["resumed_from_step"] == 0, train_json
-    assert json.loads((repo / "metrics/train.json").read_text())["steps"] == 4
+    live = json.loads((repo / "dvclive/metrics.json").read_text())  # DVCLive's summary: the stage's metrics
+    assert live["step"] == 4 and live["loss"] == float(loss_rows[-1]["loss"]) and live["kid"] == kids[4], live
+    assert {"final_loss", "images_per_second", "parameters", "best_step", "fid", "kid_std", "lr"} <= set(live)
 
     with np.load(repo / "samples/samples.npz") as f:
         assert f["images"].shape == (6, 32, 32, 3) and f["images"].dtype == np.uint8
@@ -334,7 +344,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     run.dvc("plots", "show", "-o", str(html_dir))
     html = (html_dir / "index.html").read_text()
     for title in ("Training loss", "FID of this model during training", "KID of this model during training",
-                  "FID beside published numbers", "FID measured here"):
+                  "FID beside published numbers", "FID measured by this pipeline"):
         assert title in html, f"plot {title!r} missing from dvc plots show"
     _keep_artifacts(repo, html_dir, "repro")
 
@@ -370,7 +380,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
 
     # --- two processes: the data-parallel stages rerun under torchrun -------------------------------
     # Two more steps: the one-process checkpoint at step 4 continues on two processes.
-    one_proc_losses = [float(r["loss"]) for r in _read_tsv(repo / "metrics/train_loss.tsv")]
+    one_proc_losses = [float(r["loss"]) for r in _live_rows(repo, "loss")]
     with np.load(repo / "data/fid_ref.npz") as f:
         one_proc_ref = {k: f[k] for k in ("mu", "sigma")}
     exp = run.dvc("exp", "run", "-S", "distributed.nproc_per_node=2", "-S", "train.steps=6")
@@ -384,7 +394,7 @@ def test_pipeline_end_to_end(tmp_path: Path, tiny_cifar_archive: TinyCifarArchiv
     train_json = json.loads((repo / "reports/train.json").read_text())
     assert train_json["resumed_from_step"] == 4, train_json
     assert train_json["world_history"] == [[0, 4, 1], [4, 6, 2]], train_json
-    losses = [float(r["loss"]) for r in _read_tsv(repo / "metrics/train_loss.tsv")]
+    losses = [float(r["loss"]) for r in _live_rows(repo, "loss")]
     assert losses[:4] == one_proc_losses and len(losses) == 6 and all(map(math.isfinite, losses))
     # Inception batches split over two processes. Not bit for bit here: torchrun runs each of several
     # processes on one CPU thread (OMP_NUM_THREADS=1), the single process used two, and the thread

@@ -244,15 +244,16 @@ def test_paper_recipe_at_quick_size_runs_as_an_experiment(tmp_path: Path, tiny_c
     assert params["train"]["adam_betas"] == [0.9, 0.999] and params["sample"]["sampler"]["variance"] == "beta"
     assert params["model"]["arch"] == "ddpm" and params["model"]["dropout"] == 0.1
     assert re.search(r"\n  steps: 6 +# optimizer steps\n", text), "params.yaml lost its comments"
-    loss_rows = [line.split("\t") for line in (repo / "metrics/train_loss.tsv").read_text().splitlines()[1:]]
-    assert [r[2] for r in loss_rows] == ["0", "5e-05", "0.0001", "0.00015", "0.0002", "0.0002"]  # warm-up
-    train_metrics = json.loads((repo / "metrics/train.json").read_text())
-    assert train_metrics["steps"] == 6 and train_metrics["parameters"] == count_parameters(
+    lr_rows = [line.split("\t") for line in (repo / "dvclive/plots/metrics/lr.tsv").read_text().splitlines()]
+    warm_up = [0, 5e-5, 1e-4, 1.5e-4, 2e-4, 2e-4]
+    assert [float(r[1]) for r in lr_rows[1:]] == pytest.approx(warm_up, rel=1e-12)
+    train_metrics = json.loads((repo / "dvclive/metrics.json").read_text())
+    assert train_metrics["step"] == 6 and train_metrics["parameters"] == count_parameters(
         build_model(params_file.parse_section("model", params["model"], config.ModelConfig)))
     report = json.loads((repo / "reports/fid.json").read_text())
     assert report["sampler"]["variance"] == "beta" and report["sampler"]["name"] == "ddpm"
     assert report["n_samples"] == 8 and report["comparable"] is False
-    fid_rows = (repo / "metrics/train_fid.tsv").read_text().splitlines()[1:]
+    fid_rows = (repo / "dvclive/plots/metrics/fid.tsv").read_text().splitlines()[1:]
     assert [row.split("\t")[0] for row in fid_rows] == ["3", "6"]
     # The same command again finds everything done: nothing retrains, the experiment is saved again.
     again = run([sys.executable, "scripts/run_preset.py", "configs/ddpm-paper.yaml", "--workspace",

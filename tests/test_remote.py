@@ -232,7 +232,7 @@ def test_results_shared_through_a_remote(tmp_path: Path, tiny_cifar_archive: Tin
     assert fetched.read_bytes() == (repo_b / ARTIFACT_PATH).read_bytes()
     loaded = load_model(fetched, "cpu")
     n_params = sum(p.numel() for p in loaded.net.parameters())
-    assert n_params == metrics_a[""]["data"]["metrics/train.json"]["data"]["parameters"]
+    assert n_params == metrics_a[""]["data"]["dvclive/metrics.json"]["data"]["parameters"]
     assert loaded.step == 4
 
     print("\n".join(f"{seconds:6.1f}s  {cmd}" for run in (a, b) for cmd, seconds in run.timings))

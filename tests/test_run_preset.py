@@ -327,12 +327,12 @@ QUICK_REPORT = {**QUICK_FID, "reference": "cifar10-train",
                 "not_comparable_because": ["Inception weights are not the official pt_inception file",
                                            "only 1000 samples (published FIDs use 10k-50k)"],
                 "kid_detail": {"mean": 0.0123219, "std": 0.00139203, "subsets": 100, "subset_size": 500}}
-QUICK_TRAIN = {"steps": 1500, "final_loss": 0.059869, "images_per_second": 118.76, "fid": 6.19246697257563}
+QUICK_TRAIN = {"step": 1500, "final_loss": 0.059869, "images_per_second": 118.76, "fid": 6.19246697257563}
 
 
 def _quick_files(**fid: object) -> dict[str, dict]:
     return {"metrics/fid.json": {**QUICK_FID, **fid}, "reports/fid.json": {**QUICK_REPORT, **fid},
-            "metrics/train.json": QUICK_TRAIN}
+            "dvclive/metrics.json": QUICK_TRAIN}
 
 
 @pytest.mark.parametrize("workspace", [False, True])

@@ -27,6 +27,7 @@ from factories import (
 
 from ddpm_cifar.runtime.config import SamplerConfig, TrainConfig, WandbConfig
 from ddpm_cifar.runtime.errors import UserError
+from ddpm_cifar.runtime.loaders import live_metric_path
 from ddpm_cifar.training.batches import BatchSource
 from ddpm_cifar.training.loop import TrainingEval, TrainOutputs, TrainResult, train
 from ddpm_cifar.training.tracking import Tracker, make_tracker
@@ -55,8 +56,9 @@ def _train(root: Path, cfg: TrainConfig, tracker: Tracker | None = None) -> Run:
     return Run(result, outputs, messages)
 
 
-def _rows(path: Path) -> list[str]:
-    return path.read_text().splitlines()
+def _rows(live: Path, name: str) -> list[str]:
+    """The lines of DVCLive's history of ``name`` in ``live``."""
+    return live_metric_path(live, name).read_text().splitlines()
 
 
 def _assert_same_state(a: TrainOutputs, b: TrainOutputs) -> None:
@@ -74,7 +76,7 @@ def _assert_same_state(a: TrainOutputs, b: TrainOutputs) -> None:
     assert ea["step"] == eb["step"]
     for k in ea["ema"]:
         assert torch.equal(ea["ema"][k], eb["ema"][k]), k
-    assert _rows(a.loss_log) == _rows(b.loss_log)
+    assert _rows(a.live, "loss") == _rows(b.live, "loss") and _rows(a.live, "lr") == _rows(b.live, "lr")
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +88,10 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def test_straight_run_outputs(straight: Run) -> None:
     assert straight.result.step == 6 and straight.result.resumed_from == 0
     assert straight.result.precision == "fp32"
-    rows = _rows(straight.outputs.loss_log)
-    assert rows[0] == "step\tloss\tlr"
+    rows = _rows(straight.outputs.live, "loss")
+    assert rows[0] == "step\tloss" and _rows(straight.outputs.live, "lr")[0] == "step\tlr"
     assert [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
-    assert all(r.split("\t")[2] == "0.001" for r in rows[1:])
+    assert all(r.split("\t")[1] == "0.001" for r in _rows(straight.outputs.live, "lr")[1:])
     losses = [float(r.split("\t")[1]) for r in rows[1:]]
     assert all(np.isfinite(losses))
     assert straight.result.final_loss == pytest.approx(np.mean(losses), abs=1e-5)
@@ -118,13 +120,13 @@ def test_interrupted_run_resumes_exactly(straight: Run, tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, tiny_train(steps=6), tracker=_Crash(at=5))  # last checkpoint: step 3
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
-    assert len(_rows(tmp_path / "loss.tsv")) == 1 + 5  # rows 4 and 5 are past the checkpoint
+    assert len(_rows(tmp_path / "dvclive", "loss")) == 1 + 5  # rows 4 and 5 are past the checkpoint
     resumed = _train(tmp_path, tiny_train(steps=6))
     assert resumed.result.resumed_from == 3 and resumed.result.step == 6
     assert any("resuming" in m and "step 3" in m for m in resumed.messages)
     _assert_same_state(resumed.outputs, straight.outputs)
-    # The reported running loss spans the resume (steps 1-3 come back from the log, 6 decimals).
-    assert resumed.result.final_loss == pytest.approx(straight.result.final_loss, abs=1e-6)
+    # The reported running loss spans the resume (steps 1-3 come back from the log, every digit).
+    assert resumed.result.final_loss == straight.result.final_loss
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,9 +176,13 @@ def test_wandb_gets_sample_grids_of_the_ema_weights(tmp_path: Path, monkeypatch:
 
 def test_metrics_hold_numbers_and_the_report_the_rest(straight: Run) -> None:
     metrics, report = straight.result.metrics(), straight.result.report()
-    assert set(metrics) == {"steps", "final_loss", "images_per_second", "parameters"}  # no FID measured
+    assert set(metrics) == {"final_loss", "images_per_second", "parameters"}  # no FID measured
     assert all(isinstance(v, int | float) for v in metrics.values())
-    assert metrics["steps"] == 6 and metrics["parameters"] == straight.result.parameters
+    assert metrics["parameters"] == straight.result.parameters
+    # DVCLive's summary, the stage's metrics file: its live values and then the run's
+    summary = json.loads((straight.outputs.live / "metrics.json").read_text())
+    assert summary == {**metrics, "step": 6, "lr": 0.001,
+                       "loss": float(_rows(straight.outputs.live, "loss")[-1].split("\t")[1])}
     assert report == {"resumed_from_step": 0, "precision": "fp32", "world_size": 1,
                       "world_history": [[0, 6, 1]], "last_fid": None, "last_kid": None, "best_weights": None}
     with_fid = replace(straight.result, fids=[(3, 50.0), (6, 40.0)])
@@ -193,12 +199,12 @@ def test_raising_steps_continues_a_finished_run(straight: Run, tmp_path: Path) -
 
 def test_nothing_to_train_keeps_the_run(tmp_path: Path) -> None:
     first = _train(tmp_path, tiny_train(steps=3))
-    rows = _rows(first.outputs.loss_log)
+    rows = _rows(first.outputs.live, "loss")
     model = torch.load(first.outputs.checkpoint, weights_only=True)["model"]
     again = _train(tmp_path, tiny_train(steps=3))
     assert again.result.step == 3 and again.result.resumed_from == 3
     assert any("nothing to train" in m for m in again.messages)
-    assert _rows(again.outputs.loss_log) == rows
+    assert _rows(again.outputs.live, "loss") == rows
     after = torch.load(again.outputs.checkpoint, weights_only=True)["model"]
     assert all(torch.equal(model[k], after[k]) for k in model)
 
@@ -221,9 +227,9 @@ def test_changed_lr_starts_fresh(tmp_path: Path, tmp_path_factory: pytest.TempPa
     assert changed.result.resumed_from == 0 and changed.result.step == 6
     assert any("starting fresh" in m for m in changed.messages)
     assert not any("resuming" in m for m in changed.messages)
-    rows = _rows(changed.outputs.loss_log)
+    rows = _rows(changed.outputs.live, "lr")
     assert [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
-    assert all(r.split("\t")[2] == "0.0005" for r in rows[1:])
+    assert all(r.split("\t")[1] == "0.0005" for r in rows[1:])
     # It is exactly a fresh run with the new lr.
     fresh = _train(tmp_path_factory.mktemp("fresh"), tiny_train(steps=6, lr=5e-4))
     _assert_same_state(changed.outputs, fresh.outputs)
@@ -258,8 +264,8 @@ def test_a_checkpoint_of_an_older_version_starts_fresh_in_one_line(tmp_path: Pat
 def test_warmup_sets_the_lr_the_optimizer_uses(tmp_path: Path) -> None:
     run = _train(tmp_path, tiny_train(steps=5, warmup_steps=3))
     # lr x min(1, k / 3) after k steps, as Ho et al.'s code: 0 for the first step
-    assert [r.split("\t")[2] for r in _rows(run.outputs.loss_log)[1:]] == [
-        "0", "0.000333", "0.000667", "0.001", "0.001"]
+    assert [float(r.split("\t")[1]) for r in _rows(run.outputs.live, "lr")[1:]] == pytest.approx(
+        [0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3], rel=1e-15)
     ckpt = torch.load(run.outputs.checkpoint, weights_only=True)
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [pytest.approx(1e-3, rel=1e-12)]
     # The first step, at lr 0, leaves the weights where they started: the lr reached Adam.
@@ -285,17 +291,18 @@ def test_interrupted_warmup_resumes_exactly(tmp_path: Path, tmp_path_factory: py
     _assert_same_state(resumed.outputs, straight.outputs)
 
 
-@pytest.mark.parametrize("tail", ["4\t0.12", "1", "4\t0.123456\t0.0", "3\t0.5"],
-                         ids=["half-row", "prefix-of-a-later-step", "half-lr", "short-row"])
+@pytest.mark.parametrize("tail", ["4\t0.12", "1", "4\t0.123456\t0.0", "3\t0.5", "4"],
+                         ids=["half-row", "prefix-of-a-later-step", "extra-field", "earlier-step",
+                              "step-only"])
 def test_torn_last_line_is_dropped_on_resume(straight: Run, tmp_path: Path, tail: str) -> None:
     _train(tmp_path, tiny_train(steps=3))
-    log = tmp_path / "loss.tsv"
+    log = live_metric_path(tmp_path / "dvclive", "loss")
     text = log.read_text()
     assert text.endswith("\n")
     log.write_text(text + tail)  # a crash mid-write: no newline at the end
     resumed = _train(tmp_path, tiny_train(steps=6))
     assert resumed.result.resumed_from == 3
-    assert _rows(log) == _rows(straight.outputs.loss_log)
+    assert log.read_text() == live_metric_path(straight.outputs.live, "loss").read_text()
 
 
 # -- BatchSource ---------------------------------------------------------------------------------
@@ -378,7 +385,7 @@ def test_interruption_during_training_fid_leaves_no_gap_in_the_fid_curve(tmp_pat
                        outputs=outputs, device=CPU, evaluation=TrainingEval(lambda m, d: {"fid": 1.5}),
                        log=lambda _: None)
     assert [s for s, _ in result.fids] == [2, 4]
-    assert [r.split("\t")[0] for r in _rows(outputs.fid_log)] == ["step", "2", "4"]
+    assert [r.split("\t")[0] for r in _rows(outputs.live, "fid")] == ["step", "2", "4"]
 
 
 def test_checkpoint_bytes_are_reproducible(tmp_path: Path) -> None:
@@ -415,7 +422,7 @@ def test_a_new_fid_reference_restarts_the_fid_curve_but_not_training(tmp_path: P
     result, outputs = _retrain_with_new_fid_reference(tmp_path, second_steps=3)
     assert result.resumed_from == 2
     assert result.fids == [(3, 1.0)]
-    assert _rows(outputs.fid_log) == ["step\tfid", "3\t1"]
+    assert _rows(outputs.live, "fid") == ["step\tfid", "3\t1.0"]
 
 
 def test_images_of_another_size_are_refused(tmp_path: Path) -> None:
@@ -427,7 +434,7 @@ def test_images_of_another_size_are_refused(tmp_path: Path) -> None:
 def test_a_finished_run_with_a_new_fid_reference_measures_its_final_weights(tmp_path: Path) -> None:
     result, outputs = _retrain_with_new_fid_reference(tmp_path, second_steps=2)
     assert result.resumed_from == 2 and result.fids == [(2, 1.0)]
-    assert _rows(outputs.fid_log) == ["step\tfid", "2\t1"]
+    assert _rows(outputs.live, "fid") == ["step\tfid", "2\t1.0"]
 
 
 # -- divergence: a non-finite loss or weights stop the run, keeping the last good checkpoint --------
@@ -463,7 +470,8 @@ def test_a_non_finite_loss_stops_training_keeping_the_last_good_checkpoint(
     assert ckpt["step"] == 3 and ema["step"] == 3
     weights = (ckpt["model"], ckpt["ema"], ema["ema"])
     assert all(torch.isfinite(w).all() for part in weights for w in part.values())
-    assert [r.split("\t")[0] for r in _rows(outputs.loss_log)] == ["step", "1", "2", "3", "4"]  # no NaN row
+    # no NaN row
+    assert [r.split("\t")[0] for r in _rows(outputs.live, "loss")] == ["step", "1", "2", "3", "4"]
 
 
 def test_a_run_that_diverges_before_its_first_checkpoint_writes_none(tmp_path: Path,
@@ -607,14 +615,14 @@ def test_stage_splits_metrics_from_report_and_continues_its_wandb_run(tmp_path: 
         done = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        return (json.loads((tmp_path / "metrics" / "train.json").read_text()),
+        return (json.loads((tmp_path / "dvclive" / "metrics.json").read_text()),
                 json.loads((tmp_path / "reports" / "train.json").read_text()))
 
     metrics, report = stage(2)
-    assert set(metrics) == {"steps", "final_loss", "images_per_second", "parameters"}
-    assert metrics["steps"] == 2
+    assert set(metrics) == {"step", "loss", "lr", "final_loss", "images_per_second", "parameters"}
+    assert metrics["step"] == 2
     assert report["resumed_from_step"] == 0 and report["device"] == "cpu"
     assert report["wandb_mode"] == "offline" and report["wandb_run_name"] == "exp-tiny"
     metrics, again = stage(3)
-    assert again["resumed_from_step"] == 2 and metrics["steps"] == 3
+    assert again["resumed_from_step"] == 2 and metrics["step"] == 3
     assert again["wandb_run_id"] == report["wandb_run_id"]  # the same W&B run, continued

@@ -16,12 +16,11 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..runtime.fileio import atomic_path  # noqa: E402
-from ..runtime.loaders import TRAIN_LOG, load_tsv  # noqa: E402
+from ..runtime.loaders import TRAIN_LOG, live_metric_path, load_live_metric  # noqa: E402
 
-# The columns of the training logs (training/runlog.py writes them), by the value each holds: the
-# evaluation log holds KID too when the reference has features.
-LOG_COLUMNS = {"loss": ("step", "loss", "lr"), "fid": ("step", "fid"),
-               "kid": ("step", "fid", "kid", "kid_std")}
+# The training-time evaluation's histories (training/runlog.py logs them through DVCLive): KID and its
+# std only when the reference has features, none at all with train.fid_every: 0.
+EVAL_VALUES = ("fid", "kid", "kid_std")
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -130,11 +129,10 @@ def _draw_bars(ax: Any, bars: Sequence[_Bar], title: str) -> None:
     ax.set_title(title, fontsize=9, color="#d62728" if any(hatched) else "black")
 
 
-def save_training_curves(loss_log: str | Path, fid_log: str | Path, loss_png: str | Path,
-                         fid_png: str | Path) -> None:
-    """The study's two figures from the training logs (TSVs with a ``step`` column): the loss, raw and
-    smoothed, and the training-time FID of the EMA weights."""
-    loss = load_training_log(loss_log, "loss")
+def save_training_curves(live_dir: str | Path, loss_png: str | Path, fid_png: str | Path) -> None:
+    """The study's two figures from the training logs (DVCLive's histories in ``live_dir``): the loss, raw
+    and smoothed, and the training-time FID of the EMA weights."""
+    loss = load_training_log(live_dir, ("loss",))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(loss["step"], loss["loss"], color="#9ecae1", linewidth=0.6, label="loss")
     window = max(1, len(loss) // 50)
@@ -144,7 +142,9 @@ def save_training_curves(loss_log: str | Path, fid_log: str | Path, loss_png: st
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save_fig(fig, loss_png)
-    _save_evaluation_curves(load_training_log(fid_log, "fid"), fid_png)
+    # KID (with its std) only where it was logged; an absent FID history is an empty curve (fid_every: 0)
+    values = EVAL_VALUES if live_metric_path(live_dir, "kid").exists() else ("fid",)
+    _save_evaluation_curves(load_training_log(live_dir, values, missing=values == ("fid",)), fid_png)
 
 
 def _save_evaluation_curves(log: pd.DataFrame, path: str | Path) -> None:
@@ -169,23 +169,21 @@ def _save_evaluation_curves(log: pd.DataFrame, path: str | Path) -> None:
     _save_fig(fig, path)
 
 
-def load_training_log(path: str | Path, value: str) -> pd.DataFrame:
-    """The training log of ``value`` ("loss" or "fid", whose log may hold KID too), checked: a step and
-    finite numbers per row."""
-    columns = LOG_COLUMNS[value]
-    if value == "fid" and _first_line(path) == "\t".join(LOG_COLUMNS["kid"]):  # the header says which layout
-        columns = LOG_COLUMNS["kid"]
-    rows = load_tsv(path, TRAIN_LOG, columns=columns)
-    frame = pd.DataFrame(rows, columns=list(columns)).astype(float)
-    return frame.astype({"step": int})
-
-
-def _first_line(path: str | Path) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.readline().rstrip("\n")
-    except OSError:  # load_tsv says what is wrong with the file
-        return None
+def load_training_log(live_dir: str | Path, values: Sequence[str], missing: bool = False) -> pd.DataFrame:
+    """The histories of ``values`` as one frame (``step``, then a column each), checked: finite numbers,
+    every history at the first one's steps. ``missing``: an absent history is empty (nothing was
+    evaluated), not an error."""
+    steps: list[int] | None = None
+    columns: dict[str, list[float]] = {}
+    for value in values:
+        path = live_metric_path(live_dir, value)
+        rows = [] if missing and not path.exists() else load_live_metric(live_dir, value)
+        if steps is not None and [s for s, _ in rows] != steps:
+            raise TRAIN_LOG.refuse(path, f"its steps are not those of {values[0]}.tsv beside it")
+        steps = [s for s, _ in rows]
+        columns[value] = [v for _, v in rows]
+    frame = pd.DataFrame({"step": steps or [], **columns})
+    return frame.astype({"step": int, **{value: float for value in values}})
 
 
 def _save_fig(fig: Any, path: str | Path) -> None:

@@ -123,8 +123,8 @@ def fid_tables(ours: dict[str, Any], baselines: list[dict[str, Any]],
     """Rows of the two FID bar charts that ``dvc plots`` draws (and overlays across experiments).
 
     ``published``: the quoted baselines, plus those of our measured FIDs (``ours`` and the reports in
-    ``measured``, each with a ``name``) that compare with them. ``measured``: every FID measured here,
-    whether it is comparable and why not. A non-comparable FID is therefore never on the same chart
+    ``measured``, each with a ``name``) that compare with them. ``measured``: every FID this pipeline
+    measured, whether it is comparable and why not. A non-comparable FID is therefore never on the same chart
     as a published one.
     """
     mine = [{**ours, "name": "ours"}, *measured]

@@ -197,13 +197,25 @@ def _utf8(path: Path, source: Source) -> str:
 
 
 _STEP = re.compile(r"[0-9]+")
-# metrics/train_loss.tsv and train_fid.tsv, read back by the train stage on resume and by the plots stage.
-# Removed, DVC reruns the train stage (the logs are its outputs), which resumes from its checkpoint and
-# starts the log afresh from there; tests/test_damaged_files.py runs the command in a DVC project.
+# The training logs: DVCLive's histories under dvclive/plots/metrics/, one TSV per value ("step", then the
+# value), read back by the train stage on resume and by the plots stage. Removed, DVC reruns the train stage
+# (the folder is its output), which resumes from its checkpoint and starts the logs afresh from there;
+# tests/test_damaged_files.py runs the command in a DVC project.
 TRAIN_LOG = Source(
     "a training log",
     "remove it and rerun `dvc repro`, whose train stage starts it again (from the step training resumes at)",
     missing="run `dvc repro`, whose train stage writes it")
+
+
+def live_metric_path(live_dir: str | Path, name: str) -> Path:
+    """Where DVCLive (``Live(dir=live_dir).log_metric(name, ...)``) keeps the history of ``name``."""
+    return Path(live_dir) / "plots" / "metrics" / f"{name}.tsv"
+
+
+def load_live_metric(live_dir: str | Path, name: str, max_step: int | None = None) -> list[tuple[int, float]]:
+    """(step, value) rows of DVCLive's history of ``name``, checked, up to ``max_step``."""
+    rows = load_tsv(live_metric_path(live_dir, name), TRAIN_LOG, columns=("step", name), max_step=max_step)
+    return [(int(step), float(value)) for step, value in rows]
 
 
 def load_tsv(path: str | Path, source: Source, columns: Sequence[str] | None = None,

@@ -71,8 +71,9 @@ class TrainResult:
     best: dict[str, Any] | None = None  # metric, step and score of the best weights kept
 
     def metrics(self) -> dict[str, Any]:
-        """The numbers that can differ between experiments (DVC metrics); ``fid`` only when measured."""
-        out: dict[str, Any] = {"steps": self.step, "final_loss": round(self.final_loss, 6),
+        """The numbers that can differ between experiments (DVC metrics, beside DVCLive's ``step`` and last
+        ``loss``, ``lr``); ``fid`` only when measured."""
+        out: dict[str, Any] = {"final_loss": round(self.final_loss, 6),
                                "images_per_second": round(self.images_per_second, 2),
                                "parameters": self.parameters}
         if self.fids:
@@ -195,8 +196,7 @@ def train(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConf
     state = TrainState.create(model_cfg, cfg, device, rank)
     data = BatchSource(images, cfg.seed, device)
     columns = evaluation.columns if evaluation else ("fid",)
-    logger = RunLogger(outputs.loss_log, outputs.fid_log, tracker or Tracker(), main=rank == 0, log=log,
-                       columns=columns)
+    logger = RunLogger(outputs.live, tracker or Tracker(), main=rank == 0, log=log, columns=columns)
     found = resume(state, outputs.checkpoint, fp=fp, fid_id=fid_id, cfg=cfg, log=logger.message)
     if state.step >= cfg.steps and state.step > 0:
         logger.message(f"checkpoint is already at step {state.step} = train.steps: nothing to train")
@@ -225,16 +225,18 @@ def train(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConf
                 # the curve was dropped for a new reference: measure the final weights
                 _evaluate(state, evaluation, diffusion, logger, cfg)
             save(state, outputs, meta, logger)  # nothing to train: rewrite ema.pt, which DVC removed
+        elapsed = time.perf_counter() - t0
+        result = TrainResult(
+            step=state.step, resumed_from=state.resumed_from, final_loss=logger.final_loss,
+            images_per_second=images_seen / elapsed if images_seen else 0.0, precision=state.precision,
+            parameters=count_parameters(state.model), world_size=world,
+            world_history=state.world_history(world), ema=state.ema.model, fids=logger.series("fid"),
+            kids=logger.series("kid"), best=state.best.describe() if state.best else None,
+        )
+        logger.finish(result.metrics())  # the summary DVCLive keeps: the stage's metrics file
     finally:
         logger.close()
-    elapsed = time.perf_counter() - t0
-    return TrainResult(
-        step=state.step, resumed_from=state.resumed_from, final_loss=logger.final_loss,
-        images_per_second=images_seen / elapsed if images_seen else 0.0, precision=state.precision,
-        parameters=count_parameters(state.model), world_size=world,
-        world_history=state.world_history(world), ema=state.ema.model, fids=logger.series("fid"),
-        kids=logger.series("kid"), best=state.best.describe() if state.best else None,
-    )
+    return result
 
 
 def _evaluate(state: TrainState, evaluation: TrainingEval, diffusion: GaussianDiffusion, logger: RunLogger,

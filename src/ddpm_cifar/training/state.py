@@ -42,8 +42,7 @@ TRAJECTORY_VERSION = 3
 class TrainOutputs:
     checkpoint: Path  # full state, for resume
     ema: Path  # EMA weights and configs, for sampling
-    loss_log: Path  # TSV: step, loss, lr
-    fid_log: Path  # TSV: step, fid (and kid, kid_std when the reference holds features)
+    live: Path  # DVCLive's folder: the histories of loss, lr, fid (kid, kid_std) and the summary
     ema_best: Path | None = None  # the EMA weights of the best training-time score (None: not written)
 
 
