@@ -172,7 +172,7 @@ class DdpmUNetConfig:
         if unknown:
             raise UserError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; DdpmUNet cannot "
                             "tell whether they change the computation")
-        for key, allowed in _FIXED_KEYS.items():
+        for key, allowed in FIXED_KEYS.items():
             value = config.get(key, allowed[0])
             if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
                 raise UserError(f"{source}: {key}={value!r} is not implemented by DdpmUNet "
@@ -205,7 +205,7 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "downsample_padding": 1, "time_embedding_dim": None, "dropout": PAPER_DROPOUT,
 }
 # Keys whose alternatives are not implemented: the accepted values, the first being diffusers' default.
-_FIXED_KEYS: dict[str, tuple[Any, ...]] = {
+FIXED_KEYS: dict[str, tuple[Any, ...]] = {
     "time_embedding_type": ("positional",),
     "mid_block_type": ("UNetMidBlock2D",),
     "downsample_type": ("conv",),
@@ -216,9 +216,9 @@ _FIXED_KEYS: dict[str, tuple[Any, ...]] = {
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
 }
-# Read by UNet2DModel only for time_embedding_type "learned", which _FIXED_KEYS rules out.
+# Read by UNet2DModel only for time_embedding_type "learned", which FIXED_KEYS rules out.
 _IGNORED_KEYS = frozenset({"num_train_timesteps"})
-_DIFFUSERS_KEYS = frozenset(_DIFFUSERS_DEFAULTS) | frozenset(_FIXED_KEYS) | _IGNORED_KEYS
+_DIFFUSERS_KEYS = frozenset(_DIFFUSERS_DEFAULTS) | frozenset(FIXED_KEYS) | _IGNORED_KEYS
 
 
 class TimestepEmbedding(nn.Module):

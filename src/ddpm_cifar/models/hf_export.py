@@ -30,7 +30,7 @@ from ..diffusion.process import BETA_SCHEDULES
 from ..runtime.config import VARIANCE_NAMES, DiffusionConfig, plain
 from ..runtime.errors import UserError
 from . import checkpoint
-from .ddpm_unet import _FIXED_KEYS, CONFIG_NAME, SAFETENSORS_NAME, DdpmUNet, DdpmUNetConfig
+from .ddpm_unet import CONFIG_NAME, FIXED_KEYS, SAFETENSORS_NAME, DdpmUNet, DdpmUNetConfig
 
 # The diffusers release the exported folders are checked against (tests/test_hf_export.py).
 DIFFUSERS_VERSION = "0.42.1"
@@ -51,7 +51,7 @@ def unet_config(cfg: DdpmUNetConfig) -> dict[str, Any]:
     values = {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}  # tuples -> JSON lists
     # The settings DdpmUNet does not vary, spelled out rather than left to diffusers' defaults (the
     # first accepted value of each is that default, and what DdpmUNet computes).
-    fixed = {k: allowed[0] for k, allowed in _FIXED_KEYS.items()}
+    fixed = {k: allowed[0] for k, allowed in FIXED_KEYS.items()}
     return {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **values, **fixed}
 
 
