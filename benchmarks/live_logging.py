@@ -1,11 +1,11 @@
 """The cost of logging one training step through DVCLive, as the train stage does it and as DVCLive's own
 ``next_step()`` would, at growing history lengths.
 
-The train stage (training/runlog.py) logs loss and lr with ``log_metric`` and writes the summary with
-``make_summary()``. ``next_step()`` also calls ``sync()``, which re-reads every history file to build the
-data it would post to DVC Studio, so its cost grows with the steps already logged: a run of n steps
-then costs O(n²). This prints both per-step costs at each history length and their ratio, measured in
-the same run, in a temporary folder outside any DVC repository.
+The train stage (training/runlog.py) logs loss and lr with ``log_metric`` and replaces the summary
+atomically (``runlog.write_summary``). ``next_step()`` also calls ``sync()``, which re-reads every
+history file to build the data it would post to DVC Studio, so its cost grows with the steps already
+logged: a run of n steps then costs O(n²). This prints both per-step costs at each history length
+and their ratio, measured in the same run, in a temporary folder outside any DVC repository.
 
     python benchmarks/live_logging.py                    # histories of 1k, 10k and 50k steps
     python benchmarks/live_logging.py --lengths 1000 100000 --steps 50
@@ -34,6 +34,8 @@ def per_step(folder: Path, length: int, steps: int, sync: bool) -> float:
     """Seconds per logged step after ``length`` steps of history."""
     from dvclive import Live
 
+    from ddpm_cifar.training.runlog import write_summary
+
     prefill(folder, length)
     live = Live(str(folder), resume=True, save_dvc_exp=False, dvcyaml=None)
     start = time.perf_counter()
@@ -44,7 +46,7 @@ def per_step(folder: Path, length: int, steps: int, sync: bool) -> float:
         if sync:
             live.sync()  # what next_step() does before it counts the step
         else:
-            live.make_summary()
+            write_summary(live)
     return (time.perf_counter() - start) / steps
 
 

@@ -9,7 +9,7 @@ to match, so that the logs of a run killed between checkpoints end equal to an u
 
 DVCLive's own ``next_step()``/``sync()`` are not called per step: each call re-reads every history file
 (for DVC Studio), which makes a run quadratic in its steps (benchmarks/live_logging.py). The summary is
-written with ``make_summary()`` instead, and ``end()`` (one sync) closes a finished run.
+written by :func:`write_summary` instead, and ``end()`` (one sync) closes a finished run.
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 
 RUNNING_LOSS_STEPS = 100  # the loss shown on the bar and reported as final: a mean of the last steps
 STEP_VALUES = ("loss", "lr")  # logged at every optimizer step
+
+
+def write_summary(live: Live) -> None:
+    """DVCLive's summary with its step, replaced atomically: ``Live.make_summary()`` rewrites the file in
+    place, and a `dvc exp show` that read it meanwhile showed the running experiment without metrics
+    (once in 8 calls during a quick run)."""
+    live.summary["step"] = live.step  # as make_summary() does: end() takes the step back from here
+    write_json(live.metrics_file, live.summary)
 
 
 def cut_back(live_dir: Path, keep: dict[str, int]) -> dict[str, list[tuple[int, float]]]:
@@ -105,7 +113,7 @@ class RunLogger:
         self._live.step = step
         for name, value in values.items():
             self._live.log_metric(name, value)
-        self._live.make_summary()  # what `dvc exp show` reads while the run goes on
+        write_summary(self._live)  # what `dvc exp show` reads while the run goes on
 
     def step(self, step: int, loss: float, lr: float) -> None:
         """One optimizer step done: the histories and summary, the bar's running loss, W&B."""
