@@ -48,8 +48,7 @@ def main() -> None:
                           sample_grid_every=0, warmup_steps=0, best_metric=None)
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            outputs = TrainOutputs(root / "checkpoint.pt", root / "ema.pt", root / "loss.tsv",
-                                   root / "fid.tsv")
+            outputs = TrainOutputs(root / "checkpoint.pt", root / "ema.pt", root / "dvclive")
             result = train(MODEL, DIFFUSION, cfg, images=images, data_id="random", outputs=outputs,
                            device=device, log=lambda _: None)
         rates[amp] = result.images_per_second

@@ -56,7 +56,7 @@ class Crash(Tracker):
 
 def outputs(root: Path) -> TrainOutputs:
     root.mkdir(parents=True, exist_ok=True)
-    return TrainOutputs(root / "checkpoint.pt", root / "ema.pt", root / "loss.tsv", root / "fid.tsv")
+    return TrainOutputs(root / "checkpoint.pt", root / "ema.pt", root / "dvclive")
 
 
 def max_diff(a: Path, b: Path) -> float:

@@ -26,6 +26,7 @@ from ddpm_cifar.diffusion.generate import generate_images, generate_images_shard
 from ddpm_cifar.diffusion.process import GaussianDiffusion
 from ddpm_cifar.models.unet import UNet
 from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
+from ddpm_cifar.runtime.loaders import load_live_metric
 from ddpm_cifar.training.loop import TrainOutputs, train
 
 DEV = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # cpu: a smoke run
@@ -49,7 +50,7 @@ def cfg(steps: int) -> TrainConfig:
 
 def outputs(root: Path) -> TrainOutputs:
     root.mkdir(parents=True, exist_ok=True)
-    return TrainOutputs(root / "checkpoint.pt", root / "ema.pt", root / "loss.tsv", root / "fid.tsv")
+    return TrainOutputs(root / "checkpoint.pt", root / "ema.pt", root / "dvclive")
 
 
 def run(root: Path, steps: int) -> float:
@@ -83,7 +84,7 @@ def weights(root: Path) -> dict[str, torch.Tensor]:
 
 
 def losses(root: Path) -> np.ndarray:
-    return np.array([float(r.split("\t")[1]) for r in (root / "loss.tsv").read_text().splitlines()[1:]])
+    return np.array([value for _, value in load_live_metric(root / "dvclive", "loss")])
 
 
 def main() -> None:
@@ -96,7 +97,7 @@ def main() -> None:
           f"{time.perf_counter() - t0:.1f} s")
     ddp, resumed = weights(root / "ddp"), weights(root / "ddp-resumed")
     print("DDP resume, max weight difference:", max((ddp[k] - resumed[k]).abs().max().item() for k in ddp))
-    same_log = (root / "ddp/loss.tsv").read_text() == (root / "ddp-resumed/loss.tsv").read_text()
+    same_log = losses(root / "ddp").tolist() == losses(root / "ddp-resumed").tolist()
     print("DDP resume, loss logs identical:", same_log)
     rel = np.abs(losses(root / "ddp") - losses(root / "single")) / losses(root / "single")
     precision = "bf16" if DEV.type == "cuda" else "fp32"
@@ -123,7 +124,7 @@ def write_params(root: Path) -> Path:
     path.write_text("sample: {n: 4, sampler: {name: ddim, steps: 2, spacing: uniform, eta: 0.0, "
                     "variance: posterior, "
                     "clip_x0: true}, compile: false, "
-                    "batch_size: 2, seed: 0, grid_images: 4, strip_seeds: [0], "
+                    "batch_size: 2, seed: 0, grid_images: 4, strip_seeds: [0], weights: final, "
                     "strip_frames: 2}\n"
                     "distributed: {nnodes: 1, nproc_per_node: 2, rdzv_endpoint: 'localhost:0'}\n")
     return path

@@ -23,6 +23,7 @@ from ddpm_cifar.models.unet import LinearAttention, ResBlock, UNet
 from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.distributed import rank_and_world, shard, unshard
 from ddpm_cifar.runtime.errors import UserError
+from ddpm_cifar.runtime.loaders import live_metric_path
 from ddpm_cifar.training.ema import EMA
 from ddpm_cifar.training.loop import TrainResult, train
 
@@ -131,7 +132,7 @@ def _max_diff(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torc
 
 
 def _losses(root: Path) -> np.ndarray:
-    rows = (root / "loss.tsv").read_text().splitlines()[1:]
+    rows = live_metric_path(root / "dvclive", "loss").read_text().splitlines()[1:]
     return np.array([float(r.split("\t")[1]) for r in rows])
 
 
@@ -219,14 +220,17 @@ def test_checkpoints_record_how_many_processes_trained_them(ddp_runs: Path) -> N
 def test_only_rank_0_writes(ddp_runs: Path) -> None:
     assert not (ddp_runs / "rank1-outputs").exists()
     written = {p.name for p in (ddp_runs / "ddp").iterdir()}
-    assert written == {"checkpoint.pt", "ema.pt", "loss.tsv", "fid.tsv"}
+    assert written == {"checkpoint.pt", "ema.pt", "dvclive"}
 
 
 @pytest.mark.slow
 def test_resume_under_ddp_is_exact(ddp_runs: Path) -> None:
     straight, resumed = _weights(ddp_runs / "ddp"), _weights(ddp_runs / "ddp-resumed")
     assert _max_diff(straight, resumed) == 0.0
-    assert (ddp_runs / "ddp" / "loss.tsv").read_text() == (ddp_runs / "ddp-resumed" / "loss.tsv").read_text()
+    for name in ("loss", "lr"):
+        straight_log, resumed_log = (live_metric_path(ddp_runs / run / "dvclive", name)
+                                     for run in ("ddp", "ddp-resumed"))
+        assert straight_log.read_text() == resumed_log.read_text(), name
 
 
 @pytest.mark.slow

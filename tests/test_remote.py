@@ -2,7 +2,7 @@
 
 Clone A (the toy project in a temporary git repository, as tests/test_pipeline_e2e.py makes it) runs
 ``dvc repro``, ``dvc push`` to a DVC remote and ``git push`` to a bare repository. The remote is a
-local directory, and S3 (moto's server on 127.0.0.1) where dvc-s3 and moto[server] are installed.
+local directory, and S3 (moto's server on 127.0.0.1) where the test-s3 extra installed dvc-s3 and moto.
 A fresh ``git clone`` B of that repository runs ``dvc pull`` and has the same metrics, model and
 samples without retraining; the app samples the pulled model. An experiment goes from A to B with
 ``dvc exp push``/``dvc exp pull``, and ``dvc artifacts get`` fetches the model alone (the dvc.yaml
@@ -65,7 +65,7 @@ class Remote:
     env: dict[str, str] = field(default_factory=dict)
 
 
-# S3-compatible storage, served by moto on 127.0.0.1: only with dvc-s3 and moto[server] installed.
+# S3-compatible storage, served by moto on 127.0.0.1: only with the test-s3 extra (dvc-s3, moto[s3], flask).
 S3_PACKAGES = ("dvc_s3", "moto", "boto3")
 S3_BUCKET = "ddpm-results"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # moto takes any
@@ -81,7 +81,7 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
         return
     absent = [m for m in S3_PACKAGES if importlib.util.find_spec(m) is None]
     if absent:
-        pytest.skip(f"no {', '.join(absent)}: the S3 remote needs dvc-s3 and moto[server] installed")
+        pytest.skip(f"no {', '.join(absent)}: the S3 remote case needs pip install -e '.[test-s3]'")
     import boto3
     from moto.server import ThreadedMotoServer
 

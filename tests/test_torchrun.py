@@ -47,7 +47,7 @@ def test_a_crash_in_one_rank_ends_the_run_with_its_error(tmp_path: Path) -> None
     assert "rank      : 1" in proc.stderr  # torchrun's summary names the failed rank
     assert elapsed < HANG_LIMIT / 2, f"took {elapsed:.0f} s to fail"
     # Rank 0 got as far as the step-1 log row and no further: it was stopped, not left waiting.
-    rows = (tmp_path / "out" / "loss.tsv").read_text().splitlines()
+    rows = (tmp_path / "out" / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     assert len(rows) <= 3
 
 
