@@ -214,13 +214,18 @@ def _dvc_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _toy_project(repo: Path, env: dict[str, str]) -> None:
-    """git + DVC with one stage that says it started, then sleeps a minute."""
+def _git_dvc_init(repo: Path, env: dict[str, str]) -> None:
+    """A new folder ``repo`` with git (a committer set, no signing) and DVC initialised."""
     repo.mkdir()
     for argv in (["git", "init", "-q"], ["git", "config", "user.email", "toy@example.invalid"],
                  ["git", "config", "user.name", "toy"], ["git", "config", "commit.gpgsign", "false"],
                  ["dvc", "init", "-q"]):
         subprocess.run(argv, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+
+
+def _toy_project(repo: Path, env: dict[str, str]) -> None:
+    """git + DVC with one stage that says it started, then sleeps a minute."""
+    _git_dvc_init(repo, env)
     (repo / "params.yaml").write_text("nap: 60\n")
     (repo / "dvc.yaml").write_text(
         "stages:\n  nap:\n"
@@ -410,11 +415,7 @@ def test_a_temp_experiment_through_the_filter_shows_no_no_hash_warning(tmp_path:
     """On a project without dvc.lock, plain `dvc exp run --temp` warns once per output before the stage
     runs; through exp_screens.py it does not, and DVC's other output stays."""
     env, repo = _dvc_env(tmp_path), tmp_path / "repo"
-    repo.mkdir()
-    for argv in (["git", "init", "-q"], ["git", "config", "user.email", "toy@example.invalid"],
-                 ["git", "config", "user.name", "toy"], ["git", "config", "commit.gpgsign", "false"],
-                 ["dvc", "init", "-q"]):
-        subprocess.run(argv, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+    _git_dvc_init(repo, env)
     (repo / "params.yaml").write_text("n: 1\n")
     (repo / "dvc.yaml").write_text(
         "stages:\n  make:\n    cmd: python -c \"open('out.txt', 'w').write('x')\"\n"

@@ -207,9 +207,14 @@ TRAIN_LOG = Source(
     missing="run `dvc repro`, whose train stage writes it")
 
 
+def live_metrics_dir(live_dir: str | Path) -> Path:
+    """The folder of DVCLive's metric histories in ``live_dir``."""
+    return Path(live_dir) / "plots" / "metrics"
+
+
 def live_metric_path(live_dir: str | Path, name: str) -> Path:
     """Where DVCLive (``Live(dir=live_dir).log_metric(name, ...)``) keeps the history of ``name``."""
-    return Path(live_dir) / "plots" / "metrics" / f"{name}.tsv"
+    return live_metrics_dir(live_dir) / f"{name}.tsv"
 
 
 def load_live_metric(live_dir: str | Path, name: str, max_step: int | None = None) -> list[tuple[int, float]]:

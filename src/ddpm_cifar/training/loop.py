@@ -225,18 +225,23 @@ def train(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConf
                 # the curve was dropped for a new reference: measure the final weights
                 _evaluate(state, evaluation, diffusion, logger, cfg)
             save(state, outputs, meta, logger)  # nothing to train: rewrite ema.pt, which DVC removed
-        elapsed = time.perf_counter() - t0
-        result = TrainResult(
-            step=state.step, resumed_from=state.resumed_from, final_loss=logger.final_loss,
-            images_per_second=images_seen / elapsed if images_seen else 0.0, precision=state.precision,
-            parameters=count_parameters(state.model), world_size=world,
-            world_history=state.world_history(world), ema=state.ema.model, fids=logger.series("fid"),
-            kids=logger.series("kid"), best=state.best.describe() if state.best else None,
-        )
+        result = _result(state, logger, world, images_per_second=images_seen / (time.perf_counter() - t0)
+                         if images_seen else 0.0)
         logger.finish(result.metrics())  # the summary DVCLive keeps: the stage's metrics file
     finally:
         logger.close()
     return result
+
+
+def _result(state: TrainState, logger: RunLogger, world: int, images_per_second: float) -> TrainResult:
+    """What the run reports, from its state and its logger's series."""
+    return TrainResult(
+        step=state.step, resumed_from=state.resumed_from, final_loss=logger.final_loss,
+        images_per_second=images_per_second, precision=state.precision,
+        parameters=count_parameters(state.model), world_size=world,
+        world_history=state.world_history(world), ema=state.ema.model, fids=logger.series("fid"),
+        kids=logger.series("kid"), best=state.best.describe() if state.best else None,
+    )
 
 
 def _evaluate(state: TrainState, evaluation: TrainingEval, diffusion: GaussianDiffusion, logger: RunLogger,

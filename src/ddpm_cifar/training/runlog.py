@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..runtime.fileio import atomic_path, write_json
-from ..runtime.loaders import live_metric_path, load_live_metric
+from ..runtime.loaders import live_metrics_dir, load_live_metric
 from .tracking import Tracker
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def write_summary(live: Live) -> None:
 def cut_back(live_dir: Path, keep: dict[str, int]) -> dict[str, list[tuple[int, float]]]:
     """Cut each history in ``keep`` ({name: last step kept}) back to its step, atomically, and remove
     every other history; returns the rows kept. A torn last line from a crash is dropped."""
-    folder = live_metric_path(live_dir, "x").parent
+    folder = live_metrics_dir(live_dir)
     kept: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(folder.glob("*.tsv")) if folder.is_dir() else []:
         name = path.stem
@@ -145,10 +145,6 @@ class RunLogger:
 
     def images(self, key: str, images: np.ndarray, step: int) -> None:
         self.tracker.log_images(key, images, step)
-
-    def flush(self) -> None:
-        """Before a checkpoint: every row up to its step is on disk. DVCLive closes its file after each
-        row, so there is nothing to flush; kept as the checkpoint's promise, in one place."""
 
     @property
     def final_loss(self) -> float:

@@ -278,7 +278,7 @@ def save(state: TrainState, outputs: TrainOutputs, meta: CheckpointMeta, logger:
     if rank:
         state.saved = state.step  # rank 0 writes it; every rank's divergence message names it alike
         return
-    logger.flush()  # a checkpoint at step k promises the logs' rows up to k
+    # A checkpoint at step k promises the logs' rows up to k: DVCLive has closed its file after each row.
     wandb = {"wandb_run_id": logger.run_id} if logger.run_id else {}
     checkpoint.save(outputs.checkpoint, {
         **meta.payload, "fingerprint": meta.fingerprint, **state.state_dict(rng, world),
