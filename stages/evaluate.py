@@ -15,7 +15,7 @@ from ddpm_cifar.evaluation.scoring import score_sharded
 from ddpm_cifar.runtime.fileio import write_json
 from ddpm_cifar.runtime.stage import stage
 
-PARAMS = ("fid.inception_weights", "fid.batch_size", "distributed")
+PARAMS = ("fid.inception_weights", "fid.batch_size", "fid.exact_inception", "distributed")
 
 
 def main() -> None:
@@ -31,7 +31,8 @@ def main() -> None:
         # The files first, Inception (seconds to load) last: a damaged file stops the stage at once.
         samples = load_samples(args.samples)
         reference = load_reference(args.ref)
-        inception, info = load_inception(params.key("fid.inception_weights"), device)
+        inception, info = load_inception(params.key("fid.inception_weights"), device,
+                                         exact=params.key("fid.exact_inception"))
         check_same_inception(reference.meta, info)
         scores = score_sharded(samples.images, inception, reference, batch_size=params.key("fid.batch_size"),
                                device=device)

@@ -18,7 +18,7 @@ from ddpm_cifar.models import checkpoint
 from ddpm_cifar.runtime.fileio import file_digest
 from ddpm_cifar.runtime.stage import stage
 
-PARAMS = ("frontier", "sample.seed", "sample.weights", "fid.inception_weights", "fid.batch_size",
+PARAMS = ("frontier", "sample.seed", "sample.weights", "fid.inception_weights", "fid.batch_size", "fid.exact_inception",
           "distributed")
 
 
@@ -46,7 +46,8 @@ def main() -> None:
         samples, reference = load_samples(args.samples), load_reference(args.ref)
         model = checkpoint.load_model(weights, device)
         frontier.check_steps(cfg, model.diffusion.num_timesteps)
-        inception, info = load_inception(params.key("fid.inception_weights"), device)
+        inception, info = load_inception(params.key("fid.inception_weights"), device,
+                                         exact=params.key("fid.exact_inception"))
         check_same_inception(reference.meta, info)
         sampling = frontier.Sampling(for_sampling(model.net, device), model.diffusion, model.shape,
                                      file_digest(weights), params.key("sample.seed"), device)

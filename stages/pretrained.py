@@ -25,7 +25,7 @@ from ddpm_cifar.runtime.config import to_dict
 from ddpm_cifar.runtime.fileio import file_digest, write_json
 from ddpm_cifar.runtime.stage import stage
 
-PARAMS = ("pretrained", "sample", "fid.inception_weights", "fid.batch_size", "distributed")
+PARAMS = ("pretrained", "sample", "fid.inception_weights", "fid.batch_size", "fid.exact_inception", "distributed")
 
 
 def main() -> None:
@@ -48,7 +48,8 @@ def main() -> None:
         model, weights = load_pretrained(cfg.folder, device)
         weights_sha = file_digest(weights)  # DVC does not track the folder: the report names the files
         digest = weights_sha + file_digest(Path(cfg.folder) / "config.json")
-        inception, info = load_inception(params.key("fid.inception_weights"), device)
+        inception, info = load_inception(params.key("fid.inception_weights"), device,
+                                         exact=params.key("fid.exact_inception"))
         reference = load_reference(args.ref)
         check_same_inception(reference.meta, info)
         net = for_sampling(model.net, device, compile=sample.compile)

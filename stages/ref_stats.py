@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     with stage("ref_stats", args.params, PARAMS, [args.out.parent]) as run:
         cfg, device = run.params.section("fid"), run.device
-        inception, info = load_inception(cfg.inception_weights, device)
+        inception, info = load_inception(cfg.inception_weights, device, exact=cfg.exact_inception)
         if cfg.reference in ("train", "test"):
             images, _ = load_split(args.data, cfg.reference)
             if cfg.reference_count > len(images):  # not silently fewer than asked for

@@ -15,7 +15,7 @@ from ddpm_cifar.runtime.stage import stage
 from ddpm_cifar.training.loop import TrainingEval, TrainOutputs, train
 from ddpm_cifar.training.tracking import Tracker, make_tracker
 
-PARAMS = ("model", "diffusion", "train", "fid.inception_weights", "distributed")
+PARAMS = ("model", "diffusion", "train", "fid.inception_weights", "fid.exact_inception", "distributed")
 # Read but deliberately not DVC params: they change how the stage runs, never what it computes.
 RUN_PARAMS = ("wandb",)
 
@@ -36,7 +36,8 @@ def main() -> None:
         evaluation, eval_meta = None, {}
         if cfg.fid_every:
             shape = (model_cfg.channels, model_cfg.image_size, model_cfg.image_size)
-            scorer = training_evaluation(params.key("fid.inception_weights"), args.ref, cfg, shape, device)
+            scorer = training_evaluation(params.key("fid.inception_weights"), args.ref, cfg, shape, device,
+                                         exact_inception=params.key("fid.exact_inception"))
             evaluation = TrainingEval(scorer.fn, scorer.columns, scorer.id, cfg.fid_samples)
             eval_meta = scorer.meta
         config = {**params.as_dict(), "dataset": load_meta(args.data)}

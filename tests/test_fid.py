@@ -41,7 +41,7 @@ def random_inception_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def random_inception(random_inception_path: Path) -> tuple[torch.nn.Module, inception.InceptionInfo]:
-    return inception.load_inception(random_inception_path)
+    return inception.load_inception(random_inception_path, exact=True)  # pytorch-fid's op sequence
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ the Inception Score's logits come from the same features (:func:`unbiased_logits
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from pytorch_fid.inception import (
     FIDInceptionE_2,
 )
 from torch import nn
-from torchvision.models.inception import Inception3
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.inception import BasicConv2d, Inception3
 from tqdm import tqdm
 
 from ..runtime.distributed import gather_to_main, rank_and_world, shard
@@ -61,6 +63,9 @@ class InceptionInfo:
     path: str
     sha256: str
     official: bool
+    # pytorch-fid's op sequence exactly (NCHW, BatchNorm as its own op), or BatchNorm folded into the
+    # convolutions in channels_last: the same features within 1e-6 relative, about twice as fast on CPU
+    exact: bool = False
 
 
 class FidInceptionV3(Inception3):
@@ -87,11 +92,16 @@ class FidInceptionV3(Inception3):
         self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
         self.Mixed_7b = FIDInceptionE_1(1280)
         self.Mixed_7c = FIDInceptionE_2(2048)
+        self.folded = False  # set by fold_batchnorm: inputs go channels_last, convolutions carry the BN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """(N, 3, H, W) float in [0, 1] -> (N, 2048) pool3 features."""
         x = F.interpolate(x, size=(_INPUT_SIZE, _INPUT_SIZE), mode="bilinear", align_corners=False)
         x = 2 * x - 1  # the TF graph expects [-1, 1]
+        # The layout is chosen here, not inherited from the caller's strides (a permuted NHWC batch is
+        # channels_last already): the exact path runs NCHW as pytorch-fid does, the folded one
+        # channels_last, where oneDNN's convolutions are fastest on CPU.
+        x = x.contiguous(memory_format=torch.channels_last if self.folded else torch.contiguous_format)
         # Block 0, (N, 3, 299, 299) -> (N, 64, 73, 73)
         x = self.Conv2d_1a_3x3(x)
         x = self.Conv2d_2a_3x3(x)
@@ -116,6 +126,26 @@ class FidInceptionV3(Inception3):
         x = self.Mixed_7c(x)
         x = self.avgpool(x)
         return torch.flatten(x, 1)  # (N, 2048, 1, 1) -> (N, 2048)
+
+
+def fold_batchnorm(model: FidInceptionV3) -> FidInceptionV3:
+    """A copy of ``model`` (eval mode) with every BatchNorm folded into the convolution before it, in
+    channels_last: per channel, conv(x) * g / sqrt(var + eps) + (b - mean * g / sqrt(var + eps)) is
+    one convolution with a bias, so the network reads and writes each activation once instead of twice.
+
+    The features differ from the unfolded network's by float32 rounding only (the largest relative
+    difference over a batch is about 1e-6, ``tests/test_inception_fold.py``); ``fc`` is kept unchanged
+    for :func:`unbiased_logits`. The copy's state dict no longer matches the official file's keys.
+    """
+    if model.training:
+        raise UserError("fold_batchnorm needs an eval-mode Inception (BatchNorm's running statistics)")
+    folded = copy.deepcopy(model)
+    for block in folded.modules():
+        if isinstance(block, BasicConv2d):
+            block.conv = fuse_conv_bn_eval(block.conv, block.bn)
+            block.bn = nn.Identity()  # type: ignore[assignment]
+    folded.folded = True
+    return folded.to(memory_format=torch.channels_last).eval()  # type: ignore[return-value]
 
 
 def _random_init(model: nn.Module) -> None:
@@ -189,9 +219,13 @@ def _mismatch_summary(model: nn.Module, state: dict[str, Any], exc: Exception) -
 
 
 def load_inception(
-    path: str | Path, device: torch.device | str = "cpu"
+    path: str | Path, device: torch.device | str = "cpu", *, exact: bool = False
 ) -> tuple[FidInceptionV3, InceptionInfo]:
-    """Load FID Inception weights from a local state-dict file; eval mode, on ``device``."""
+    """Load FID Inception weights from a local state-dict file; eval mode, on ``device``.
+
+    ``exact`` keeps pytorch-fid's op sequence (features equal to its own); otherwise BatchNorm is
+    folded into the convolutions (:func:`fold_batchnorm`), which changes them by float rounding only.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(_missing_message(path))
@@ -212,10 +246,11 @@ def load_inception(
         ) from exc
     sha256 = file_digest(path, "sha256")
     info = InceptionInfo(
-        path=str(path), sha256=sha256, official=sha256.startswith(OFFICIAL_INCEPTION_SHA256_PREFIX)
+        path=str(path), sha256=sha256, official=sha256.startswith(OFFICIAL_INCEPTION_SHA256_PREFIX),
+        exact=exact,
     )
-    model.requires_grad_(False)
-    return model.eval().to(device), info
+    model.requires_grad_(False).eval()
+    return (model if exact else fold_batchnorm(model)).to(device), info
 
 
 def random_inception_seed(path: str | Path) -> int | None:

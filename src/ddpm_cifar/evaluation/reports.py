@@ -35,6 +35,7 @@ def reference_meta(name: str, n: int, data_meta: dict[str, Any], info: Inception
         "data_source": data_meta.get("source"),
         "inception_sha256": info.sha256,
         "inception_official": info.official,
+        "inception_exact": info.exact,
     }
 
 
@@ -82,6 +83,7 @@ def fid_report(scores: Scores, *, sample_cfg: dict[str, Any], ref_meta: dict[str
         "data_source": ref_meta.get("data_source"),
         "inception_sha256": info.sha256,
         "inception_official": info.official,
+        "inception_exact": info.exact,
         "comparable": not reasons,
         "not_comparable_because": reasons,
         "sampler": sample_cfg.get("sampler"),  # the sample.sampler block: name, steps, spacing, ...

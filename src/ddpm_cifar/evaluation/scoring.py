@@ -122,11 +122,12 @@ class TrainingScorer:
 
 
 def training_evaluation(inception_weights: str | Path, ref_path: Path, cfg: TrainConfig,
-                        shape: tuple[int, int, int], device: torch.device) -> TrainingScorer:
+                        shape: tuple[int, int, int], device: torch.device, *,
+                        exact_inception: bool = False) -> TrainingScorer:
     """FID (and KID ± std, when the reference holds features) of the EMA model during training,
     sampled with ``cfg.fid_sampler`` on the same seeds 0..n-1 every time, for a smooth curve. In a
     process group the ranks share the sampling and the Inception batches."""
-    inception, info = load_inception(inception_weights, device)
+    inception, info = load_inception(inception_weights, device, exact=exact_inception)
     reference = load_reference(ref_path)
     check_same_inception(reference.meta, info)
     missing = no_features_reason(reference)
@@ -150,6 +151,8 @@ def training_evaluation(inception_weights: str | Path, ref_path: Path, cfg: Trai
             "kid_reference_features": None if missing else len(reference.features),  # type: ignore[arg-type]
             "kid_missing": missing}
     fid_id = training_fid_id(info.sha256, file_digest(ref_path), cfg) + f":{','.join(columns)}"
+    if info.exact:  # the folded network's values differ in float rounding: not one curve with them
+        fid_id += ":exact-inception"
     return TrainingScorer(evaluate, columns, fid_id, meta)
 
 

@@ -209,6 +209,9 @@ class FidConfig:
     # precision/recall (float32: 8 KB per image); 0 keeps none and those metrics are not measured.
     reference_features: int
     batch_size: int
+    # pytorch-fid's op sequence exactly; false folds BatchNorm into the convolutions (float rounding
+    # apart the same features, about 1.3x faster on CPU; evaluation/inception.py, fold_batchnorm)
+    exact_inception: bool
 
     def __post_init__(self) -> None:
         check_fields("fid", self)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from .config import DistributedConfig
 from .distributed import any_rank, is_main, process_group
 from .errors import UserError
+from .memory import retain_freed_memory
 from .outputs import claim_outputs
 from .params_file import Params, load_params
 from .worker import die_with_parent
@@ -87,6 +88,7 @@ def stage(name: str, params_path: str | Path, declared: Sequence[str],
     ``distributed`` section, join torchrun's process group as params say (checked against what
     torchrun started); claim the ``outputs`` folders (checked writable, the first locked by rank 0).
     Bad input anywhere inside, the body included, ends the process with one line."""
+    retain_freed_memory()  # before the stage allocates: CPU steps then reuse their pages
     with one_line_errors():
         params = load_params(params_path, declared) if declared else Params({}, ())
         params.as_dict()  # every declared key checked before anything is claimed or computed
