@@ -18,8 +18,8 @@ from ddpm_cifar.models import checkpoint
 from ddpm_cifar.runtime.fileio import file_digest
 from ddpm_cifar.runtime.stage import stage
 
-PARAMS = ("frontier", "sample.seed", "sample.weights", "fid.inception_weights", "fid.batch_size", "fid.exact_inception",
-          "distributed")
+PARAMS = ("frontier", "sample.seed", "sample.weights", "fid.inception_weights", "fid.batch_size",
+          "fid.exact_inception", "distributed")
 
 
 def main() -> None:

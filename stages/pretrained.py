@@ -25,7 +25,8 @@ from ddpm_cifar.runtime.config import to_dict
 from ddpm_cifar.runtime.fileio import file_digest, write_json
 from ddpm_cifar.runtime.stage import stage
 
-PARAMS = ("pretrained", "sample", "fid.inception_weights", "fid.batch_size", "fid.exact_inception", "distributed")
+PARAMS = ("pretrained", "sample", "fid.inception_weights", "fid.batch_size",
+          "fid.exact_inception", "distributed")
 
 
 def main() -> None:

@@ -35,4 +35,5 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    mmap_ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    return bool(mmap_ok) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
