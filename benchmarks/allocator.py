@@ -36,7 +36,8 @@ def train_work(steps: int) -> float:
     from ddpm_cifar.runtime.params_file import parse_section
 
     # The committed study params under the quick preset's model (the workspace may hold an experiment).
-    shown = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:params.yaml"], capture_output=True, text=True)
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:params.yaml"], capture_output=True,
+                           text=True)
     raw = yaml.safe_load(shown.stdout if shown.returncode == 0 else (ROOT / "params.yaml").read_text())
     raw["model"].update(yaml.safe_load((ROOT / "configs/quick.yaml").read_text())["model"])
     model_cfg = parse_section("model", raw["model"], ModelConfig)

@@ -46,7 +46,7 @@ def _params(root: Path, **frontier_keys: Any) -> dict[str, Any]:
                    "seed": 0, "grid_images": 4, "strip_seeds": [0], "strip_frames": 3},
         "frontier": {"enabled": True, "n": N, "batch_size": 4, "curves": CURVES, **frontier_keys},
         "fid": {"inception_weights": str(root / "inception.pth"), "reference": "train", "reference_count": 0,
-                "reference_features": 16, "batch_size": 6},
+                "reference_features": 16, "batch_size": 6, "exact_inception": False},
         "distributed": {"nnodes": 1, "nproc_per_node": 1, "rdzv_endpoint": "localhost:0"},
     }
 

@@ -60,7 +60,7 @@ def _run(root: Path, *, enabled: bool, folder: str) -> subprocess.CompletedProce
                    "strip_frames": 3},
         "fid": {"inception_weights": str(root / "inception.pth"), "reference": "train", "reference_count": 0,
                 "reference_features": 100,
-                "batch_size": 6},
+                "batch_size": 6, "exact_inception": False},
         "distributed": {"nnodes": 1, "nproc_per_node": 1, "rdzv_endpoint": "localhost:0"},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -23,7 +23,8 @@ def _run(tmp_path: Path, reference_count: int) -> subprocess.CompletedProcess[st
     save_split(data / "train.npz", random_images(12, 32), np.zeros(12, dtype=np.int64))
     save_random_inception(tmp_path / "inception.pth")
     params = {"fid": {"inception_weights": str(tmp_path / "inception.pth"), "reference": "train",
-                      "reference_count": reference_count, "reference_features": 8, "batch_size": 4},
+                      "reference_count": reference_count, "reference_features": 8, "batch_size": 4,
+                      "exact_inception": False},
               "distributed": {"nnodes": 1, "nproc_per_node": 1, "rdzv_endpoint": "localhost:0"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return subprocess.run([sys.executable, str(ROOT / "stages" / "ref_stats.py"), "--data", str(data),
