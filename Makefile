@@ -25,7 +25,7 @@ setup-browser:        ## Debian's Chromium, for the app's browser test (as root,
 app: setup            ## the demo app on the pipeline's model, at http://127.0.0.1:7860
 	python -m ddpm_cifar.app --checkpoint models/ema.pt
 
-quick: setup          ## the whole DAG at CPU size on real CIFAR-10, as a DVC experiment (about 15 min on 2 cores)
+quick: setup          ## the whole DAG at CPU size on real CIFAR-10, as a DVC experiment (about 12 min on 2 cores, .venv included)
 	python scripts/run_preset.py configs/quick.yaml $(if $(SOURCE),--source $(SOURCE))
 
 compare: setup        ## two experiments side by side, the params and metrics that differ (make compare A=NAME B=NAME)

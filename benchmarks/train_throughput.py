@@ -30,6 +30,7 @@ from denoising_diffusion_pytorch import Unet as TheirUnet
 from ddpm_cifar.diffusion.process import GaussianDiffusion
 from ddpm_cifar.models.unet import UNet, count_parameters
 from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig
+from ddpm_cifar.runtime.memory import retain_freed_memory
 from ddpm_cifar.training.state import precision_for
 
 # The study's settings (Adam as in training/loop.py / params.yaml; the reference Trainer's betas).
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile our model (theirs stays eager, as their Trainer runs it)")
+    p.add_argument("--retain-freed-memory", action="store_true",
+                   help="keep freed pages in the process, as every stage does (runtime/memory.py); "
+                        "both sides share the process, so both get it")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
@@ -181,12 +185,15 @@ def run_steps(c: Contender, batches: list[torch.Tensor], n: int,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device: torch.device = args.device
+    if args.retain_freed_memory:
+        retain_freed_memory()
     precision = precision_for(device, amp=True)  # bf16 where supported, fp16 on older GPUs, fp32 on CPU
 
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({torch.get_num_threads()} threads)")
-          + f", precision {precision}")
+          + f", precision {precision}"
+          + (", freed pages retained" if args.retain_freed_memory else ""))
     print(f"batch {args.batch}, warmup {args.warmup}, {args.steps} timed steps x {args.repeats} repeats,"
           f" interleaved{', ours compiled' if args.compile else ''}")
 

@@ -210,7 +210,8 @@ class FidConfig:
     reference_features: int
     batch_size: int
     # pytorch-fid's op sequence exactly; false folds BatchNorm into the convolutions (float rounding
-    # apart the same features, about 1.3x faster on CPU; evaluation/inception.py, fold_batchnorm)
+    # apart the same features, 1.6-1.8x as fast on a 2-core CPU,
+    # benchmarks/inception_speed.py; evaluation/inception.py, fold_batchnorm)
     exact_inception: bool
 
     def __post_init__(self) -> None:
