@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         save_random_inception(args.path, seed=args.seed)
-        _, info = load_inception(args.path)  # proves the file loads before anyone relies on it
+        _, info = load_inception(args.path, exact=True)  # proves the file loads before anyone relies on it
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"wrote random-weight Inception (seed {args.seed}) to {info.path}, sha256 {info.sha256}")
