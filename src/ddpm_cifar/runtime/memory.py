@@ -22,7 +22,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h> option numbe
 # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): blocks above it are mmapped
 # whatever is asked, and they are few and large (a batch of Inception activations).
 _MMAP_THRESHOLD = 32 << 20
-_TRIM_THRESHOLD = 2**31 - 1  # an int: never trim
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only past 2 GiB free, i.e. in practice never
 
 
 def retain_freed_memory() -> bool:
