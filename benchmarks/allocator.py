@@ -20,43 +20,17 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_work(steps: int) -> float:
-    """images/s of the quick run's training step: configs/quick.yaml's U-Net, 2 x 16 images, Adam, clip."""
-    import torch
-    import yaml
+    """images/s of the quick run's training step, train_levers.py's baseline (configs/quick.yaml's U-Net,
+    2 x 16 images, clip, Adam)."""
+    from train_levers import make_step, quick_configs  # this folder is on sys.path when run as a script
 
     from ddpm_cifar.diffusion.process import GaussianDiffusion
-    from ddpm_cifar.models.networks import build_model
-    from ddpm_cifar.runtime.config import DiffusionConfig, ModelConfig
-    from ddpm_cifar.runtime.params_file import parse_section
 
-    # The committed study params under the quick preset's model (the workspace may hold an experiment).
-    shown = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:params.yaml"], capture_output=True,
-                           text=True)
-    raw = yaml.safe_load(shown.stdout if shown.returncode == 0 else (ROOT / "params.yaml").read_text())
-    raw["model"].update(yaml.safe_load((ROOT / "configs/quick.yaml").read_text())["model"])
-    model_cfg = parse_section("model", raw["model"], ModelConfig)
-    diffusion = GaussianDiffusion(parse_section("diffusion", raw["diffusion"], DiffusionConfig))
-    torch.manual_seed(0)
-    model = build_model(model_cfg).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(1)
-
-    def step() -> None:
-        for _ in range(2):  # train.grad_accum 2 x train.batch_size 16
-            x0 = torch.rand(16, 3, 32, 32, generator=gen) * 2 - 1
-            t = torch.randint(0, diffusion.num_timesteps, (16,), generator=gen)
-            noise = torch.randn(16, 3, 32, 32, generator=gen)
-            (diffusion.loss(model, x0, t, noise) / 2).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    model_cfg, diffusion_cfg = quick_configs()
+    step = make_step("baseline", model_cfg, GaussianDiffusion(diffusion_cfg))
     for _ in range(3):
         step()
     start = time.perf_counter()

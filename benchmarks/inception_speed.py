@@ -80,7 +80,7 @@ def channels_last_copy(model: FidInceptionV3) -> FidInceptionV3:
     """BatchNorm unfolded in channels_last: what the network ran before it chose its own layout."""
     copy = FidInceptionV3()
     copy.load_state_dict(model.state_dict())
-    copy.folded = True  # only the input layout: its BatchNorm layers stay
+    copy.channels_last = True  # its BatchNorm layers stay
     return copy.eval().to(memory_format=torch.channels_last)  # type: ignore[return-value]
 
 

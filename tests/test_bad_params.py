@@ -85,7 +85,7 @@ BAD: list[tuple[str, Any]] = [
     # fid
     ("fid.inception_weights", ""), ("fid.reference", " "),
     ("fid.reference_count", -1), ("fid.reference_count", 1), ("fid.reference_count", 1_000_001),
-    ("fid.batch_size", 0), ("fid.batch_size", 65_537),
+    ("fid.batch_size", 0), ("fid.batch_size", 65_537), ("fid.exact_inception", "yes"),
     # wandb, pretrained
     ("wandb.project", ""), ("pretrained.folder", ""),
     # distributed

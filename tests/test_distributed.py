@@ -23,7 +23,7 @@ from ddpm_cifar.models.unet import LinearAttention, ResBlock, UNet
 from ddpm_cifar.runtime.config import SamplerConfig
 from ddpm_cifar.runtime.distributed import rank_and_world, shard, unshard
 from ddpm_cifar.runtime.errors import UserError
-from ddpm_cifar.runtime.loaders import live_metric_path
+from ddpm_cifar.runtime.loaders import live_metric_path, load_live_metric
 from ddpm_cifar.training.ema import EMA
 from ddpm_cifar.training.loop import TrainResult, train
 
@@ -132,8 +132,7 @@ def _max_diff(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torc
 
 
 def _losses(root: Path) -> np.ndarray:
-    rows = live_metric_path(root / "dvclive", "loss").read_text().splitlines()[1:]
-    return np.array([float(r.split("\t")[1]) for r in rows])
+    return np.array([value for _, value in load_live_metric(root / "dvclive", "loss")])
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from factories import save_tiny_checkpoint
 
+from ddpm_cifar.runtime.loaders import live_metric_path
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"  # the one dvc.yaml's commands find on PATH
 WORKER = ROOT / "tests" / "torchrun_worker.py"
@@ -47,7 +49,7 @@ def test_a_crash_in_one_rank_ends_the_run_with_its_error(tmp_path: Path) -> None
     assert "rank      : 1" in proc.stderr  # torchrun's summary names the failed rank
     assert elapsed < HANG_LIMIT / 2, f"took {elapsed:.0f} s to fail"
     # Rank 0 got as far as the step-1 log row and no further: it was stopped, not left waiting.
-    rows = (tmp_path / "out" / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    rows = live_metric_path(tmp_path / "out" / "dvclive", "loss").read_text().splitlines()
     assert len(rows) <= 3
 
 

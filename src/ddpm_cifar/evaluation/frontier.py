@@ -168,8 +168,7 @@ def measure(cfg: FrontierConfig, sampling: Sampling, scoring: Scoring, *, sample
         setting = _setting_key(spec, cfg.n, cfg.batch_size, sampling)
         # A finished row depends on its images and on what scored them; each setting's batches have a
         # folder of their own (a key that differs empties the folder).
-        key = (f"{setting}:{scoring.info.sha256}:{scoring.reference_digest}:{scoring.batch_size}"
-               + (":exact-inception" if scoring.info.exact else ""))
+        key = f"{setting}:{scoring.info.id}:{scoring.reference_digest}:{scoring.batch_size}"
         cache_dir = partial / f"{spec.name}-{spec.steps}-{hashlib.sha256(setting.encode()).hexdigest()[:12]}"
         row = finished.get(key)
         note = "finished by an earlier run"

@@ -67,6 +67,12 @@ class InceptionInfo:
     # convolutions in channels_last: the same features within 1e-6 relative, 1.6-1.8x as fast on CPU
     exact: bool = False
 
+    @property
+    def id(self) -> str:
+        """What the features depend on besides the images: the weights, and the exact or folded network
+        (float rounding apart the same features, but cached values and curves do not mix the two)."""
+        return self.sha256 + (":exact-inception" if self.exact else "")
+
 
 class FidInceptionV3(Inception3):
     """pytorch-fid's FID Inception, returning pool3 features of shape (N, 2048).
@@ -92,16 +98,16 @@ class FidInceptionV3(Inception3):
         self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
         self.Mixed_7b = FIDInceptionE_1(1280)
         self.Mixed_7c = FIDInceptionE_2(2048)
-        self.folded = False  # set by fold_batchnorm: inputs go channels_last, convolutions carry the BN
+        self.channels_last = False  # the input layout; fold_batchnorm sets it, as oneDNN is fastest so
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """(N, 3, H, W) float in [0, 1] -> (N, 2048) pool3 features."""
         x = F.interpolate(x, size=(_INPUT_SIZE, _INPUT_SIZE), mode="bilinear", align_corners=False)
         x = 2 * x - 1  # the TF graph expects [-1, 1]
         # The layout is chosen here, not inherited from the caller's strides (a permuted NHWC batch is
-        # channels_last already): the exact path runs NCHW as pytorch-fid does, the folded one
+        # channels_last already): the exact network runs NCHW as pytorch-fid does, the folded one
         # channels_last, where oneDNN's convolutions are fastest on CPU.
-        x = x.contiguous(memory_format=torch.channels_last if self.folded else torch.contiguous_format)
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         # Block 0, (N, 3, 299, 299) -> (N, 64, 73, 73)
         x = self.Conv2d_1a_3x3(x)
         x = self.Conv2d_2a_3x3(x)
@@ -144,7 +150,7 @@ def fold_batchnorm(model: FidInceptionV3) -> FidInceptionV3:
         if isinstance(block, BasicConv2d):
             block.conv = fuse_conv_bn_eval(block.conv, block.bn)
             block.bn = nn.Identity()  # type: ignore[assignment]
-    folded.folded = True
+    folded.channels_last = True
     return folded.to(memory_format=torch.channels_last).eval()  # type: ignore[return-value]
 
 

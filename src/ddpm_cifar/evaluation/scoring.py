@@ -150,14 +150,12 @@ def training_evaluation(inception_weights: str | Path, ref_path: Path, cfg: Trai
             "fid_reference_n": reference.meta.get("reference_n"), "fid_samples": cfg.fid_samples,
             "kid_reference_features": None if missing else len(reference.features),  # type: ignore[arg-type]
             "kid_missing": missing}
-    fid_id = training_fid_id(info.sha256, file_digest(ref_path), cfg) + f":{','.join(columns)}"
-    if info.exact:  # the folded network's values differ in float rounding: not one curve with them
-        fid_id += ":exact-inception"
+    fid_id = training_fid_id(info.id, file_digest(ref_path), cfg) + f":{','.join(columns)}"
     return TrainingScorer(evaluate, columns, fid_id, meta)
 
 
-def training_fid_id(inception_sha256: str, ref_digest: str, cfg: TrainConfig) -> str:
+def training_fid_id(inception_id: str, ref_digest: str, cfg: TrainConfig) -> str:
     """What the training-time curve depends on besides the weights: when it changes, the curve
     already logged is dropped rather than continued with values that are not comparable."""
-    return (f"{inception_sha256}:{ref_digest}:{SAMPLING_VERSION}:{cfg.fid_samples}:"
+    return (f"{inception_id}:{ref_digest}:{SAMPLING_VERSION}:{cfg.fid_samples}:"
             f"{cfg.fid_sampler.key()}:{cfg.fid_batch_size}")
